@@ -1,0 +1,196 @@
+"""What the user asks for: the sampling method, exclusions and per-node overrides.
+
+Overrides resolve field by field with QConfigMapping's precedence, lowest first:
+global defaults < op type < module-name regex < module name. A field left at
+``None`` in an override inherits from the level below it.
+
+>>> cfg = (ApproxConfig(method="topk")
+...        .set_op_type("conv", NodeOverride(min_k=16))
+...        .set_module_name_regex(r"head\\..*", NodeOverride(exact=True))
+...        .set_module_name("features.3", NodeOverride(keep=0.5, method="crs")))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("topk", "crs", "bernoulli", "uniform")
+OP_KINDS = ("linear", "matmul", "conv")
+
+# Python objects a user may name instead of an op kind string.
+_OP_ALIASES: dict[Any, str] = {
+    nn.Linear: "linear",
+    F.linear: "linear",
+    torch.addmm: "linear",
+    torch.matmul: "matmul",
+    operator.matmul: "matmul",
+    torch.bmm: "matmul",
+    torch.mm: "matmul",
+    nn.Conv1d: "conv",
+    nn.Conv2d: "conv",
+    nn.Conv3d: "conv",
+    F.conv1d: "conv",
+    F.conv2d: "conv",
+    F.conv3d: "conv",
+}
+
+
+def op_kind(op: str | type | Callable[..., Any]) -> str:
+    """Normalise ``"linear"``, ``nn.Linear``, ``F.linear`` ... to one of :data:`OP_KINDS`."""
+    if isinstance(op, str):
+        if op not in OP_KINDS:
+            raise ValueError(f"unknown op type {op!r}; expected one of {OP_KINDS}")
+        return op
+    try:
+        return _OP_ALIASES[op]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown op type {op!r}; expected one of {OP_KINDS} or one of "
+            f"{sorted(getattr(k, '__name__', str(k)) for k in _OP_ALIASES)}"
+        ) from None
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown sampling method {method!r}; expected one of {METHODS}")
+    return method
+
+
+def check_keep(keep: float, what: str = "keep") -> float:
+    if not isinstance(keep, (int, float)) or math.isnan(keep) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"{what} must be a number in (0, 1], got {keep!r}")
+    return float(keep)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeOverride:
+    """Per-node settings; ``None`` means "inherit".
+
+    exact:  leave the node's operation exact.
+    keep:   a fixed keep ratio in (0, 1] instead of the one the budget allocation picks.
+    method: the sampling method for this node.
+    min_k:  never keep fewer than this many columns / channels.
+    """
+
+    exact: bool | None = None
+    keep: float | None = None
+    method: str | None = None
+    min_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep is not None:
+            check_keep(self.keep)
+        if self.method is not None:
+            check_method(self.method)
+        if self.min_k is not None and (not isinstance(self.min_k, int) or self.min_k < 1):
+            raise ValueError(f"min_k must be a positive integer, got {self.min_k!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSettings:
+    """The settings in force for one node after every override was applied."""
+
+    exact: bool
+    keep: float | None
+    method: str
+    min_k: int
+    source: str  # which override level decided `exact`/`keep`, for the report
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApproxConfig:
+    """Everything ``optimize`` can be told, besides the budget.
+
+    method: default sampling method (``topk``, ``crs``, ``bernoulli``, ``uniform``).
+    exclude_first_last: keep the first and last candidate node exact (as the paper does).
+    min_inner: inner dimensions (features, channels) below this are not sampled.
+    min_k: never keep fewer than this many columns / channels.
+    keep_grid: the keep ratios the budget allocation chooses from.
+    eps: weight of the uniform distribution mixed into ``crs`` / ``bernoulli`` probabilities.
+    sensitivity_draws: draws averaged when measuring the error of a random method.
+    seed: seed of the private generator used while measuring sensitivities.
+    leaf_modules: module types torch.fx should not trace into.
+    """
+
+    method: str = "topk"
+    exclude_first_last: bool = True
+    min_inner: int = 16
+    min_k: int = 4
+    keep_grid: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
+    eps: float = 0.1
+    sensitivity_draws: int = 3
+    seed: int = 0
+    leaf_modules: tuple[type[nn.Module], ...] = ()
+    op_type_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
+    module_name_regex_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
+    module_name_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        for k in self.keep_grid:
+            check_keep(k, "every keep_grid entry")
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"eps must be in [0, 1), got {self.eps!r}")
+        if self.min_k < 1 or self.min_inner < 1 or self.sensitivity_draws < 1:
+            raise ValueError("min_k, min_inner and sensitivity_draws must be positive")
+        for leaf in self.leaf_modules:
+            if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+                raise TypeError(f"leaf_modules must hold nn.Module subclasses, got {leaf!r}")
+
+    # -- builders: each returns a new config, the receiver stays as it was -------------
+    def set_op_type(self, op: str | type | Callable[..., Any], override: NodeOverride) -> ApproxConfig:
+        entry = (op_kind(op), override)
+        return dataclasses.replace(self, op_type_overrides=(*self.op_type_overrides, entry))
+
+    def set_module_name_regex(self, pattern: str, override: NodeOverride) -> ApproxConfig:
+        re.compile(pattern)  # fail here, not during optimize()
+        entry = (pattern, override)
+        return dataclasses.replace(
+            self, module_name_regex_overrides=(*self.module_name_regex_overrides, entry)
+        )
+
+    def set_module_name(self, name: str, override: NodeOverride) -> ApproxConfig:
+        entry = (name, override)
+        return dataclasses.replace(self, module_name_overrides=(*self.module_name_overrides, entry))
+
+    @property
+    def overrides(self) -> dict[str, tuple[tuple[str, NodeOverride], ...]]:
+        """All overrides by level, for display."""
+        return {
+            "op_type": self.op_type_overrides,
+            "module_name_regex": self.module_name_regex_overrides,
+            "module_name": self.module_name_overrides,
+        }
+
+    def resolve(self, *, kind: str, names: tuple[str, ...]) -> NodeSettings:
+        """Settings for a node of op ``kind`` known by ``names`` (qualified name, owning module).
+
+        The first matching entry of each level applies; higher levels win field by field.
+        """
+        levels: list[tuple[str, NodeOverride]] = []
+        levels += [("op type", o) for k, o in self.op_type_overrides if k == kind][:1]
+        levels += [
+            (f"module_name_regex {p!r}", o)
+            for p, o in self.module_name_regex_overrides
+            if any(re.fullmatch(p, n) for n in names)
+        ][:1]
+        levels += [(f"module_name {m!r}", o) for m, o in self.module_name_overrides if m in names][:1]
+        exact, keep, method, min_k, source = False, None, self.method, self.min_k, "global"
+        for where, o in levels:
+            if o.exact is not None:
+                exact, source = o.exact, where
+            if o.keep is not None:
+                keep, source = o.keep, where
+            method = o.method if o.method is not None else method
+            min_k = o.min_k if o.min_k is not None else min_k
+        return NodeSettings(exact=exact, keep=keep, method=method, min_k=min_k, source=source)

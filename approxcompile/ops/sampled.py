@@ -1,0 +1,164 @@
+"""Sampled products in forward-sampling mode: the graph calls these in place of the exact op.
+
+The rewrite pass emits, for example::
+
+    linear(x, W, b)           -> sampled_linear(x, W, b, keep=0.35, method='topk', training=training)
+    matmul(q, k_t)            -> sampled_matmul(q, k_t, keep=0.5, method='topk', training=training)
+    addmm(b, x, w_t)          -> sampled_addmm(b, x, w_t, keep=0.5, method='topk', training=training)
+    conv2d(x, W, b, s, p, d)  -> sampled_conv(x, W, b, s, p, d, keep=0.4, method='topk', training=training)
+
+In training mode each op samples its inner dimension once in the forward pass and
+autograd backpropagates through the gathered slices, so the output, input-gradient and
+weight-gradient products all shrink by ``k/n``; weight slices that were not sampled get
+a zero gradient that step. With ``training=False``, or when ``keep`` rounds to ``k >= n``,
+the op is the exact one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
+from approxcompile.plan import kept_count
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _norms_except(t: Tensor, dim: int) -> Tensor:
+    """Euclidean norm of every slice of ``t`` along ``dim`` (reduces all other dims)."""
+    dims = tuple(d for d in range(t.dim()) if d != dim % t.dim())
+    return torch.linalg.vector_norm(t.detach().float(), dim=dims)
+
+
+def _scaled(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
+    if scale is None:
+        return t
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return t * scale.to(t.dtype).view(shape)
+
+
+def _sample_slices(
+    a: Tensor,
+    a_dim: int,
+    b: Tensor,
+    b_dim: int,
+    k: int,
+    method: str,
+    eps: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Gather the sampled slices of ``a`` (along ``a_dim``) and ``b`` (along ``b_dim``).
+
+    The sum over the inner dimension of ``a`` times ``b`` restricted to these slices is the
+    sampled product. The scale multiplies whichever slice is smaller: the product and
+    every gradient are the same either way.
+    """
+    with torch.no_grad():
+        scores = _norms_except(a, a_dim) * _norms_except(b, b_dim)
+        index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator)
+    a_s = a.index_select(a_dim, index)
+    b_s = b.index_select(b_dim, index)
+    if a_s.numel() <= b_s.numel():
+        return _scaled(a_s, scale, a_dim), b_s
+    return a_s, _scaled(b_s, scale, b_dim)
+
+
+def sampled_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    keep: float,
+    method: str = "topk",
+    training: bool = True,
+    eps: float = DEFAULT_EPS,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` over a sample of the input features.
+
+    >>> y = sampled_linear(torch.randn(8, 64), torch.randn(32, 64), keep=0.25)  # k = 16 of 64
+    """
+    n = weight.shape[-1]
+    k = kept_count(keep, n)
+    if not training or k >= n:
+        return F.linear(x, weight, bias)
+    xs, ws = _sample_slices(x, -1, weight, 1, k, method, eps, generator)
+    return F.linear(xs, ws, bias)
+
+
+def sampled_matmul(
+    a: Tensor,
+    b: Tensor,
+    *,
+    keep: float,
+    method: str = "topk",
+    training: bool = True,
+    eps: float = DEFAULT_EPS,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``torch.matmul(a, b)`` over a sample of the contracted dimension.
+
+    One set of indices serves every batch entry (scores sum over the batch dims), so
+    ``(B, m, n) @ (B, n, p)`` gathers ``(B, m, k) @ (B, k, p)``.
+    """
+    if a.dim() < 2 or b.dim() < 2:
+        return torch.matmul(a, b)
+    n = a.shape[-1]
+    k = kept_count(keep, n)
+    if not training or k >= n:
+        return torch.matmul(a, b)
+    a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator)
+    return torch.matmul(a_s, b_s)
+
+
+def sampled_addmm(
+    bias: Tensor,
+    a: Tensor,
+    b: Tensor,
+    *,
+    keep: float,
+    method: str = "topk",
+    training: bool = True,
+    eps: float = DEFAULT_EPS,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``torch.addmm(bias, a, b)`` over a sample of the contracted dimension."""
+    n = a.shape[-1]
+    k = kept_count(keep, n)
+    if not training or k >= n:
+        return torch.addmm(bias, a, b)
+    a_s, b_s = _sample_slices(a, -1, b, 0, k, method, eps, generator)
+    return torch.addmm(bias, a_s, b_s)
+
+
+def sampled_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: str | int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    *,
+    keep: float,
+    method: str = "topk",
+    training: bool = True,
+    eps: float = DEFAULT_EPS,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation)`` over a sample of input channels.
+
+    Only ``groups=1`` convolutions of batched inputs are sampled; channel ``c`` scores
+    ``|x[:, c]|_F * |W[:, c]|_F``.
+    """
+    conv = _CONV[weight.dim() - 2]
+    n = weight.shape[1]
+    k = kept_count(keep, n)
+    if not training or k >= n or x.dim() != weight.dim():
+        return conv(x, weight, bias, stride, padding, dilation)
+    xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator)
+    return conv(xs, ws, bias, stride, padding, dilation)

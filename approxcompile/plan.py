@@ -1,0 +1,117 @@
+"""Typed facts the passes attach to nodes, under ``node.meta["approxcompile"]``.
+
+Each pass returns a new :class:`NodePlan` with ``dataclasses.replace``; no pass sets
+ad-hoc attributes on nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+META_KEY = "approxcompile"
+
+
+def kept_count(keep: float, n: int) -> int:
+    """Columns / channels kept out of ``n`` at ratio ``keep``; at least 1, at most ``n``."""
+    return min(n, max(1, round(keep * n)))
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Dense FLOPs of one product (2·M·N·K convention) in a training step."""
+
+    forward: int
+    input_grad: int
+    weight_grad: int
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.input_grad + self.weight_grad
+
+    def scaled(self, k: int, n: int) -> Flops:
+        """The same products with the inner dimension cut from ``n`` to ``k``."""
+        return Flops(self.forward * k // n, self.input_grad * k // n, self.weight_grad * k // n)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodePlan:
+    """One matmul / linear / conv node: what it is, what it costs, what was decided.
+
+    ``keep == 1.0`` (``k == inner``) means the node runs exactly; ``reason`` then says why.
+    """
+
+    name: str
+    kind: str  # "linear" | "matmul" | "conv"
+    op: str  # what the user wrote: "Linear", "F.linear", "matmul", "Conv2d", ...
+    shapes: tuple[tuple[int, ...], ...]  # operand shapes (input first)
+    out_shape: tuple[int, ...]
+    inner: int  # the dimension sampling shrinks (features, contracted dim, channels)
+    flops: Flops  # dense training-step FLOPs
+    overhead_fixed: int = 0  # sampling overhead FLOPs independent of k (norms, selection)
+    overhead_per_kept: int = 0  # sampling overhead FLOPs per kept column (gathers, scatters)
+    sensitivity: tuple[tuple[float, float], ...] = ()  # (keep, relative squared error)
+    method: str = "topk"
+    min_k: int = 1
+    fixed_keep: float | None = None  # set by an override: the allocation leaves it alone
+    keep: float = 1.0
+    k: int = 0
+    est_error: float = 0.0
+    reason: str | None = None  # why the node stays exact
+    settings_source: str = "global"
+
+    def __post_init__(self) -> None:
+        if self.k == 0:
+            object.__setattr__(self, "k", self.inner)
+
+    @property
+    def sampled(self) -> bool:
+        return self.k < self.inner
+
+    def cost(self, k: int | None = None) -> int:
+        """Training FLOPs with ``k`` kept (default: as planned), overhead included."""
+        k = self.k if k is None else k
+        if k >= self.inner:
+            return self.flops.total
+        return self.flops.scaled(k, self.inner).total + self.overhead_fixed + self.overhead_per_kept * k
+
+    @property
+    def approx_flops(self) -> Flops:
+        """The products' FLOPs as planned (what FlopCounterMode sees; no overhead)."""
+        return self.flops.scaled(self.k, self.inner) if self.sampled else self.flops
+
+    @property
+    def overhead(self) -> int:
+        return self.cost() - self.approx_flops.total
+
+    def with_(self, **changes: object) -> NodePlan:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The whole decision for a model, stored in ``GraphModule.meta["approxcompile"]``."""
+
+    budget: float
+    method: str
+    nodes: tuple[NodePlan, ...]
+    other_flops: int  # FLOPs FlopCounterMode counts outside matmul/linear/conv nodes
+    note: str | None = None  # e.g. "no candidate nodes"
+
+    @property
+    def dense_flops(self) -> int:
+        return sum(n.flops.total for n in self.nodes) + self.other_flops
+
+    @property
+    def approx_flops(self) -> int:
+        """Planned training FLOPs, sampling overhead included."""
+        return sum(n.cost() for n in self.nodes) + self.other_flops
+
+    @property
+    def counted_flops(self) -> int:
+        """Planned FLOPs FlopCounterMode will see (products only, no overhead)."""
+        return sum(n.approx_flops.total for n in self.nodes) + self.other_flops
+
+    @property
+    def fraction(self) -> float:
+        return self.approx_flops / self.dense_flops if self.dense_flops else 1.0

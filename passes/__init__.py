@@ -1,0 +1,33 @@
+"""Graph passes of approxcompile, in pipeline order.
+
+trace -> propagate_shapes -> annotate_costs -> apply_exclusions -> measure_sensitivity
+-> allocate -> rewrite -> verify. Each takes a ``GraphModule`` and returns a
+:class:`PassResult`; only ``trace`` (new module) and ``rewrite`` (in place) change graphs.
+"""
+
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.cost import annotate_costs, measure_other_flops, measure_step_flops
+from approxcompile.passes.match import Site, match
+from approxcompile.passes.rewrite import rewrite
+from approxcompile.passes.select import allocate, apply_exclusions
+from approxcompile.passes.sensitivity import measure_sensitivity
+from approxcompile.passes.shapes import propagate_shapes
+from approxcompile.passes.trace import share_parameters, trace
+from approxcompile.passes.verify import verify
+
+__all__ = [
+    "PassResult",
+    "Site",
+    "allocate",
+    "annotate_costs",
+    "apply_exclusions",
+    "match",
+    "measure_other_flops",
+    "measure_sensitivity",
+    "measure_step_flops",
+    "propagate_shapes",
+    "rewrite",
+    "share_parameters",
+    "trace",
+    "verify",
+]

@@ -1,0 +1,146 @@
+"""Cost model: what each matmul / linear / conv node costs in a training step.
+
+For every matched node this pass writes a :class:`NodePlan` to
+``node.meta["approxcompile"]`` with
+
+- dense FLOPs of the forward, input-gradient (only when autograd needs it) and
+  weight-gradient products, in the 2·M·N·K convention of ``FlopCounterMode``;
+- the sampling overhead FLOPs (score norms, selection, gathers and their scatters),
+  which ``FlopCounterMode`` does not see but the budget is charged for.
+
+``measure_other_flops`` runs one forward + backward under ``FlopCounterMode`` and returns
+what it counts outside these nodes (e.g. ``scaled_dot_product_attention``), so the
+budget's denominator is the whole step as ``FlopCounterMode`` measures it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.match import Site, match
+from approxcompile.plan import META_KEY, Flops, NodePlan
+
+
+def _shape_grad(gm: fx.GraphModule, operand: Any) -> tuple[tuple[int, ...], bool] | None:
+    """Shape and requires_grad of a site operand, ``None`` when unknown."""
+    if isinstance(operand, str):
+        p = gm.get_parameter(operand)
+        return tuple(p.shape), p.requires_grad
+    if isinstance(operand, fx.Node) and "tensor_meta" in operand.meta:
+        tm = operand.meta["tensor_meta"]
+        return tuple(tm.shape), bool(tm.requires_grad)
+    return None
+
+
+def _products(site: Site, gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | str:
+    """(shapes, inner, forward FLOPs, x needs grad, w needs grad, overhead_fixed, per_kept) or a reason."""
+    operands = site.operands[1:] if site.kind == "addmm" else site.operands[:2]
+    known = [_shape_grad(gm, o) for o in operands]
+    out = node.meta.get("tensor_meta")
+    if any(k is None for k in known) or out is None:
+        return "unknown shape (not a tensor in shape propagation)"
+    (xs, xg), (ws, wg) = known  # type: ignore[misc]
+    out_shape = tuple(out.shape)
+    if site.kind == "linear":
+        n, p = ws[-1], ws[0]
+        rows = math.prod(xs) // n
+        fwd = 2 * rows * n * p
+        return (xs, ws), out_shape, n, fwd, xg, wg, 2 * n * (rows + p) + 2 * n, 2 * (rows + p)
+    if site.kind in ("matmul", "addmm"):
+        if len(xs) < 2 or len(ws) < 2:
+            return "matmul with a vector operand is left exact"
+        batch = math.prod(torch.broadcast_shapes(xs[:-2], ws[:-2]))
+        m, n, p = xs[-2], xs[-1], ws[-1]
+        fwd = 2 * batch * m * n * p
+        numel = math.prod(xs) + math.prod(ws)
+        return (xs, ws), out_shape, n, fwd, xg, wg, 2 * numel + 2 * n, 2 * numel // n
+    # conv: x (N, C, *in), w (O, C/groups, *k), out (N, O, *out)
+    if len(xs) != len(ws):
+        return "unbatched convolution input is left exact"
+    n = xs[1]
+    fwd = 2 * xs[0] * ws[0] * ws[1] * math.prod(ws[2:]) * math.prod(out_shape[2:])
+    numel = math.prod(xs) + math.prod(ws)
+    return (xs, ws), out_shape, n, fwd, xg, wg, 2 * numel + 2 * n, 2 * numel // n
+
+
+def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str) -> NodePlan:
+    """The dense cost record of one node (nothing decided yet)."""
+    facts = _products(site, gm, node)
+    if isinstance(facts, str):
+        out = node.meta.get("tensor_meta")
+        return NodePlan(
+            name=site.name,
+            kind=site.config_kind,
+            op=site.op,
+            shapes=(),
+            out_shape=tuple(out.shape) if out is not None else (),
+            inner=1,
+            flops=Flops(0, 0, 0),
+            method=method,
+            reason=facts,
+        )
+    shapes, out_shape, n, fwd, xg, wg, fixed, per_kept = facts
+    return NodePlan(
+        name=site.name,
+        kind=site.config_kind,
+        op=site.op,
+        shapes=shapes,
+        out_shape=out_shape,
+        inner=n,
+        flops=Flops(fwd, fwd if xg else 0, fwd if wg else 0),
+        overhead_fixed=fixed,
+        overhead_per_kept=per_kept,
+        method=method,
+        reason=site.unsupported,
+    )
+
+
+def annotate_costs(gm: fx.GraphModule, *, method: str) -> PassResult:
+    """Write a dense :class:`NodePlan` to every matched node's meta (graph unchanged)."""
+    count = 0
+    for node in gm.graph.nodes:
+        site = match(gm, node)
+        if site is not None:
+            node.meta[META_KEY] = plan_for(site, gm, node, method)
+            count += 1
+    return PassResult(gm, modified=False, stats={"candidates": count})
+
+
+def measure_step_flops(module: torch.nn.Module, example_inputs: Sequence[Any]) -> int:
+    """FLOPs ``FlopCounterMode`` counts in one forward + backward of ``module``.
+
+    Gradients are taken with ``torch.autograd.grad`` so no ``.grad`` is written, and the
+    module runs in its current mode.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    with FlopCounterMode(display=False) as counter:
+        outputs = [t for t in tree_leaves(module(*example_inputs)) if isinstance(t, torch.Tensor)]
+        loss = sum((t.float().sum() for t in outputs if t.requires_grad), torch.zeros(()))
+        if params and loss.requires_grad:
+            torch.autograd.grad(loss, params, allow_unused=True)
+    return int(counter.get_total_flops())
+
+
+def measure_other_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
+    """FLOPs of a dense training step that fall outside the matched nodes."""
+    matched = sum(n.meta[META_KEY].flops.total for n in gm.graph.nodes if META_KEY in n.meta)
+    was_training = gm.training
+    gm.eval()  # same products, and BatchNorm statistics stay untouched
+    try:
+        total = measure_step_flops(gm, example_inputs)
+    except Exception as e:  # counting is advisory; the plan stays valid without it
+        warnings.warn(f"[cost] FlopCounterMode could not count a training step ({e}); "
+                      "FLOPs outside matmul/linear/conv nodes are taken as 0", stacklevel=2)
+        return 0
+    finally:
+        gm.train(was_training)
+    return max(0, total - matched)

@@ -1,0 +1,140 @@
+"""Selection: which nodes to sample, and how much, under the FLOP budget.
+
+``apply_exclusions`` resolves each node's settings (overrides, QConfigMapping precedence)
+and records why a node must stay exact: unsupported form, an override, first / last
+candidate, inner dimension too small. ``allocate`` then picks a keep ratio per remaining
+node that minimises the summed relative error subject to
+``sum(cost) <= budget * dense``: each node's (cost, error) options are reduced to their
+lower convex hull, and the cheapest error-per-FLOP step is taken until the budget holds.
+Both passes update ``node.meta["approxcompile"]`` only; the graph is unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.fx as fx
+
+from approxcompile.config import ApproxConfig
+from approxcompile.errors import BudgetError
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.match import match
+from approxcompile.plan import META_KEY, NodePlan, kept_count
+
+
+def _planned(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if META_KEY in n.meta]
+
+
+def apply_exclusions(gm: fx.GraphModule, config: ApproxConfig) -> PassResult:
+    """Resolve per-node settings and record a reason on every node that must stay exact."""
+    nodes = _planned(gm)
+    shaped = [n for n in nodes if n.meta[META_KEY].shapes]
+    ends = {shaped[0].name: "first", shaped[-1].name: "last"} if shaped else {}
+    excluded = 0
+    for node in nodes:
+        plan: NodePlan = node.meta[META_KEY]
+        site = match(gm, node)
+        assert site is not None
+        s = config.resolve(kind=plan.kind, names=(plan.name, site.owner) if site.owner else (plan.name,))
+        reason = plan.reason
+        if reason is None and s.exact:
+            reason = f"left exact by override ({s.source})"
+        elif reason is None and s.keep is None and config.exclude_first_last and node.name in ends:
+            reason = f"{ends[node.name]} candidate node (kept exact, as in the paper)"
+        elif reason is None and plan.inner < config.min_inner:
+            reason = f"inner dimension {plan.inner} is too small to sample (min_inner={config.min_inner})"
+        elif reason is None and plan.inner <= s.min_k:
+            reason = f"inner dimension {plan.inner} is not above min_k={s.min_k}"
+        fixed = None
+        if reason is None and s.keep is not None:
+            fixed = max(s.keep, s.min_k / plan.inner)
+        node.meta[META_KEY] = plan.with_(
+            method=s.method, min_k=s.min_k, fixed_keep=fixed, reason=reason, settings_source=s.source
+        )
+        excluded += reason is not None
+    return PassResult(gm, modified=False, stats={"excluded": excluded})
+
+
+def _hull(options: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
+    """Lower convex hull of (cost, error, keep) points, from the most expensive (exact) down."""
+    kept: list[tuple[int, float, float]] = []
+    best = math.inf
+    for opt in sorted(options, key=lambda o: (o[0], o[1])):  # drop dominated: dearer and no better
+        if opt[1] < best:
+            kept.append(opt)
+            best = opt[1]
+    kept.reverse()
+
+    def slope(a: tuple[int, float, float], b: tuple[int, float, float]) -> float:
+        return (b[1] - a[1]) / max(a[0] - b[0], 1)
+
+    hull: list[tuple[int, float, float]] = []
+    for opt in kept:
+        while len(hull) >= 2 and slope(hull[-2], hull[-1]) >= slope(hull[-1], opt):
+            hull.pop()
+        hull.append(opt)
+    return hull
+
+
+def _options(plan: NodePlan) -> list[tuple[int, float, float]]:
+    dense = plan.flops.total
+    opts = [(dense, 0.0, 1.0)]
+    for keep, err in plan.sensitivity:
+        cost = plan.cost(kept_count(keep, plan.inner))
+        if cost < dense:  # a ratio whose overhead eats the savings is never worth it
+            opts.append((cost, err, keep))
+    return _hull(opts)
+
+
+def _error_at(plan: NodePlan, keep: float) -> float:
+    return next((e for r, e in plan.sensitivity if r == keep), 0.0)
+
+
+def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> PassResult:
+    """Choose ``keep`` / ``k`` for every eligible node so the step fits ``budget`` of dense FLOPs."""
+    nodes = _planned(gm)
+    plans = {n.name: n.meta[META_KEY] for n in nodes}
+    dense = sum(p.flops.total for p in plans.values()) + other_flops
+    fixed = other_flops
+    choices: dict[str, list[tuple[int, float, float]]] = {}
+    for name, p in plans.items():
+        if p.reason is not None:
+            fixed += p.flops.total
+        elif p.fixed_keep is not None:
+            fixed += p.cost(kept_count(p.fixed_keep, p.inner))
+        else:
+            choices[name] = _options(p)
+    target = budget * dense
+    smallest = fixed + sum(opts[-1][0] for opts in choices.values())
+    if smallest > target * (1 + 1e-9):
+        raise BudgetError(
+            f"[select] budget={budget:g} cannot be met: the nodes left exact, the fixed keep ratios and "
+            f"the smallest keep ratios allowed (keep_grid, min_k) cost {smallest / dense:.4f} of the dense "
+            f"training step ({fixed / dense:.4f} of it cannot be sampled at all); the smallest feasible "
+            f"budget is {math.ceil(smallest / dense * 1000) / 1000:.3f}"
+        )
+    at = dict.fromkeys(choices, 0)
+    total = fixed + sum(opts[0][0] for opts in choices.values())
+    while total > target:
+        name = min(
+            (n for n in choices if at[n] + 1 < len(choices[n])),
+            key=lambda n: (choices[n][at[n] + 1][1] - choices[n][at[n]][1])
+            / max(choices[n][at[n]][0] - choices[n][at[n] + 1][0], 1),
+        )
+        total -= choices[name][at[name]][0] - choices[name][at[name] + 1][0]
+        at[name] += 1
+    sampled = 0
+    for node in nodes:
+        p = plans[node.name]
+        if p.reason is not None:
+            continue
+        keep = p.fixed_keep if p.fixed_keep is not None else choices[node.name][at[node.name]][2]
+        k = kept_count(keep, p.inner)
+        if k >= p.inner:
+            why = "budget is met without sampling this node" if p.fixed_keep is None else "fixed keep rounds to k = n"
+            node.meta[META_KEY] = p.with_(keep=1.0, k=p.inner, est_error=0.0, reason=why)
+            continue
+        node.meta[META_KEY] = p.with_(keep=keep, k=k, est_error=_error_at(p, keep))
+        sampled += 1
+    return PassResult(gm, modified=False, stats={"sampled": sampled, "fraction": total / dense if dense else 1.0})

@@ -1,0 +1,76 @@
+"""Sensitivity: how much each node's output suffers at each candidate keep ratio.
+
+For every node the selection may still sample, run the sampled op on the operands
+recorded during shape propagation and store the relative squared error
+``|Y_approx - Y|^2 / |Y|^2`` (bias left out, averaged over a few draws for the random
+methods, with a private generator so the user's RNG stream is untouched) as
+``NodePlan.sensitivity``: a tuple of ``(keep, error)`` pairs, ``k >= min_k``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from approxcompile.config import ApproxConfig
+from approxcompile.ops import sampled_conv, sampled_linear, sampled_matmul
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.match import match
+from approxcompile.plan import META_KEY, kept_count
+
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def _product(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., torch.Tensor]:
+    """A function ``(keep, training, generator) -> output`` of the node's product, bias left out."""
+    if kind == "linear":
+        x, w = operands[0], operands[1]
+        return lambda keep, **kw: sampled_linear(x, w, None, keep=keep, **kw)
+    if kind in ("matmul", "addmm"):
+        a, b = operands[-2], operands[-1]
+        return lambda keep, **kw: sampled_matmul(a, b, keep=keep, **kw)
+    x, w = operands[0], operands[1]
+    return lambda keep, **kw: sampled_conv(x, w, None, *conv, keep=keep, **kw)
+
+
+def _curve(product: Callable[..., torch.Tensor], n: int, grid: list[float], method: str,
+           config: ApproxConfig, generator: torch.Generator) -> tuple[tuple[float, float], ...]:
+    exact = product(1.0, training=False).float()
+    denom = float(exact.pow(2).sum())
+    draws = 1 if method == "topk" else config.sensitivity_draws
+    curve = []
+    for keep in grid:
+        total = 0.0
+        for _ in range(draws):
+            approx = product(keep, training=True, method=method, eps=config.eps, generator=generator)
+            total += float((approx.float() - exact).pow(2).sum())
+        curve.append((keep, total / draws / denom if denom > 0 else 0.0))
+    return tuple(curve)
+
+
+def measure_sensitivity(
+    gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]], config: ApproxConfig
+) -> PassResult:
+    """Fill ``sensitivity`` of every node not already excluded (a fixed keep is measured alone)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    measured = 0
+    with torch.no_grad():
+        for node in gm.graph.nodes:
+            plan = node.meta.get(META_KEY)
+            if plan is None or plan.reason is not None or node.name not in captured:
+                continue
+            site = match(gm, node)
+            assert site is not None
+            ks = {kept_count(r, plan.inner): r for r in config.keep_grid}
+            grid = [r for k, r in sorted(ks.items(), reverse=True) if plan.min_k <= k < plan.inner]
+            if plan.fixed_keep is not None:
+                grid = [plan.fixed_keep]
+            product = _product(site.kind, captured[node.name], site.conv)
+            curve = _curve(product, plan.inner, grid, plan.method, config, generator)
+            node.meta[META_KEY] = plan.with_(sensitivity=curve)
+            measured += 1
+    return PassResult(gm, modified=False, stats={"measured": measured})

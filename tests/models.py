@@ -1,0 +1,68 @@
+"""Small models shared by the tests (and the CLI tests' MODULE:FACTORY)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes: tuple[int, ...] = (64, 128, 128, 128, 10)) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+
+class CNN(nn.Module):
+    def __init__(self, channels: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv3 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.bn(self.conv3(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class Attention(nn.Module):
+    """Single-head self-attention written with F.linear and @, to exercise function nodes."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.qkv = nn.Parameter(torch.randn(3 * d, d) / d**0.5)
+        self.proj = nn.Linear(d, d)
+        self.out = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        q, k, v = F.linear(x, self.qkv).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + self.proj(torch.matmul(att, v))
+        return self.out(x)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return CNN()
+
+
+def attention() -> nn.Module:
+    torch.manual_seed(0)
+    return Attention()
