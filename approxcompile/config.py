@@ -153,7 +153,10 @@ class ApproxConfig:
         return dataclasses.replace(self, op_type_overrides=(*self.op_type_overrides, entry))
 
     def set_module_name_regex(self, pattern: str, override: NodeOverride) -> ApproxConfig:
-        re.compile(pattern)  # fail here, not during optimize()
+        try:
+            re.compile(pattern)  # fail here, not during optimize()
+        except re.error as e:
+            raise ValueError(f"invalid module-name regex {pattern!r}: {e}") from e
         entry = (pattern, override)
         return dataclasses.replace(
             self, module_name_regex_overrides=(*self.module_name_regex_overrides, entry)

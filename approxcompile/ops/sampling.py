@@ -64,5 +64,9 @@ def sample_pairs(
         keep_p = (p * k).clamp_(max=1.0)
         u = torch.rand(n, device=device, generator=generator)
         index = torch.nonzero(u < keep_p).squeeze(1)
+        if index.numel() == 0:
+            # Nothing drawn: the estimate is 0. One pair scaled by 0 keeps every shape
+            # (a 0-channel convolution is not one) and gives zero gradients.
+            return torch.argmax(keep_p).view(1), torch.zeros(1, device=device)
         return index, 1.0 / keep_p[index]
     raise ValueError(f"unknown sampling method {method!r}")

@@ -1,0 +1,246 @@
+"""What ``approxcompile.optimize`` decided, as a table for people and JSON for tools.
+
+``optimize`` stores its :class:`~approxcompile.plan.Plan` in ``GraphModule.meta["approxcompile"]``;
+this module only reads it, so a report can be rebuilt from a saved JSON file as well.
+
+>>> fast = approxcompile.optimize(model, budget=0.4, example_inputs=(x,))
+>>> print(approxcompile.report(fast))          # one row per matmul / linear / conv node
+>>> approxcompile.report(fast).to_json()      # the same facts, machine-readable
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from approxcompile.plan import META_KEY, Flops, NodePlan, Plan
+
+# Bumped when a key of to_dict() is renamed or removed (adding keys keeps the version).
+SCHEMA_VERSION = 1
+
+_UNITS = ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "K"))
+
+
+def human_flops(n: float) -> str:
+    """``1234567 -> "1.23M"``: three significant digits so columns stay narrow."""
+    for scale, unit in _UNITS:
+        if abs(n) >= scale:
+            v = n / scale
+            return f"{v:.3g}{unit}" if v < 1000 else f"{v:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_shapes(node: NodePlan) -> str:
+    """Operand shapes then the output, e.g. ``64x784 @ 512x784 -> 64x512``."""
+    sep = " * " if node.kind == "conv" else " @ "
+    operands = sep.join("x".join(map(str, s)) or "()" for s in node.shapes)
+    return f"{operands} -> {'x'.join(map(str, node.out_shape)) or '()'}"
+
+
+def _flops_dict(f: Flops) -> dict[str, int]:
+    return {"forward": f.forward, "input_grad": f.input_grad, "weight_grad": f.weight_grad, "total": f.total}
+
+
+def report(module: Any) -> Report:
+    """The :class:`Report` of a module returned by ``approxcompile.optimize`` (or of a bare ``Plan``).
+
+    Raises ``ValueError`` for a module that carries no plan, since that almost always means the
+    caller passed the original model instead of the optimized one.
+    """
+    if isinstance(module, Plan):
+        return Report(module)
+    meta = getattr(module, "meta", None)
+    plan = meta.get(META_KEY) if isinstance(meta, dict) else None
+    if not isinstance(plan, Plan):
+        raise ValueError(
+            f"{type(module).__name__} was not produced by approxcompile.optimize: it has no "
+            f"meta[{META_KEY!r}] plan; pass the module that optimize() returned"
+        )
+    return Report(plan)
+
+
+class Report:
+    """A read-only view of a :class:`Plan`: ``str()`` is a table, :meth:`to_json` is for tools."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+
+    @property
+    def plan(self) -> Plan:
+        return self._plan
+
+    @property
+    def nodes(self) -> tuple[NodePlan, ...]:
+        """Every candidate node in topological order, sampled or not."""
+        return self._plan.nodes
+
+    @property
+    def sampled(self) -> tuple[NodePlan, ...]:
+        return tuple(n for n in self._plan.nodes if n.sampled)
+
+    def __repr__(self) -> str:
+        p = self._plan
+        return (
+            f"Report(budget={p.budget}, method={p.method!r}, sampled={len(self.sampled)}/{len(p.nodes)}, "
+            f"fraction={p.fraction:.3f})"
+        )
+
+    # -- the table ---------------------------------------------------------------------------
+
+    def _rows(self) -> list[list[str]]:
+        rows = []
+        for n in self._plan.nodes:
+            rows.append(
+                [
+                    n.name,
+                    n.op,
+                    format_shapes(n),
+                    str(n.inner),
+                    human_flops(n.flops.total),
+                    f"{n.keep:.2f}" if n.sampled else "1",
+                    f"{n.k}/{n.inner}",
+                    human_flops(n.cost()),
+                    f"{n.est_error:.1e}" if n.sampled else "-",
+                    "" if n.sampled else (n.reason or "kept exact by the allocation"),
+                ]
+            )
+        return rows
+
+    def __str__(self) -> str:
+        p = self._plan
+        header = ["node", "op", "shapes", "n", "dense", "keep", "k/n", "approx", "err", "exact because"]
+        rows = self._rows()
+        # The last column (the reason) is left unpadded so a long reason runs past the edge
+        # instead of widening every row.
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+        right = {3, 4, 5, 6, 7, 8}  # numbers read best right-aligned
+
+        def line(cells: Sequence[str]) -> str:
+            parts = [
+                c.rjust(w) if i in right else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells[:-1], widths, strict=True))
+            ]
+            return "  ".join([*parts, cells[-1]]).rstrip()
+
+        rule = "-" * (sum(widths) + 2 * len(widths) + len(header[-1]))
+        out = [f"approxcompile plan: method={p.method}, budget={p.budget:g}", rule, line(header), rule]
+        out += [line(r) for r in rows] or ["(no matmul / linear / conv nodes)"]
+        out += [
+            rule,
+            f"dense training FLOPs      {human_flops(p.dense_flops)}",
+            f"planned FLOPs (overhead)  {human_flops(p.approx_flops)}"
+            f"  = {p.fraction:.3f} of dense (budget {p.budget:g})",
+            f"counted by FlopCounter    {human_flops(p.counted_flops)}  (products, no overhead)",
+            f"outside matmul/conv       {human_flops(p.other_flops)}",
+            f"sampled nodes             {len(self.sampled)} / {len(p.nodes)} candidates",
+        ]
+        if p.note:
+            out.append(f"note: {p.note}")
+        return "\n".join(out)
+
+    # -- machine-readable --------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything in the plan as plain JSON types.
+
+        Keys (stable; see ``SCHEMA_VERSION``):
+
+        - ``schema``, ``budget``, ``method``, ``note`` (str or null)
+        - ``totals``: ``dense_flops``, ``planned_flops`` (overhead included, what the budget
+          limits), ``counted_flops`` (products only, what ``FlopCounterMode`` measures),
+          ``other_flops`` (outside matmul/linear/conv), ``fraction`` (planned / dense),
+          ``sampled``, ``candidates``
+        - ``nodes``: one object per candidate node with ``name``, ``kind``, ``op``, ``shapes``
+          (list of int lists), ``out_shape``, ``inner``, ``keep``, ``k``, ``sampled``,
+          ``method``, ``min_k``, ``fixed_keep``, ``est_error`` (relative squared error),
+          ``reason`` (null when sampled), ``settings_source``, ``dense_flops`` and
+          ``approx_flops`` (each ``forward``/``input_grad``/``weight_grad``/``total``),
+          ``overhead``, ``overhead_fixed``, ``overhead_per_kept``, ``cost`` (approx total
+          plus overhead) and ``sensitivity`` (list of ``[keep, error]``).
+        """
+        p = self._plan
+        return {
+            "schema": SCHEMA_VERSION,
+            "budget": p.budget,
+            "method": p.method,
+            "note": p.note,
+            "totals": {
+                "dense_flops": p.dense_flops,
+                "planned_flops": p.approx_flops,
+                "counted_flops": p.counted_flops,
+                "other_flops": p.other_flops,
+                "fraction": p.fraction,
+                "sampled": len(self.sampled),
+                "candidates": len(p.nodes),
+            },
+            "nodes": [_node_dict(n) for n in p.nodes],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON text; :meth:`from_dict` of its ``json.loads`` gives the plan back."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """Rebuild a report from :meth:`to_dict` output, e.g. to compare two saved runs."""
+        nodes = tuple(
+            NodePlan(
+                name=d["name"],
+                kind=d["kind"],
+                op=d["op"],
+                shapes=tuple(tuple(s) for s in d["shapes"]),
+                out_shape=tuple(d["out_shape"]),
+                inner=d["inner"],
+                flops=Flops(**{k: v for k, v in d["dense_flops"].items() if k != "total"}),
+                overhead_fixed=d["overhead_fixed"],
+                overhead_per_kept=d["overhead_per_kept"],
+                sensitivity=tuple((float(r), float(e)) for r, e in d["sensitivity"]),
+                method=d["method"],
+                min_k=d["min_k"],
+                fixed_keep=d["fixed_keep"],
+                keep=d["keep"],
+                k=d["k"],
+                est_error=d["est_error"],
+                reason=d["reason"],
+                settings_source=d["settings_source"],
+            )
+            for d in data["nodes"]
+        )
+        other = data["totals"]["other_flops"]
+        return cls(
+            Plan(
+                budget=data["budget"],
+                method=data["method"],
+                nodes=nodes,
+                other_flops=other,
+                note=data["note"],
+            )
+        )
+
+
+def _node_dict(n: NodePlan) -> dict[str, Any]:
+    return {
+        "name": n.name,
+        "kind": n.kind,
+        "op": n.op,
+        "shapes": [list(s) for s in n.shapes],
+        "out_shape": list(n.out_shape),
+        "inner": n.inner,
+        "keep": n.keep,
+        "k": n.k,
+        "sampled": n.sampled,
+        "method": n.method,
+        "min_k": n.min_k,
+        "fixed_keep": n.fixed_keep,
+        "est_error": n.est_error,
+        "reason": n.reason,
+        "settings_source": n.settings_source,
+        "dense_flops": _flops_dict(n.flops),
+        "approx_flops": _flops_dict(n.approx_flops),
+        "overhead": n.overhead,
+        "overhead_fixed": n.overhead_fixed,
+        "overhead_per_kept": n.overhead_per_kept,
+        "cost": n.cost(),
+        "sensitivity": [[r, e] for r, e in n.sensitivity],
+    }
