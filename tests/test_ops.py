@@ -161,3 +161,29 @@ def test_random_conv_shapes(c, o, size, keep, method, dims, stride) -> None:
     assert y.shape == conv(x, w, None, stride, 1).shape
     y.sum().backward()
     assert w.grad.shape == w.shape
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_fast_linear_matches_autograd_through_index_select(method: str, x_grad: bool) -> None:
+    """The custom backward of sampled_linear equals plain autograd through the same sample."""
+    from approxcompile.ops.sampled import _sample_slices
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 48) * torch.linspace(0.2, 2, 48)).requires_grad_(x_grad)
+    w, b = torch.randn(7, 48, requires_grad=True), torch.randn(7, requires_grad=True)
+    y = sampled_linear(x, w, b, keep=0.3, method=method, generator=torch.Generator().manual_seed(5))
+    y.pow(2).sum().backward()
+    got = (y.detach(), x.grad, w.grad.clone(), b.grad.clone())
+    w.grad = b.grad = x.grad = None
+    xs, ws = _sample_slices(x, -1, w, 1, 14, method, 0.1, torch.Generator().manual_seed(5))
+    ref = F.linear(xs, ws, b)
+    ref.pow(2).sum().backward()
+    tol = {"rtol": 1e-4, "atol": 1e-4}  # crs repeats indices: summation order differs
+    torch.testing.assert_close(got[0], ref.detach(), **tol)
+    if x_grad:
+        torch.testing.assert_close(got[1], x.grad, **tol)
+    else:
+        assert got[1] is None
+    torch.testing.assert_close(got[2], w.grad, **tol)
+    torch.testing.assert_close(got[3], b.grad, **tol)

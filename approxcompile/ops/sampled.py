@@ -22,14 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from approxcompile.ops.kernels import SampledLinearFn, column_norms
 from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
 from approxcompile.plan import kept_count
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def _exporting() -> bool:
+    """Exporters trace plain tensor ops; a custom autograd.Function would hide the sampling."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _norms_except(t: Tensor, dim: int) -> Tensor:
     """Euclidean norm of every slice of ``t`` along ``dim`` (reduces all other dims)."""
+    if dim % t.dim() == t.dim() - 1:  # the inner dim is contiguous: reduce row chunks
+        return column_norms(t.reshape(-1, t.shape[-1]))
     dims = tuple(d for d in range(t.dim()) if d != dim % t.dim())
     return torch.linalg.vector_norm(t.detach().float(), dim=dims)
 
@@ -87,8 +95,13 @@ def sampled_linear(
     k = kept_count(keep, n)
     if not training or k >= n:
         return F.linear(x, weight, bias)
-    xs, ws = _sample_slices(x, -1, weight, 1, k, method, eps, generator)
-    return F.linear(xs, ws, bias)
+    if _exporting():
+        xs, ws = _sample_slices(x, -1, weight, 1, k, method, eps, generator)
+        return F.linear(xs, ws, bias)
+    with torch.no_grad():
+        scores = column_norms(x.reshape(-1, n)) * column_norms(weight)
+        index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator)
+    return SampledLinearFn.apply(x, weight, bias, index, scale, method != "crs")
 
 
 def sampled_matmul(
