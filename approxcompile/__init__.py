@@ -7,8 +7,15 @@
 
 from approxcompile.api import optimize
 from approxcompile.config import ApproxConfig, NodeOverride
-from approxcompile.errors import ApproxCompileError, BudgetError, ExampleInputError, TraceError, VerificationError
+from approxcompile.errors import (
+    ApproxCompileError,
+    BudgetError,
+    ExampleInputError,
+    TraceError,
+    VerificationError,
+)
 from approxcompile.ops import sampled_addmm, sampled_conv, sampled_linear, sampled_matmul
+from approxcompile.report import Report, report
 
 __version__ = "0.1.0"
 
@@ -18,9 +25,11 @@ __all__ = [
     "BudgetError",
     "ExampleInputError",
     "NodeOverride",
+    "Report",
     "TraceError",
     "VerificationError",
     "optimize",
+    "report",
     "sampled_addmm",
     "sampled_conv",
     "sampled_linear",

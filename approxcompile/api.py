@@ -10,7 +10,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from approxcompile import passes
+import approxcompile.passes as passes
 from approxcompile.config import ApproxConfig, check_method
 from approxcompile.errors import BudgetError
 from approxcompile.plan import META_KEY, Plan
@@ -70,5 +70,7 @@ def optimize(
 
     nodes = tuple(n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta)
     note = None if nodes else "no matmul / linear / conv nodes found: the model is returned unchanged"
-    gm.meta[META_KEY] = Plan(budget=budget, method=config.method, nodes=nodes, other_flops=other_flops, note=note)
+    gm.meta[META_KEY] = Plan(
+        budget=budget, method=config.method, nodes=nodes, other_flops=other_flops, note=note
+    )
     return gm

@@ -1,4 +1,4 @@
-"""What the user asks for: the sampling method, exclusions and per-node overrides.
+r"""What the user asks for: the sampling method, exclusions and per-node overrides.
 
 Overrides resolve field by field with QConfigMapping's precedence, lowest first:
 global defaults < op type < module-name regex < module name. A field left at

@@ -42,9 +42,9 @@ def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
     """A node per fx node (keyed by its name) and an edge per data dependency.
 
     Every node has ``op``, ``target`` and ``label``; a node carrying a :class:`NodePlan` also has
-    ``keep``, ``k``, ``inner``, ``sampled``, ``reason``, ``rewritten`` (calls an ``approxcompile.ops``
-    function) and ``candidate=True``. The graph
-    attribute ``plan`` holds the module's :class:`Plan`, if any.
+    ``plan_name``, ``keep``, ``k``, ``inner``, ``sampled``, ``reason``, ``candidate=True`` and
+    ``rewritten`` (it calls an ``approxcompile.ops`` function). The graph attribute ``plan``
+    holds the module's :class:`Plan`, if any.
     """
     g = nx.DiGraph()
     plan = gm.meta.get(META_KEY) if isinstance(getattr(gm, "meta", None), dict) else None
@@ -56,11 +56,21 @@ def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:
         label = f"{node.name}\n{target}" if target != node.name else node.name
         np_ = _node_plan(node)
         if np_ is not None:
-            sampled = np_.sampled
-            attrs.update(keep=np_.keep, k=np_.k, inner=np_.inner, sampled=sampled, reason=np_.reason)
-            # rewritten: the node already calls a sampled op (False on a plan not yet applied).
-            attrs.update(candidate=True, rewritten=node.op == "call_function" and node.target in SAMPLED_OPS)
-            if sampled:
+            if node.op != "call_module" and np_.name != node.name:
+                # A rewritten node is named after its op; the plan keeps the module name.
+                label = f"{node.name}\n{np_.name}: {target}"
+            attrs.update(
+                plan_name=np_.name,
+                keep=np_.keep,
+                k=np_.k,
+                inner=np_.inner,
+                sampled=np_.sampled,
+                reason=np_.reason,
+                candidate=True,
+                # False on a plan not yet applied: the node still runs its original op.
+                rewritten=node.op == "call_function" and node.target in SAMPLED_OPS,
+            )
+            if np_.sampled:
                 label += f"\nkeep={np_.keep:.2f} ({np_.k}/{np_.inner})"
             else:
                 label += f"\nexact: {np_.reason or 'kept exact by the allocation'}"

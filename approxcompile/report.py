@@ -25,7 +25,7 @@ _UNITS = ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "K"))
 def human_flops(n: float) -> str:
     """``1234567 -> "1.23M"``: three significant digits so columns stay narrow."""
     for scale, unit in _UNITS:
-        if abs(n) >= scale:
+        if abs(n) >= scale * 0.9995:  # 999_999 reads "1M", not "1e+03K"
             v = n / scale
             return f"{v:.3g}{unit}" if v < 1000 else f"{v:.0f}{unit}"
     return f"{n:.0f}"

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.match import Site, match
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import Site, match
 from approxcompile.plan import META_KEY, Flops, NodePlan
 
 
@@ -138,8 +138,11 @@ def measure_other_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> in
     try:
         total = measure_step_flops(gm, example_inputs)
     except Exception as e:  # counting is advisory; the plan stays valid without it
-        warnings.warn(f"[cost] FlopCounterMode could not count a training step ({e}); "
-                      "FLOPs outside matmul/linear/conv nodes are taken as 0", stacklevel=2)
+        warnings.warn(
+            f"[cost] FlopCounterMode could not count a training step ({e}); "
+            "FLOPs outside matmul/linear/conv nodes are taken as 0",
+            stacklevel=2,
+        )
         return 0
     finally:
         gm.train(was_training)

@@ -85,7 +85,7 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
             why = f"grouped convolution (groups={mod.groups}) is left exact"
         elif mod.padding_mode != "zeros":
             why = f"padding_mode={mod.padding_mode!r} is not sampled"
-        return Site("conv", type(mod).__name__, name, name, (x, *params), conv, mod.groups, why)
+        return Site("conv", type(mod).__name__, name, name, (x, *params), conv, mod.groups, why)  # type: ignore[arg-type]
     return None
 
 
@@ -100,9 +100,9 @@ def match(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         x, w, b = _args(node, ("input", "weight", "bias"), (None,))
         return Site("linear", "F.linear", name, owner, (x, w, b))
     if node.target in _MATMULS:
-        second = "other" if _MATMULS[node.target] == "matmul" else "mat2"  # type: ignore[index]
+        second = "other" if _MATMULS[node.target] == "matmul" else "mat2"
         a, b = _args(node, ("input", second), ())
-        return Site("matmul", _MATMULS[node.target], name, owner, (a, b))  # type: ignore[index]
+        return Site("matmul", _MATMULS[node.target], name, owner, (a, b))
     if node.target is torch.addmm:
         bias, a, b, beta, alpha = _args(node, ("input", "mat1", "mat2", "beta", "alpha"), (1, 1))
         why = None if (beta, alpha) == (1, 1) else "addmm with beta/alpha other than 1 is left exact"
@@ -111,6 +111,6 @@ def match(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         x, w, b, stride, padding, dilation, groups = _args(node, names, _CONV_DEFAULTS)
         why = None if groups == 1 else f"grouped convolution (groups={groups}) is left exact"
-        op = _CONV_FUNCS[node.target]  # type: ignore[index]
+        op = _CONV_FUNCS[node.target]
         return Site("conv", op, name, owner, (x, w, b), (stride, padding, dilation), groups, why)
     return None

@@ -2,11 +2,11 @@
 
 ::
 
-    fc1(x)                     -> sampled_linear(x, fc1.weight, fc1.bias, keep=0.35, method='topk', training=training)
-    linear(x, w, b)            -> sampled_linear(x, w, b, keep=..., method=..., training=training)
-    matmul(a, b) / a @ b       -> sampled_matmul(a, b, keep=..., method=..., training=training)
-    addmm(b, x, w)             -> sampled_addmm(b, x, w, keep=..., method=..., training=training)
-    conv(x) (nn.ConvNd)        -> sampled_conv(x, conv.weight, conv.bias, stride, padding, dilation, keep=..., ...)
+    fc1(x)            -> sampled_linear(x, fc1.weight, fc1.bias, keep=0.35, method='topk', training=training)
+    linear(x, w, b)   -> sampled_linear(x, w, b, keep=..., method=..., training=training)
+    matmul(a, b)      -> sampled_matmul(a, b, keep=..., method=..., training=training)
+    addmm(b, x, w)    -> sampled_addmm(b, x, w, keep=..., method=..., training=training)
+    conv(x)           -> sampled_conv(x, conv.weight, conv.bias, stride, padding, dilation, keep=..., ...)
 
 ``training`` is one ``get_attr`` of the module's own ``self.training``, so ``.eval()`` on
 the rewritten module makes every sampled op exact. Parameters are read from the
@@ -16,18 +16,19 @@ mutates ``gm`` in place and reports ``modified`` exactly when a node was replace
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch.fx as fx
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.match import Site, match
 
 from approxcompile import ops
 from approxcompile.config import ApproxConfig
 from approxcompile.ops.sampling import DEFAULT_EPS
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import Site, match
 from approxcompile.plan import META_KEY, NodePlan
 
-_OPS = {
+_OPS: dict[str, Callable[..., Any]] = {
     "linear": ops.sampled_linear,
     "matmul": ops.sampled_matmul,
     "addmm": ops.sampled_addmm,

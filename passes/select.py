@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 
 import torch.fx as fx
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.match import match
 
 from approxcompile.config import ApproxConfig
 from approxcompile.errors import BudgetError
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import match
 from approxcompile.plan import META_KEY, NodePlan, kept_count
 
 
@@ -119,8 +119,10 @@ def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> PassResu
     while total > target:
         name = min(
             (n for n in choices if at[n] + 1 < len(choices[n])),
-            key=lambda n: (choices[n][at[n] + 1][1] - choices[n][at[n]][1])
-            / max(choices[n][at[n]][0] - choices[n][at[n] + 1][0], 1),
+            key=lambda n: (
+                (choices[n][at[n] + 1][1] - choices[n][at[n]][1])
+                / max(choices[n][at[n]][0] - choices[n][at[n] + 1][0], 1)
+            ),
         )
         total -= choices[name][at[name]][0] - choices[name][at[name] + 1][0]
         at[name] += 1
@@ -132,9 +134,15 @@ def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> PassResu
         keep = p.fixed_keep if p.fixed_keep is not None else choices[node.name][at[node.name]][2]
         k = kept_count(keep, p.inner)
         if k >= p.inner:
-            why = "budget is met without sampling this node" if p.fixed_keep is None else "fixed keep rounds to k = n"
+            why = (
+                "budget is met without sampling this node"
+                if p.fixed_keep is None
+                else "fixed keep rounds to k = n"
+            )
             node.meta[META_KEY] = p.with_(keep=1.0, k=p.inner, est_error=0.0, reason=why)
             continue
         node.meta[META_KEY] = p.with_(keep=keep, k=k, est_error=_error_at(p, keep))
         sampled += 1
-    return PassResult(gm, modified=False, stats={"sampled": sampled, "fraction": total / dense if dense else 1.0})
+    return PassResult(
+        gm, modified=False, stats={"sampled": sampled, "fraction": total / dense if dense else 1.0}
+    )

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.match import match
 
 from approxcompile.config import ApproxConfig
 from approxcompile.ops import sampled_conv, sampled_linear, sampled_matmul
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import match
 from approxcompile.plan import META_KEY, kept_count
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
@@ -37,8 +37,14 @@ def _product(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., t
     return lambda keep, **kw: sampled_conv(x, w, None, *conv, keep=keep, **kw)
 
 
-def _curve(product: Callable[..., torch.Tensor], n: int, grid: list[float], method: str,
-           config: ApproxConfig, generator: torch.Generator) -> tuple[tuple[float, float], ...]:
+def _curve(
+    product: Callable[..., torch.Tensor],
+    n: int,
+    grid: list[float],
+    method: str,
+    config: ApproxConfig,
+    generator: torch.Generator,
+) -> tuple[tuple[float, float], ...]:
     exact = product(1.0, training=False).float()
     denom = float(exact.pow(2).sum())
     draws = 1 if method == "topk" else config.sensitivity_draws

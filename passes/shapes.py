@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.match import match
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from approxcompile.errors import ExampleInputError
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import match
 
 
 def _describe(values: Sequence[Any]) -> str:
@@ -55,7 +55,7 @@ class _Recorder(fx.Interpreter):
                 f"[shapes] the model failed on the example inputs at node {n.format_node()}\n"
                 f"  its inputs: ({_describe(args)})\n  the model's error: {type(e).__name__}: {e}"
             ) from e
-        site = match(self.module, n)  # type: ignore[arg-type]
+        site = match(self.module, n)
         if site is not None:
             self.captured[n.name] = tuple(self._value(o) for o in site.operands)
         if isinstance(result, torch.Tensor):

@@ -14,10 +14,10 @@ import traceback
 
 import torch
 import torch.fx as fx
+from approxcompile.passes.base import PassResult
 from torch import nn
 
 from approxcompile.errors import TraceError
-from approxcompile.passes.base import PassResult
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -33,7 +33,8 @@ def share_parameters(module: nn.Module, memo: dict[int, nn.Module] | None = None
     clone.__dict__["_buffers"] = dict(module._buffers)
     clone.__dict__["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
     clone.__dict__["_modules"] = {
-        name: None if child is None else share_parameters(child, memo) for name, child in module._modules.items()
+        name: None if child is None else share_parameters(child, memo)
+        for name, child in module._modules.items()
     }
     return clone
 
@@ -94,7 +95,10 @@ def trace(model: nn.Module, *, leaf_modules: tuple[type[nn.Module], ...] = ()) -
                 f"ApproxConfig(leaf_modules=({owner.__name__},))"
             )
         else:
-            fix = "move the data-dependent code into a submodule and list its type in ApproxConfig(leaf_modules=...)"
+            fix = (
+                "move the data-dependent code into a submodule and list its type in "
+                "ApproxConfig(leaf_modules=...)"
+            )
         raise TraceError(
             f"[trace] torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
             f"  failing code: {where or 'unknown (no frame outside torch)'}\n"

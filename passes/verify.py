@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.trace import share_parameters
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from approxcompile.errors import VerificationError
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.trace import share_parameters
 
 
 def _eval_outputs(module: nn.Module, example_inputs: Sequence[Any]) -> Any:

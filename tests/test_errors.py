@@ -56,7 +56,9 @@ def test_untraceable_model_names_the_code_and_suggests_a_leaf_module() -> None:
     assert "if x.sum() > 0" in msg and "test_errors.py" in msg
     assert "leaf_modules=(Branchy,)" in msg
     assert info.value.__cause__ is not None
-    fast = approxcompile.optimize(Holder(), 0.9, example_inputs=(X,), config=ApproxConfig(leaf_modules=(Branchy,)))
+    fast = approxcompile.optimize(
+        Holder(), 0.9, example_inputs=(X,), config=ApproxConfig(leaf_modules=(Branchy,))
+    )
     assert any(n.op == "call_module" and n.target == "c" for n in fast.graph.nodes)
 
 

@@ -26,8 +26,14 @@ def _cases() -> dict[str, tuple]:
     return {
         "linear": (lambda keep, **kw: sampled_linear(x, w, None, keep=keep, **kw), F.linear(x, w)),
         "matmul": (lambda keep, **kw: sampled_matmul(a, b, keep=keep, **kw), a @ b),
-        "addmm": (lambda keep, **kw: sampled_addmm(bias, a[0], b[0], keep=keep, **kw), torch.addmm(bias, a[0], b[0])),
-        "conv": (lambda keep, **kw: sampled_conv(img, kern, None, 1, 1, 1, keep=keep, **kw), F.conv2d(img, kern, None, 1, 1)),
+        "addmm": (
+            lambda keep, **kw: sampled_addmm(bias, a[0], b[0], keep=keep, **kw),
+            torch.addmm(bias, a[0], b[0]),
+        ),
+        "conv": (
+            lambda keep, **kw: sampled_conv(img, kern, None, 1, 1, 1, keep=keep, **kw),
+            F.conv2d(img, kern, None, 1, 1),
+        ),
     }
 
 
@@ -88,7 +94,10 @@ def test_crs_error_matches_the_variance_formula() -> None:
     a = x.norm(dim=0) * w.norm(dim=0)
     p = (1 - eps) * a / a.sum() + eps / 40
     expected = float(((a**2 / p).sum() - (x @ w.T).pow(2).sum()) / k)
-    errs = [float((sampled_linear(x, w, keep=k / 40, method="crs", generator=g) - x @ w.T).pow(2).sum()) for _ in range(3000)]
+    errs = [
+        float((sampled_linear(x, w, keep=k / 40, method="crs", generator=g) - x @ w.T).pow(2).sum())
+        for _ in range(3000)
+    ]
     assert abs(sum(errs) / len(errs) / expected - 1) < 0.1
 
 
@@ -103,7 +112,9 @@ def test_randomness_follows_torch_manual_seed() -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("scores", [torch.zeros(10), torch.full((10,), float("nan")), torch.tensor([1.0] + [0.0] * 9)])
+@pytest.mark.parametrize(
+    "scores", [torch.zeros(10), torch.full((10,), float("nan")), torch.tensor([1.0] + [0.0] * 9)]
+)
 def test_degenerate_scores_never_divide_by_zero(method: str, scores: torch.Tensor) -> None:
     index, scale = sample_pairs(scores, 4, method)
     assert index.dtype == torch.int64 and bool((index >= 0).all()) and bool((index < 10).all())
@@ -151,8 +162,15 @@ def test_random_shapes_keep_shapes_and_gradients(rows, n, p, keep, method, lead)
 
 
 @settings(max_examples=25, deadline=None)
-@given(c=st.integers(1, 12), o=st.integers(1, 5), size=st.integers(3, 7), keep=st.floats(0.05, 1.0),
-       method=st.sampled_from(METHODS), dims=st.sampled_from([1, 2, 3]), stride=st.integers(1, 2))
+@given(
+    c=st.integers(1, 12),
+    o=st.integers(1, 5),
+    size=st.integers(3, 7),
+    keep=st.floats(0.05, 1.0),
+    method=st.sampled_from(METHODS),
+    dims=st.sampled_from([1, 2, 3]),
+    stride=st.integers(1, 2),
+)
 def test_random_conv_shapes(c, o, size, keep, method, dims, stride) -> None:
     x = torch.randn(2, c, *([size] * dims), requires_grad=True)
     w = torch.randn(o, c, *([3] * dims), requires_grad=True)

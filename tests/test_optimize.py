@@ -8,15 +8,17 @@ import textwrap
 
 import pytest
 import torch
+from approxcompile.passes import measure_step_flops
 from torch import nn
 
 import approxcompile
 from approxcompile import ApproxConfig, NodeOverride, ops
-from approxcompile.passes import measure_step_flops
 from approxcompile.plan import META_KEY
 from tests.models import attention, cnn, mlp
 
-HALF = ApproxConfig().set_op_type("linear", NodeOverride(keep=0.5)).set_op_type("conv", NodeOverride(keep=0.5))
+HALF = (
+    ApproxConfig().set_op_type("linear", NodeOverride(keep=0.5)).set_op_type("conv", NodeOverride(keep=0.5))
+)
 X_MLP = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
 X_CNN = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 X_ATT = torch.randn(4, 12, 32, generator=torch.Generator().manual_seed(0))
@@ -68,7 +70,9 @@ def test_golden_code_cnn() -> None:
 def test_golden_code_mlp() -> None:
     fast = approxcompile.optimize(mlp(), 0.9, example_inputs=(X_MLP,), config=HALF)
     code = _code(fast)
-    assert code.startswith("def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:\n    training = self.training")
+    assert code.startswith(
+        "def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:\n    training = self.training"
+    )
     assert GOLDEN_MLP_LAYER in code
     assert len(_sampled_calls(fast)) == 4 and "self.layers" not in code.replace("getattr(self.layers", "")
 

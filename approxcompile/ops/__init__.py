@@ -10,8 +10,4 @@ SAMPLED_OPS = (sampled_linear, sampled_matmul, sampled_addmm, sampled_conv)
 for _op in SAMPLED_OPS:
     _op.__module__ = __name__
 
-__all__ = [
-    "SAMPLED_OPS",
-    "sample_pairs",
-    "sampled_addmm",
-    "sampled_conv", "sampled_linear", "sampled_matmul"]
+__all__ = ["SAMPLED_OPS", "sample_pairs", "sampled_addmm", "sampled_conv", "sampled_linear", "sampled_matmul"]

@@ -41,7 +41,7 @@ class SampledLinearFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Tensor,
@@ -64,7 +64,7 @@ class SampledLinearFn(torch.autograd.Function):
         return y.view(*x.shape[:-1], p)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         xs, ws, index, scale = ctx.saved_tensors
         x_shape, n, p = ctx.shapes
         dy2 = dy.reshape(-1, p)
