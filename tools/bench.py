@@ -1,0 +1,478 @@
+"""Wall-clock benchmark of whole training steps: exact vs paper-style sampling vs approxcompile (issue 3).
+
+For each model (tools/bench_models.py) every variant starts from the same initial
+weights and trains on the same fixed batch with full steps (zero_grad, forward,
+cross-entropy, backward, SGD(lr=0.01, momentum=0.9).step()):
+
+- ``exact``: the model as written;
+- ``paper@0.4``: the plain index_select + dense-op implementation (tools/paper_style.py)
+  on the layers and keep ratios approxcompile's budget-0.4 plan chose;
+- ``approx@B``: ``approxcompile.optimize(model, B, example_inputs=(x,))`` for each budget.
+
+Timing: each variant is warmed up, then in each of ROUNDS rounds every variant runs STEPS
+steps in turn (the starting variant rotates each round), so load from other processes on
+a shared machine hits all variants alike; each block is timed with ``time.perf_counter``.
+The table quotes the median per-step time and speedups computed from those medians.
+
+FLOPs: ``FlopCounterMode`` on one forward + backward of each variant, as a fraction of exact.
+
+Peak memory (CPU): each variant is built again in a fresh process, trained one untimed
+step (which pages in the library code the steps run; its gradients and optimizer state are
+then freed), and trained a few more steps; the process reports ``ru_maxrss`` (its peak
+RSS) minus its RSS right before those steps, i.e. what training adds on top of the
+parameters: gradients, momentum buffers, activations saved for backward, temporaries and
+allocator slack. Two details keep ``ru_maxrss`` honest: Linux carries a parent's peak RSS
+across ``exec`` into the child's ``ru_maxrss``, so the child is started through a tiny
+trampoline process whose own peak is small; and the child resets its high-water mark
+(``/proc/self/clear_refs``) before the measured steps, so ``optimize``'s own transient
+memory does not count (where that reset is unavailable, JSON ``peak_reset`` is false and the
+figure can include it). On CUDA, peak memory is ``torch.cuda.max_memory_allocated`` above
+the allocation after building, in-process.
+
+Threads: on a machine shared with other busy processes, more torch threads than free
+cores makes every parallel region wait for a descheduled thread (a 2-core machine with one
+busy neighbour measured 200 ms for a 2 ms step at 2 threads); pass ``--threads 1`` there.
+
+    .venv/bin/python tools/bench.py                      # everything, full size (long)
+    .venv/bin/python tools/bench.py --models mlp --budgets 0.4 --rounds 3
+    .venv/bin/python tools/bench.py --quick --markdown   # tiny sizes, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from bench_models import FACTORIES, Workload, build
+from paper_style import paper_style
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+import approxcompile
+from approxcompile.plan import META_KEY, Plan
+
+# Starts the memory child from a small process: ru_maxrss survives exec, so a child exec'd
+# straight from this (large) process would report this process's peak.
+_TRAMPOLINE = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+
+
+@dataclass
+class Variant:
+    """One way of training the model, and everything measured about it."""
+
+    name: str
+    model: nn.Module
+    info: dict[str, Any]
+    optimizer: torch.optim.Optimizer = field(init=False)
+    step_s: list[float] = field(default_factory=list)  # per-step seconds, one entry per round
+    flops: int = 0
+    memory: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.step_s) * 1e3
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One full training step; ``zero_grad`` frees the gradients (set_to_none), PyTorch's default."""
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _plan_info(plan: Plan) -> dict[str, Any]:
+    return {
+        "budget": plan.budget,
+        "planned_fraction": plan.fraction,
+        "counted_fraction": plan.counted_flops / plan.dense_flops if plan.dense_flops else 1.0,
+        "sampled": {n.name: {"keep": n.keep, "k": n.k, "inner": n.inner} for n in plan.nodes if n.sampled},
+        "exact": {n.name: n.reason for n in plan.nodes if not n.sampled},
+    }
+
+
+def label(kind: str, budget: float) -> str:
+    """``approx@0.4``: ``repr`` round-trips, so a memory process parses back the exact budget."""
+    return f"{kind}@{float(budget)!r}"
+
+
+def make_variant(w: Workload, name: str, optimized: dict[float, fx.GraphModule]) -> Variant:
+    """``exact``, ``paper@B`` or ``approx@B``, from a deep copy of ``w.model``.
+
+    ``optimized`` caches ``optimize`` results by budget, so paper@B reuses approx@B's plan;
+    ``optimize`` shares parameters with its input, hence the copy before it.
+    """
+    kind, _, budget = name.partition("@")
+    if kind == "exact":
+        return Variant(name, copy.deepcopy(w.model), {})
+    b = float(budget)
+    if b not in optimized:
+        optimized[b] = approxcompile.optimize(copy.deepcopy(w.model), b, example_inputs=(w.x,))
+    plan = optimized[b].meta[META_KEY]
+    if kind == "paper":
+        paper = paper_style(w.model, plan)
+        return Variant(
+            name, paper.model, {"plan_budget": b, "sampled": paper.sampled, "left_exact": paper.left_exact}
+        )
+    if kind == "approx":
+        return Variant(name, optimized[b], _plan_info(plan))
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def variant_names(args: argparse.Namespace) -> list[str]:
+    return ["exact", label("paper", args.paper_budget), *(label("approx", b) for b in args.budgets)]
+
+
+def build_variants(w: Workload, names: list[str], device: torch.device) -> list[Variant]:
+    """Every variant, each with its own SGD optimizer, in train mode on ``device``."""
+    optimized: dict[float, fx.GraphModule] = {}
+    variants = [make_variant(w, n, optimized) for n in tqdm(names, desc=f"{w.name}: build", leave=False)]
+    for v in variants:
+        v.model.to(device).train()
+        v.optimizer = make_optimizer(v.model)  # after .to(), which may replace the parameters
+    return variants
+
+
+def training_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of one forward + backward as FlopCounterMode counts them; gradients are dropped after."""
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def time_variants(
+    variants: list[Variant], x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace
+) -> None:
+    """Warm up each variant, then time ROUNDS rounds of STEPS steps per variant, variants interleaved."""
+    device = x.device
+    for v in tqdm(variants, desc="warmup", leave=False):
+        torch.manual_seed(args.seed)  # the random sampling methods draw the same stream in every variant
+        for _ in range(args.warmup):
+            train_step(v.model, v.optimizer, x, y)
+    _sync(device)
+    with tqdm(total=args.rounds * len(variants), desc="timing", unit="block", leave=False) as bar:
+        for r in range(args.rounds):
+            shift = r % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    train_step(v.model, v.optimizer, x, y)
+                _sync(device)
+                v.step_s.append((time.perf_counter() - start) / args.steps)
+                bar.update()
+
+
+# -- peak memory ---------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int | None:
+    """Current resident set size, or None where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
+def _maxrss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_freed() -> None:
+    """Hand memory freed to glibc's heap back to the OS, so it does not hide later growth."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_child(model: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run in a fresh process: build one variant, train a few steps, report the peak RSS growth.
+
+    One untimed step first pages in the library code every variant's training touches
+    (approx variants already ran theirs inside ``optimize``, exact had not), then its
+    gradients and optimizer state are freed: the baseline is the built model, warm.
+    """
+    w = build(model, args.size, seed=args.seed)
+    v = make_variant(w, variant, {})
+    v.model.train()
+    train_step(v.model, make_optimizer(v.model), w.x, w.y)
+    v.model.zero_grad(set_to_none=True)
+    _release_freed()
+    reset = _reset_peak()
+    base = _rss_bytes()
+    base = _maxrss_bytes() if base is None else base
+    start_peak = _maxrss_bytes()
+    opt = make_optimizer(v.model)
+    for _ in range(args.memory_steps):
+        train_step(v.model, opt, w.x, w.y)
+    peak = _maxrss_bytes()
+    return {
+        "peak_mb": (peak - base) / 2**20,
+        "maxrss_mb": peak / 2**20,
+        "rss_after_build_mb": base / 2**20,
+        "maxrss_after_build_mb": start_peak / 2**20,  # well above rss_after_build: the mark was not reset
+        "peak_reset": reset,
+        "steps": args.memory_steps,
+    }
+
+
+def _run_memory_child(model: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    child = [sys.executable, str(Path(__file__).resolve()), "--memory-child", f"{model}:{variant}"]
+    child += [
+        "--memory-steps",
+        str(args.memory_steps),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+    ]
+    child += ["--quick"] if args.quick else []
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRAMPOLINE, *child], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(variants: list[Variant], w: Workload, args: argparse.Namespace) -> None:
+    """Peak training memory of each variant, each in its own process (CPU) or in-process (CUDA)."""
+    if w.x.device.type == "cuda":
+        for v in variants:
+            _cuda_memory(v, w, args.memory_steps)
+        return
+    # The processes only measure memory, so they may share the cores.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, _usable_cores()))) as pool:
+        jobs = pool.map(lambda v: _run_memory_child(w.name, v.name, args), variants)
+        for v, mem in zip(variants, tqdm(jobs, total=len(variants), desc="memory", leave=False), strict=True):
+            v.memory = mem
+
+
+def _cuda_memory(v: Variant, w: Workload, steps: int) -> None:
+    model = copy.deepcopy(v.model)
+    opt = make_optimizer(model)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(steps):
+        train_step(model, opt, w.x, w.y)
+    torch.cuda.synchronize()
+    v.memory = {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "steps": steps}
+    del model, opt
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Every variant of one model: timings, FLOPs, memory; one row per variant."""
+    w = build(name, args.size, seed=args.seed)
+    print(w.describe(), flush=True)
+    variants = build_variants(w, variant_names(args), device)
+    x, y = w.x.to(device), w.y.to(device)
+    for v in variants:
+        v.flops = training_flops(v.model, x, y)
+    time_variants(variants, x, y, args)
+    if args.memory_steps > 0:
+        measure_memory(variants, Workload(w.name, w.model, x, y), args)
+    exact, paper = variants[0], variants[1]
+    return [
+        {
+            "model": name,
+            "variant": v.name,
+            "median_step_ms": v.median_ms,
+            "speedup_vs_exact": exact.median_ms / v.median_ms,
+            "speedup_vs_paper": paper.median_ms / v.median_ms,
+            "flops": v.flops,
+            "flop_fraction": v.flops / exact.flops if exact.flops else float("nan"),
+            "peak_mem_mb": v.memory.get("peak_mb"),
+            "step_s": v.step_s,
+            "memory": v.memory,
+            "info": v.info,
+        }
+        for v in variants
+    ]
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "usable_cores": _usable_cores(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def format_table(result: dict[str, Any], markdown: bool) -> str:
+    """The summary table, as markdown (with the command and machine) or as aligned text."""
+    head = ["model", "variant", "median step ms", "vs exact", "vs paper", "FLOP fraction", "peak mem MB"]
+    body = [
+        [
+            r["model"],
+            r["variant"],
+            f"{r['median_step_ms']:.1f}",
+            f"{r['speedup_vs_exact']:.2f}x",
+            f"{r['speedup_vs_paper']:.2f}x",
+            f"{r['flop_fraction']:.3f}",
+            "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}",
+        ]
+        for r in result["rows"]
+    ]
+    m = result["machine"]
+    where = (
+        f"{m['platform']}, {m['cpu_count']} cores, torch {m['torch']}, {m['threads']} threads, {m['device']}"
+    )
+    if markdown:
+        lines = [f"Command: `{result['command']}`", "", f"Machine: {where}", ""]
+        lines += [
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---:" if i > 1 else "---" for i in range(7)) + "|",
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(row[i]) for row in body)) for i, c in enumerate(head)]
+
+    def fmt(row: list[str]) -> str:
+        return "  ".join(
+            c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(row, widths, strict=True))
+        )
+
+    return "\n".join([f"command: {result['command']}", f"machine: {where}", fmt(head), *map(fmt, body)])
+
+
+def _floats(text: str) -> list[float]:
+    return [float(b) for b in text.split(",") if b.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    p.add_argument("--models", default=",".join(FACTORIES), help="comma-separated: " + ", ".join(FACTORIES))
+    p.add_argument("--budgets", type=_floats, default=[0.2, 0.4, 0.6, 0.8], help="approxcompile budgets")
+    p.add_argument("--paper-budget", type=float, default=0.4, help="the plan paper-style copies")
+    p.add_argument("--steps", type=int, help="training steps per timed block (default 5; quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant first (default 2; quick 1)")
+    p.add_argument(
+        "--rounds", type=int, help="timed blocks per variant; the median is quoted (default 5; quick 2)"
+    )
+    p.add_argument(
+        "--memory-steps", type=int, help="steps in each memory process, 0 to skip (default 3; quick 2)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=_usable_cores(), help="torch threads (default: all usable cores)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quick", action="store_true", help="tiny models and few steps: a smoke test, not a measurement"
+    )
+    p.add_argument("--out", help="JSON results (default docs/bench.json; with --quick docs/bench-quick.json)")
+    p.add_argument(
+        "--markdown", action="store_true", help="print the table as markdown, with command and machine"
+    )
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: measure one saved variant
+    args = p.parse_args(argv)
+    quick = args.quick
+    for name, full, small in (("steps", 5, 2), ("warmup", 2, 1), ("rounds", 5, 2), ("memory_steps", 3, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    args.size = "quick" if quick else "full"
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in FACTORIES]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(FACTORIES)}")
+    if not args.budgets or any(not 0 < b <= 1 for b in args.budgets) or not 0 < args.paper_budget <= 1:
+        p.error("budgets must be in (0, 1]")
+    if min(args.steps, args.rounds) < 1 or min(args.warmup, args.memory_steps) < 0 or args.threads < 1:
+        p.error("--steps and --rounds must be >= 1, --warmup and --memory-steps >= 0, --threads >= 1")
+    args.out = args.out or ("docs/bench-quick.json" if quick else "docs/bench.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print the table, write the JSON, and return what was written."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        model, _, variant = args.memory_child.partition(":")
+        result = memory_child(model, variant, args)
+        print(json.dumps(result))
+        return result
+    device = torch.device(args.device)
+    command = shlex.join([os.path.relpath(sys.executable), os.path.relpath(__file__), *argv])
+    started = time.time()
+    rows: list[dict[str, Any]] = []
+    for name in tqdm(args.models, desc="models", unit="model"):
+        rows += bench_model(name, args, device)
+    result = {
+        "command": command,
+        "machine": machine(device),
+        "settings": {k: getattr(args, k) for k in ("size", "budgets", "paper_budget", "steps", "warmup")}
+        | {k: getattr(args, k) for k in ("rounds", "memory_steps", "seed")},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "elapsed_s": time.time() - started,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print()
+    print(format_table(result, args.markdown))
+    print(f"\nraw timings: {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
