@@ -319,12 +319,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--n-train", type=int, help="train on the first N of the 50,000 images")
-    parser.add_argument("--cache", type=Path, default=ROOT / "docs" / "replicate-runs")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where results.md and plots go")
+    parser.add_argument("--cache", type=Path, help="finished runs (default docs/replicate-runs)")
+    parser.add_argument("--out", type=Path, help="where results.md and plots go (default docs)")
     parser.add_argument("--max-runs", type=int, help="stop after this many new runs")
     parser.add_argument("--report-only", action="store_true", help="rewrite table and plots from the cache")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 1 seed, 1,000 images: a smoke test")
     args = parser.parse_args(argv)
+    # A smoke test must not mix its 1-epoch runs into the published cache and page.
+    default = ROOT / "build" / "replicate-quick" if args.quick else ROOT / "docs"
+    args.cache = args.cache or default / ("runs" if args.quick else "replicate-runs")
+    args.out = args.out or default
+    args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)  # the grid shares a small machine; one thread keeps wall times comparable
 
     if not args.report_only:

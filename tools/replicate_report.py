@@ -75,12 +75,21 @@ def table(runs: dict[str, dict], model: str) -> list[str]:
     return lines
 
 
+def _noise(diffs: list[float]) -> str:
+    """Whether a mean paired difference is within two standard errors of zero (needs 2+ seeds)."""
+    if len(diffs) < 2:
+        return "n/a (1 seed)"
+    mean, std = _mean_std(diffs)
+    sem = std / len(diffs) ** 0.5
+    return f"{'yes' if abs(mean) <= 2 * sem else 'no'} (2 s.e. = {200 * sem:.2f})"
+
+
 def targets(runs: dict[str, dict], models: list[str]) -> list[str]:
     """The issue's two targets, checked on paired per-seed differences."""
     groups = _groups(runs)
     lines = [
-        "| target | model | budget | paired Δ per seed (points) | mean ± std | met |",
-        "|---|---|---|---|---|---|",
+        "| target | model | budget | paired Δ per seed (points) | mean ± std | met | within seed noise |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in models:
         d = _paired(groups, m, ("topk", 0.4), (EXACT, 1.0))
@@ -88,7 +97,7 @@ def targets(runs: dict[str, dict], models: list[str]) -> list[str]:
             ok = statistics.fmean(d) >= -0.005
             lines.append(
                 f"| topk within 0.5 points of exact | {m} | 0.4 | {', '.join(f'{100 * v:+.2f}' for v in d)} "
-                f"| {_pm(d)} | {'yes' if ok else 'no'} |"
+                f"| {_pm(d)} | {'yes' if ok else 'no'} | {_noise(d)} |"
             )
         for b in BUDGETS:
             d = _paired(groups, m, ("topk", b), (RATIO, b))
@@ -96,16 +105,27 @@ def targets(runs: dict[str, dict], models: list[str]) -> list[str]:
                 ok = statistics.fmean(d) >= 0.0
                 lines.append(
                     f"| cost-model allocation ≥ single ratio | {m} | {b:g} "
-                    f"| {', '.join(f'{100 * v:+.2f}' for v in d)} | {_pm(d)} | {'yes' if ok else 'no'} |"
+                    f"| {', '.join(f'{100 * v:+.2f}' for v in d)} | {_pm(d)} | {'yes' if ok else 'no'} "
+                    f"| {_noise(d)} |"
                 )
     return lines
 
 
 def missing(runs: dict[str, dict], models: list[str]) -> list[str]:
-    want = [(m, EXACT, 1.0, s) for m in models for s in range(SEEDS)]
-    want += [(m, v, b, s) for m in models for s in range(SEEDS) for b in BUDGETS for v in (*METHODS, RATIO)]
+    """The grid's runs not in the cache, one line per model and variant: budget (seeds)."""
     have = {(r["model"], r["variant"], float(r["budget"]), r["seed"]) for r in runs.values()}
-    return [f"{m} {v} budget {b:g} seed {s}" for m, v, b, s in want if (m, v, b, s) not in have]
+    lines = []
+    for m in models:
+        for v in (EXACT, *METHODS, RATIO):
+            budgets = (1.0,) if v == EXACT else BUDGETS
+            gaps = [
+                f"{b:g} (seed {', '.join(str(s) for s in seeds)})"
+                for b in budgets
+                if (seeds := [s for s in range(SEEDS) if (m, v, b, s) not in have])
+            ]
+            if gaps:
+                lines.append(f"- {m} {v}: budget " + "; ".join(gaps))
+    return lines
 
 
 def plot_accuracy(runs: dict[str, dict], models: list[str], path: Path) -> None:
@@ -115,7 +135,9 @@ def plot_accuracy(runs: dict[str, dict], models: list[str], path: Path) -> None:
         exact = [r["test_accuracy"] * 100 for r in groups.get((m, EXACT, 1.0), {}).values()]
         if exact:
             mean, std = _mean_std(exact)
-            ax.axhline(mean, color="black", lw=1, label=f"exact ({len(exact)} seeds)")
+            ax.axhline(
+                mean, color="black", lw=1, label=f"exact ({len(exact)} seed{'s' if len(exact) > 1 else ''})"
+            )
             if len(exact) > 1:
                 ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
         for i, v in enumerate((*METHODS, RATIO)):
@@ -142,7 +164,8 @@ def plot_accuracy(runs: dict[str, dict], models: list[str], path: Path) -> None:
             xlabel="budget (fraction of dense training FLOPs)",
             ylabel="test accuracy % (mean ± std over seeds)",
         )
-        ax.invert_xaxis()
+        ax.set_xticks(BUDGETS)
+        ax.set_xlim(0.65, 0.15)  # inverted: less compute to the right
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -193,6 +216,7 @@ def write_report(runs: dict[str, dict], out: Path) -> Path:
     for m in models:
         mine = [r for r in runs.values() if r["model"] == m]
         first = mine[0]
+        ref = (first["data"], first["n_train"], first["epochs"])
         subset = f" --n-train {first['n_train']}" if first["n_train"] < 50_000 else ""
         body += [
             f"### {m.upper()}",
@@ -204,6 +228,10 @@ def write_report(runs: dict[str, dict], out: Path) -> Path:
             f"- command: `nice -n 19 .venv/bin/python tools/replicate.py --models {m} --epochs "
             f"{first['epochs']}{subset}`",
             f"- machine: {first['machine']}",
+            *[
+                f"- warning: runs made with other settings are mixed in: {other}"
+                for other in sorted({(r["data"], r["n_train"], r["epochs"]) for r in mine} - {ref})
+            ],
             "",
             *table(runs, m),
             "",
@@ -211,11 +239,7 @@ def write_report(runs: dict[str, dict], out: Path) -> Path:
     body += ["### Targets", "", *targets(runs, models), ""]
     gaps = missing(runs, models)
     body += ["### Runs not done", ""]
-    body += [
-        f"{len(gaps)} of the grid's runs are missing: " + "; ".join(gaps) + "."
-        if gaps
-        else "None: the whole grid ran."
-    ]
+    body += gaps or ["None: the whole grid ran."]
     body += [
         "",
         "![accuracy vs budget](replicate-accuracy.png)",
