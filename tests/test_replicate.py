@@ -50,7 +50,7 @@ def accuracy(split: Split, variant: str, budget: float) -> tuple[float, float]:
     setup, accs = TOOL["SETUPS"]["mlp"], []
     x, y = split.x_train[: setup.batch], split.y_train[: setup.batch]
     for seed in SEEDS:
-        job = TOOL["Job"](model="mlp", variant=variant, budget=budget, seed=seed)
+        job = TOOL["Job"](model="mlp", variant=variant, budget=budget, seed=seed, epochs=1)
         model, _ = TOOL["build"](job, setup, x)
         fraction = TOOL["step_flops"](model, x, y) / TOOL["step_flops"](setup.make(), x, y)
         torch.manual_seed(seed + 1000)

@@ -129,6 +129,7 @@ def missing(runs: dict[str, dict], models: list[str]) -> list[str]:
 
 
 def plot_accuracy(runs: dict[str, dict], models: list[str], path: Path) -> None:
+    """One panel per model: test accuracy against budget, one line per method, exact as a band."""
     groups = _groups(runs)
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, m in zip(axes[0], models, strict=True):
@@ -173,10 +174,12 @@ def plot_accuracy(runs: dict[str, dict], models: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_loss(runs: dict[str, dict], models: list[str], path: Path) -> None:
-    groups = _groups(runs)
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, m in zip(axes[0], models, strict=True):
+def plot_loss(panels: list[tuple[str, dict[str, dict]]], path: Path) -> None:
+    """One panel per (model, epochs): mean training-loss trace of exact and a few approximations."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (m, runs) in zip(axes[0], panels, strict=True):
+        groups = _groups(runs)
+        epochs = next(iter(runs.values()))["epochs"]
         for v, b in (
             (EXACT, 1.0),
             ("topk", 0.4),
@@ -190,10 +193,9 @@ def plot_loss(runs: dict[str, dict], models: list[str], path: Path) -> None:
                 continue
             n = min(len(r["loss_trace"]) for r in g)
             mean = [statistics.fmean(r["loss_trace"][i] for r in g) for i in range(n)]
-            per_epoch = n / g[0]["epochs"]
-            ax.plot([(i + 1) / per_epoch for i in range(n)], mean, label=v if v == EXACT else f"{v} @ {b:g}")
+            ax.plot([(i + 1) * epochs / n for i in range(n)], mean, label=v if v == EXACT else f"{v} @ {b:g}")
         ax.set(
-            title=f"MNIST {m.upper()}: training loss (mean over seeds)",
+            title=f"MNIST {m.upper()}, {epochs} epoch{'s' if epochs > 1 else ''}: training loss (seed mean)",
             xlabel="epoch",
             ylabel="cross-entropy, mean over 1/20 epoch",
             yscale="log",
@@ -205,41 +207,53 @@ def plot_loss(runs: dict[str, dict], models: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def _setup_lines(m: str, mine: list[dict]) -> list[str]:
+    first = mine[0]
+    subset = f" --n-train {first['n_train']}" if first["n_train"] < 50_000 else ""
+    settings = sorted({(r["data"], r["n_train"]) for r in mine})
+    return [
+        f"- setup: {SETUP_TEXT[m]}",
+        f"- data: {first['data']}, first {first['n_train']:,} training images, {first['epochs']} "
+        f"epoch{'s' if first['epochs'] > 1 else ''}; test accuracy on all {first['n_test']:,} test images "
+        "(eval mode: exact operations)",
+        f"- command: `nice -n 19 .venv/bin/python tools/replicate.py --models {m}{subset}`",
+        f"- machine: {first['machine']}",
+        *([f"- warning: runs on different data are mixed in: {settings}"] if len(settings) > 1 else []),
+        "",
+    ]
+
+
 def write_report(runs: dict[str, dict], out: Path) -> Path:
-    """Regenerate the marked part of ``out/results.md`` and the two PNGs from ``runs``; return the page."""
+    """Regenerate the marked part of ``out/results.md`` and the two PNGs from ``runs``; return the page.
+
+    Each model's most common epoch count is its grid; runs with other epoch counts (the
+    longer check) get their own table, target rows and loss panel.
+    """
     models = [m for m in ("mlp", "cnn") if any(r["model"] == m for r in runs.values())]
     if not models:
         raise SystemExit("no finished runs in the cache: run tools/replicate.py without --report-only first")
-    plot_accuracy(runs, models, out / "replicate-accuracy.png")
-    plot_loss(runs, models, out / "replicate-loss.png")
+    by_epochs: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
+    for key, r in runs.items():
+        by_epochs[(r["model"], r["epochs"])][key] = r
+    main_keys = {m: max((k for k in by_epochs if k[0] == m), key=lambda k: len(by_epochs[k])) for m in models}
+    main = {key: r for k in main_keys.values() for key, r in by_epochs[k].items()}
+    longer = sorted(k for k in by_epochs if k not in main_keys.values())
+    plot_accuracy(main, models, out / "replicate-accuracy.png")
+    plot_loss([(k[0], by_epochs[k]) for k in (*main_keys.values(), *longer)], out / "replicate-loss.png")
     body = [BEGIN, ""]
     for m in models:
-        mine = [r for r in runs.values() if r["model"] == m]
-        first = mine[0]
-        ref = (first["data"], first["n_train"], first["epochs"])
-        subset = f" --n-train {first['n_train']}" if first["n_train"] < 50_000 else ""
+        body += [f"### {m.upper()}", "", *_setup_lines(m, list(by_epochs[main_keys[m]].values()))]
+        body += [*table(main, m), ""]
+    for m, e in longer:
+        body += [f"### {m.upper()}, {e} epochs (exact and top-k at 0.4 only)", ""]
+        body += [*_setup_lines(m, list(by_epochs[(m, e)].values()))[:-2], ""]
+        body += [*table(by_epochs[(m, e)], m), ""]
+    body += ["### Targets", "", *targets(main, models)]
+    for m, e in longer:
         body += [
-            f"### {m.upper()}",
-            "",
-            f"- setup: {SETUP_TEXT[m]}",
-            f"- data: {first['data']}, first {first['n_train']:,} training images, "
-            f"{first['epochs']} epoch(s); "
-            f"test accuracy on all {first['n_test']:,} test images (eval mode: exact operations)",
-            f"- command: `nice -n 19 .venv/bin/python tools/replicate.py --models {m} --epochs "
-            f"{first['epochs']}{subset}`",
-            f"- machine: {first['machine']}",
-            *[
-                f"- warning: runs made with other settings are mixed in: {other}"
-                for other in sorted({(r["data"], r["n_train"], r["epochs"]) for r in mine} - {ref})
-            ],
-            "",
-            *table(runs, m),
-            "",
+            row.replace(f"| {m} |", f"| {m}, {e} epochs |") for row in targets(by_epochs[(m, e)], [m])[2:]
         ]
-    body += ["### Targets", "", *targets(runs, models), ""]
-    gaps = missing(runs, models)
-    body += ["### Runs not done", ""]
-    body += gaps or ["None: the whole grid ran."]
+    body += ["", "### Runs not done", "", *(missing(main, models) or ["None: the whole grid ran."])]
     body += [
         "",
         "![accuracy vs budget](replicate-accuracy.png)",
