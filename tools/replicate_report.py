@@ -129,46 +129,57 @@ def missing(runs: dict[str, dict], models: list[str]) -> list[str]:
 
 
 def plot_accuracy(runs: dict[str, dict], models: list[str], path: Path) -> None:
-    """One panel per model: test accuracy against budget, one line per method, exact as a band."""
+    """Two rows, a column per model, a line per method.
+
+    Top: test accuracy against the budget asked for (mean ± std over seeds; exact as a
+    band). Bottom: the paired difference to exact against the FLOP fraction measured on
+    a real step, which removes the seed-to-seed spread and shows what each run really spent.
+    """
     groups = _groups(runs)
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, m in zip(axes[0], models, strict=True):
+    fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8.5), squeeze=False)
+    for col, m in enumerate(models):
+        top, bottom = axes[0][col], axes[1][col]
         exact = [r["test_accuracy"] * 100 for r in groups.get((m, EXACT, 1.0), {}).values()]
         if exact:
             mean, std = _mean_std(exact)
-            ax.axhline(
-                mean, color="black", lw=1, label=f"exact ({len(exact)} seed{'s' if len(exact) > 1 else ''})"
-            )
+            label = f"exact ({len(exact)} seed{'s' if len(exact) > 1 else ''})"
+            top.axhline(mean, color="black", lw=1, label=label)
             if len(exact) > 1:
-                ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
+                top.axhspan(mean - std, mean + std, color="black", alpha=0.1)
+        bottom.axhline(0.0, color="black", lw=1, label="exact")
         for i, v in enumerate((*METHODS, RATIO)):
-            pts = [
-                (b, [r["test_accuracy"] * 100 for r in groups[(m, v, b)].values()])
-                for b in BUDGETS
-                if (m, v, b) in groups
-            ]
-            if not pts:
+            budgets = [b for b in BUDGETS if (m, v, b) in groups]
+            if not budgets:
                 continue
-            xs = [b + (i - 2) * 0.006 for b, _ in pts]  # small offsets so error bars do not overlap
-            ms = [_mean_std(a) for _, a in pts]
-            ax.errorbar(
-                xs,
-                [a for a, _ in ms],
-                yerr=[0 if s != s else s for _, s in ms],
-                marker="o",
-                capsize=3,
-                ls="--" if v == RATIO else "-",
-                label=v,
-            )
-        ax.set(
+            style = {"marker": "o", "capsize": 3, "ls": "--" if v == RATIO else "-", "label": v}
+            acc = [_mean_std([r["test_accuracy"] * 100 for r in groups[(m, v, b)].values()]) for b in budgets]
+            xs = [b + (i - 2) * 0.006 for b in budgets]  # small offsets so error bars do not overlap
+            top.errorbar(xs, [a for a, _ in acc], yerr=[0 if s != s else s for _, s in acc], **style)
+            paired = [(b, _paired(groups, m, (v, b), (EXACT, 1.0))) for b in budgets]
+            paired = [(b, d) for b, d in paired if d]
+            if paired:
+                spent = [
+                    statistics.fmean(r["measured_fraction"] for r in groups[(m, v, b)].values())
+                    for b, _ in paired
+                ]
+                diff = [_mean_std([100 * x for x in d]) for _, d in paired]
+                err = [0 if s != s else s for _, s in diff]
+                bottom.errorbar(spent, [a for a, _ in diff], yerr=err, **style)
+        top.set(
             title=f"MNIST {m.upper()}: test accuracy vs FLOP budget",
             xlabel="budget (fraction of dense training FLOPs)",
             ylabel="test accuracy % (mean ± std over seeds)",
         )
-        ax.set_xticks(BUDGETS)
-        ax.set_xlim(0.65, 0.15)  # inverted: less compute to the right
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        bottom.set(
+            title=f"MNIST {m.upper()}: paired difference to exact vs FLOPs spent",
+            xlabel="measured FLOP fraction of a training step (FlopCounterMode)",
+            ylabel="Δ test accuracy, points (mean ± std of per-seed Δ)",
+        )
+        top.set_xticks(BUDGETS)
+        for ax in (top, bottom):
+            ax.set_xlim(0.65, 0.15)  # inverted: less compute to the right
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
