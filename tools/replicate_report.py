@@ -64,13 +64,19 @@ def table(runs: dict[str, dict], model: str) -> list[str]:
     for key in rows:
         g = list(groups[key].values())
         diff = _paired(groups, model, key[1:], (EXACT, 1.0))
-        keeps = ", ".join(f"{n} {k:.2f}" for n, k in sorted(g[0]["keeps"].items())) or "—"
+        # The allocation depends on sensitivities measured at each seed's initial weights, so
+        # the chosen ratios can differ between seeds: show every distinct value.
+        names = sorted({n for r in g for n in r["keeps"]})
+        keeps = ", ".join(
+            f"{n} " + "/".join(f"{k:.2f}" for k in sorted({r["keeps"][n] for r in g if n in r["keeps"]}))
+            for n in names
+        )
         lines.append(
             f"| {key[1]} | {key[2]:g} | {len(g)} | {_pm([r['test_accuracy'] for r in g])} "
             f"| {'—' if key[1] == EXACT or not diff else _pm(diff)} "
             f"| {_pm([r['measured_fraction'] for r in g], 1.0, 3)} "
             f"| {_pm([r['planned_fraction'] for r in g], 1.0, 3)} "
-            f"| {keeps} | {_pm([r['train_seconds'] for r in g], 1.0, 0)} |"
+            f"| {keeps or '—'} | {_pm([r['train_seconds'] for r in g], 1.0, 0)} |"
         )
     return lines
 
