@@ -26,6 +26,9 @@ from torch import nn
 
 METHODS = ("topk", "crs", "bernoulli", "uniform")
 OP_KINDS = ("linear", "matmul", "conv")
+MODES = ("forward", "backward")  # design.md, "Modes"
+SCORES = ("activations", "weights")
+ROW_SCORES = ("x_dy", "x")
 
 # Python objects a user may name instead of an op kind string.
 _OP_ALIASES: dict[Any, str] = {
@@ -120,6 +123,16 @@ class ApproxConfig:
     sensitivity_draws: draws averaged when measuring the error of a random method.
     seed: seed of the private generator used while measuring sensitivities.
     leaf_modules: module types torch.fx should not trace into.
+    mode: ``forward`` samples the forward product (and backpropagates through the sample);
+        ``backward`` keeps the forward exact and samples the input- and weight-gradient
+        products of linear nodes; it needs an unbiased ``method`` (not ``topk``).
+    scores: ``activations`` scores pair i by ``|x[:, i]|·|W[:, i]|``; ``weights`` by
+        ``|W[:, i]|`` alone, and random methods then draw from a per-weight generator seeded
+        with ``seed`` and the node's name, so every data-parallel rank picks the same slices
+        (linear and conv nodes; forward mode only). See ``approxcompile.distributed``.
+    row_scores: backward mode's score of batch row b for the weight gradient: ``x_dy``
+        (``|X[b]|·|dY[b]|``, saves all of X) or ``x`` (``|X[b]|``, drawn in the forward pass,
+        saves only the sampled rows).
     """
 
     method: str = "topk"
@@ -131,6 +144,9 @@ class ApproxConfig:
     sensitivity_draws: int = 3
     seed: int = 0
     leaf_modules: tuple[type[nn.Module], ...] = ()
+    mode: str = "forward"
+    scores: str = "activations"
+    row_scores: str = "x_dy"
     op_type_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_regex_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
@@ -146,6 +162,35 @@ class ApproxConfig:
         for leaf in self.leaf_modules:
             if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
                 raise TypeError(f"leaf_modules must hold nn.Module subclasses, got {leaf!r}")
+        self._check_modes()
+
+    def _check_modes(self) -> None:
+        for name, value, allowed in (
+            ("mode", self.mode, MODES),
+            ("scores", self.scores, SCORES),
+            ("row_scores", self.row_scores, ROW_SCORES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.mode != "backward":
+            return
+        if self.scores != "activations":
+            raise ValueError(
+                "scores='weights' applies to forward sampling only (backward mode scores use dY); "
+                "drop scores= or use mode='forward'"
+            )
+        methods = [("method", self.method)] + [
+            (f"override {key!r}", o.method)
+            for level in self.overrides.values()
+            for key, o in level
+            if o.method is not None
+        ]
+        for where, method in methods:
+            if method == "topk":
+                raise ValueError(
+                    f"mode='backward' needs an unbiased sampling method, but {where} is 'topk' (biased "
+                    "gradients drift the training); pass method='bernoulli' (or 'crs', 'uniform')"
+                )
 
     # -- builders: each returns a new config, the receiver stays as it was -------------
     def set_op_type(self, op: str | type | Callable[..., Any], override: NodeOverride) -> ApproxConfig:

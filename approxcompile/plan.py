@@ -33,6 +33,10 @@ class Flops:
         """The same products with the inner dimension cut from ``n`` to ``k``."""
         return Flops(self.forward * k // n, self.input_grad * k // n, self.weight_grad * k // n)
 
+    def scaled_backward(self, k_out: int, p: int, k_rows: int, rows: int) -> Flops:
+        """Backward sampling: forward exact, dX over ``k_out`` of ``p`` features, dW over ``k_rows`` rows."""
+        return Flops(self.forward, self.input_grad * k_out // p, self.weight_grad * k_rows // rows)
+
 
 @dataclass(frozen=True, kw_only=True)
 class NodePlan:
@@ -59,6 +63,10 @@ class NodePlan:
     est_error: float = 0.0
     reason: str | None = None  # why the node stays exact
     settings_source: str = "global"
+    # "backward": forward exact; ``inner`` is then the output features p (dX's inner
+    # dimension) and ``rows`` the batch rows M (dW's), both sampled at ratio ``keep``.
+    mode: str = "forward"
+    rows: int = 0
 
     def __post_init__(self) -> None:
         if self.k == 0:
@@ -73,12 +81,17 @@ class NodePlan:
         k = self.k if k is None else k
         if k >= self.inner:
             return self.flops.total
-        return self.flops.scaled(k, self.inner).total + self.overhead_fixed + self.overhead_per_kept * k
+        return self._scaled(k).total + self.overhead_fixed + self.overhead_per_kept * k
+
+    def _scaled(self, k: int) -> Flops:
+        if self.mode == "backward":
+            return self.flops.scaled_backward(k, self.inner, kept_count(k / self.inner, self.rows), self.rows)
+        return self.flops.scaled(k, self.inner)
 
     @property
     def approx_flops(self) -> Flops:
         """The products' FLOPs as planned (what FlopCounterMode sees; no overhead)."""
-        return self.flops.scaled(self.k, self.inner) if self.sampled else self.flops
+        return self._scaled(self.k) if self.sampled else self.flops
 
     @property
     def overhead(self) -> int:
@@ -97,6 +110,7 @@ class Plan:
     nodes: tuple[NodePlan, ...]
     other_flops: int  # FLOPs FlopCounterMode counts outside matmul/linear/conv nodes
     note: str | None = None  # e.g. "no candidate nodes"
+    mode: str = "forward"  # ApproxConfig.mode: which products the sampled nodes shrink
 
     @property
     def dense_flops(self) -> int:

@@ -124,7 +124,9 @@ class Report:
             return "  ".join([*parts, cells[-1]]).rstrip()
 
         rule = "-" * (sum(widths) + 2 * len(widths) + len(header[-1]))
-        out = [f"approxcompile plan: method={p.method}, budget={p.budget:g}", rule, line(header), rule]
+        head = f"approxcompile plan: method={p.method}, budget={p.budget:g}"
+        head += ", mode=backward (forward exact; k/n is dX's output features)" if p.mode == "backward" else ""
+        out = [head, rule, line(header), rule]
         out += [line(r) for r in rows] or ["(no matmul / linear / conv nodes)"]
         out += [
             rule,
@@ -146,7 +148,7 @@ class Report:
 
         Keys (stable; see ``SCHEMA_VERSION``):
 
-        - ``schema``, ``budget``, ``method``, ``note`` (str or null)
+        - ``schema``, ``budget``, ``method``, ``mode`` (``forward``/``backward``), ``note`` (str or null)
         - ``totals``: ``dense_flops``, ``planned_flops`` (overhead included, what the budget
           limits), ``counted_flops`` (products only, what ``FlopCounterMode`` measures),
           ``other_flops`` (outside matmul/linear/conv), ``fraction`` (planned / dense),
@@ -154,7 +156,8 @@ class Report:
         - ``nodes``: one object per candidate node with ``name``, ``kind``, ``op``, ``shapes``
           (list of int lists), ``out_shape``, ``inner``, ``keep``, ``k``, ``sampled``,
           ``method``, ``min_k``, ``fixed_keep``, ``est_error`` (relative squared error),
-          ``reason`` (null when sampled), ``settings_source``, ``dense_flops`` and
+          ``reason`` (null when sampled), ``settings_source``, ``mode``, ``rows`` (backward
+          mode: the batch rows dW samples), ``dense_flops`` and
           ``approx_flops`` (each ``forward``/``input_grad``/``weight_grad``/``total``),
           ``overhead``, ``overhead_fixed``, ``overhead_per_kept``, ``cost`` (approx total
           plus overhead) and ``sensitivity`` (list of ``[keep, error]``).
@@ -164,6 +167,7 @@ class Report:
             "schema": SCHEMA_VERSION,
             "budget": p.budget,
             "method": p.method,
+            "mode": p.mode,
             "note": p.note,
             "totals": {
                 "dense_flops": p.dense_flops,
@@ -204,6 +208,8 @@ class Report:
                 est_error=d["est_error"],
                 reason=d["reason"],
                 settings_source=d["settings_source"],
+                mode=d.get("mode", "forward"),
+                rows=d.get("rows", 0),
             )
             for d in data["nodes"]
         )
@@ -215,6 +221,7 @@ class Report:
                 nodes=nodes,
                 other_flops=other,
                 note=data["note"],
+                mode=data.get("mode", "forward"),
             )
         )
 
@@ -236,6 +243,8 @@ def _node_dict(n: NodePlan) -> dict[str, Any]:
         "est_error": n.est_error,
         "reason": n.reason,
         "settings_source": n.settings_source,
+        "mode": n.mode,
+        "rows": n.rows,
         "dense_flops": _flops_dict(n.flops),
         "approx_flops": _flops_dict(n.approx_flops),
         "overhead": n.overhead,

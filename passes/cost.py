@@ -72,8 +72,30 @@ def _products(site: Site, gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] 
     return (xs, ws), out_shape, n, fwd, xg, wg, 2 * numel + 2 * n, 2 * numel // n
 
 
-def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str) -> NodePlan:
+def _backward_costs(plan: NodePlan, kind: str) -> NodePlan:
+    """Backward mode: dX samples the p output features, dW the M batch rows (linear only).
+
+    Overhead: norms of W's rows, dY's columns and rows and X's rows; per kept feature a
+    column of dY and a row of W, per kept batch row a row of X and of dY.
+    """
+    if plan.reason is not None:
+        return plan
+    if kind != "linear":
+        why = "backward mode samples linear / F.linear nodes only (not yet conv, matmul, addmm)"
+        return plan.with_(mode="backward", reason=why)
+    xs, (p, n) = plan.shapes[0], plan.shapes[1]
+    rows = math.prod(xs) // n
+    fixed = 2 * (n * p + 2 * rows * p + rows * n)
+    per_kept = rows + n + (n + p) * rows // p
+    return plan.with_(
+        mode="backward", inner=p, k=p, rows=rows, overhead_fixed=fixed, overhead_per_kept=per_kept
+    )
+
+
+def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: str = "forward") -> NodePlan:
     """The dense cost record of one node (nothing decided yet)."""
+    if mode == "backward":
+        return _backward_costs(plan_for(site, gm, node, method), site.kind)
     facts = _products(site, gm, node)
     if isinstance(facts, str):
         out = node.meta.get("tensor_meta")
@@ -104,13 +126,17 @@ def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str) -> Node
     )
 
 
-def annotate_costs(gm: fx.GraphModule, *, method: str) -> PassResult:
-    """Write a dense :class:`NodePlan` to every matched node's meta (graph unchanged)."""
+def annotate_costs(gm: fx.GraphModule, *, method: str, mode: str = "forward") -> PassResult:
+    """Write a dense :class:`NodePlan` to every matched node's meta (graph unchanged).
+
+    ``mode="backward"`` costs linear nodes for backward sampling and gives every other
+    candidate a reason to stay exact.
+    """
     count = 0
     for node in gm.graph.nodes:
         site = match(gm, node)
         if site is not None:
-            node.meta[META_KEY] = plan_for(site, gm, node, method)
+            node.meta[META_KEY] = plan_for(site, gm, node, method, mode)
             count += 1
     return PassResult(gm, modified=False, stats={"candidates": count})
 

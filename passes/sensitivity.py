@@ -20,13 +20,35 @@ from approxcompile.passes.match import match
 
 from approxcompile.config import ApproxConfig
 from approxcompile.ops import sampled_conv, sampled_linear, sampled_matmul
+from approxcompile.ops.backward import backward_sampled_linear
 from approxcompile.plan import META_KEY, kept_count
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
-def _product(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., torch.Tensor]:
+def _gradients(x: torch.Tensor, w: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """Backward mode: ``(keep, ...) -> [dX, dW]`` flattened, for a fixed Gaussian ``dY``.
+
+    The forward is exact, so the error that matters is the gradients'; the real ``dY`` is
+    unknown at compile time and a seeded Gaussian stands in for it.
+    """
+    rows = x.numel() // w.shape[-1]
+    dy = torch.randn(rows, w.shape[0], generator=torch.Generator().manual_seed(0)).to(x.dtype)
+
+    def grads(keep: float, **kw: Any) -> torch.Tensor:
+        xg, wg = x.detach().reshape(rows, -1).requires_grad_(), w.detach().requires_grad_()
+        with torch.enable_grad():
+            y = backward_sampled_linear(xg, wg, None, keep=keep, **kw)
+            dx, dw = torch.autograd.grad(y, (xg, wg), dy)
+        return torch.cat([dx.flatten(), dw.flatten()])
+
+    return grads
+
+
+def _product(kind: str, operands: tuple[Any, ...], conv: Any, mode: str) -> Callable[..., torch.Tensor]:
     """A function ``(keep, training, generator) -> output`` of the node's product, bias left out."""
+    if mode == "backward":
+        return _gradients(operands[0], operands[1])
     if kind == "linear":
         x, w = operands[0], operands[1]
         return lambda keep, **kw: sampled_linear(x, w, None, keep=keep, **kw)
@@ -75,7 +97,7 @@ def measure_sensitivity(
             grid = [r for k, r in sorted(ks.items(), reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:
                 grid = [plan.fixed_keep]
-            product = _product(site.kind, captured[node.name], site.conv)
+            product = _product(site.kind, captured[node.name], site.conv, plan.mode)
             curve = _curve(product, plan.inner, grid, plan.method, config, generator)
             node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1
