@@ -185,8 +185,9 @@ def register(ddp: DistributedDataParallel, *, process_group: Any = None) -> Comm
     return stats
 
 
-def _checksum(index: Tensor) -> int:
-    return (index.numel() * 7919 + int(index.sum())) % _CHECK_MOD
+def _checksum(check: Tensor, index: Tensor) -> Tensor:
+    """Fold ``index`` into ``check`` on its device (no host sync before the all-reduce)."""
+    return (check * 31 + index.numel() * 7919 + index.sum()) % _CHECK_MOD
 
 
 def sampled_allreduce_hook(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -194,20 +195,21 @@ def sampled_allreduce_hook(state: _HookState, bucket: dist.GradBucket) -> torch.
     buffer = bucket.buffer()
     pieces: list[Tensor] = []
     layout: list[tuple[Tensor, Tensor | None]] = []  # (the parameter's view of the buffer, index)
-    check, offset = 0, 0
+    check = torch.zeros((), dtype=torch.int64, device=buffer.device)
+    offset = 0
     for param in bucket.parameters():
         view = buffer.narrow(0, offset, param.numel()).view(param.shape)
         offset += param.numel()
         index = shared.take(param) if id(param) in state.names else None
         if index is not None and index.numel() < param.shape[1]:
             pieces.append(view.index_select(1, index).reshape(-1))
-            check = (check * 31 + _checksum(index)) % _CHECK_MOD
+            check = _checksum(check, index)
         else:
             pieces.append(view.reshape(-1))
             index = None
         layout.append((view, index))
     checked = buffer.dtype in (torch.float32, torch.float64)
-    pieces.append(buffer.new_full((1,), float(check if checked else 0)))
+    pieces.append((check if checked else torch.zeros_like(check)).to(buffer.dtype).view(1))
     compact = torch.cat(pieces)
     state.stats._add(
         buffer.numel() * buffer.element_size(), compact.numel() * compact.element_size(), bucket.is_last()
@@ -223,7 +225,7 @@ def sampled_allreduce_hook(state: _HookState, bucket: dist.GradBucket) -> torch.
                 f"failed ({e}); another rank probably died or timed out. Restart the job; pass "
                 "timeout= to init_process_group to fail sooner"
             ) from e
-        if checked and int(reduced[-1]) != check * state.world_size:
+        if checked and int(reduced[-1]) != int(check) * state.world_size:
             raise DistributedError(
                 f"[distributed] rank {state.rank}: ranks sampled different slices in bucket "
                 f"{bucket.index()} (index checksums disagree); their weights, configs or sampling seeds "

@@ -65,7 +65,7 @@ def _mode_kwargs(site: Site, plan: NodePlan, config: ApproxConfig) -> dict[str, 
         return {"row_scores": config.row_scores} if config.row_scores != "x_dy" else {}
     if config.scores != "weights" or site.kind not in ("linear", "conv"):
         return {}
-    if plan.method in ("topk",):
+    if plan.method == "topk":
         return {"scores": "weights"}
     # The node's own stream: the same on every rank, independent of the other nodes'.
     return {"scores": "weights", "seed": (config.seed * 1_000_003 + zlib.crc32(plan.name.encode())) % 2**63}
