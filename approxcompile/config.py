@@ -125,7 +125,7 @@ class ApproxConfig:
     leaf_modules: module types torch.fx should not trace into.
     mode: ``forward`` samples the forward product (and backpropagates through the sample);
         ``backward`` keeps the forward exact and samples the input- and weight-gradient
-        products of linear nodes; it needs an unbiased ``method`` (not ``topk``).
+        products of linear and conv nodes; it needs an unbiased ``method`` (not ``topk``).
     scores: ``activations`` scores pair i by ``|x[:, i]|·|W[:, i]|``; ``weights`` by
         ``|W[:, i]|`` alone, and random methods then draw from a per-weight generator seeded
         with ``seed`` and the node's name, so every data-parallel rank picks the same slices

@@ -72,30 +72,33 @@ def _products(site: Site, gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] 
     return (xs, ws), out_shape, n, fwd, xg, wg, 2 * numel + 2 * n, 2 * numel // n
 
 
-def _backward_costs(plan: NodePlan, kind: str) -> NodePlan:
-    """Backward mode: dX samples the p output features, dW the M batch rows (linear only).
+def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
+    """Backward mode: dX samples the output features / channels, dW the batch rows / samples.
 
-    Overhead: norms of W's rows, dY's columns and rows and X's rows; per kept feature a
-    column of dY and a row of W, per kept batch row a row of X and of dY.
+    ``inner`` becomes the output width p (dX's inner dimension) and ``rows`` the batch M
+    (dW's). Overhead: norms of W per output, of dY per output and per row, of X per row;
+    per kept output a slice of dY and of W, per kept row a slice of X and of dY.
     """
+    plan = plan.with_(mode="backward")
     if plan.reason is not None:
         return plan
-    if kind != "linear":
-        why = "backward mode samples linear / F.linear nodes only (not yet conv, matmul, addmm)"
-        return plan.with_(mode="backward", reason=why)
-    xs, (p, n) = plan.shapes[0], plan.shapes[1]
-    rows = math.prod(xs) // n
-    fixed = 2 * (n * p + 2 * rows * p + rows * n)
-    per_kept = rows + n + (n + p) * rows // p
-    return plan.with_(
-        mode="backward", inner=p, k=p, rows=rows, overhead_fixed=fixed, overhead_per_kept=per_kept
-    )
+    if site.kind not in ("linear", "conv"):
+        return plan.with_(reason="backward mode samples linear and conv nodes only (not matmul / addmm)")
+    if site.kind == "conv" and site.conv is not None and isinstance(site.conv[1], str):
+        return plan.with_(reason=f"padding={site.conv[1]!r} is left exact in backward mode (use integers)")
+    (xs, ws), out = plan.shapes, plan.out_shape
+    x_numel, w_numel, y_numel = math.prod(xs), math.prod(ws), math.prod(out)
+    p = ws[0]
+    rows = x_numel // ws[-1] if site.kind == "linear" else xs[0]
+    fixed = 2 * (w_numel + 2 * y_numel + x_numel)
+    per_kept = y_numel // p + w_numel // p + (x_numel + y_numel) // p
+    return plan.with_(inner=p, k=p, rows=rows, overhead_fixed=fixed, overhead_per_kept=per_kept)
 
 
 def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: str = "forward") -> NodePlan:
     """The dense cost record of one node (nothing decided yet)."""
     if mode == "backward":
-        return _backward_costs(plan_for(site, gm, node, method), site.kind)
+        return _backward_costs(plan_for(site, gm, node, method), site)
     facts = _products(site, gm, node)
     if isinstance(facts, str):
         out = node.meta.get("tensor_meta")
@@ -129,7 +132,7 @@ def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: s
 def annotate_costs(gm: fx.GraphModule, *, method: str, mode: str = "forward") -> PassResult:
     """Write a dense :class:`NodePlan` to every matched node's meta (graph unchanged).
 
-    ``mode="backward"`` costs linear nodes for backward sampling and gives every other
+    ``mode="backward"`` costs linear and conv nodes for backward sampling and gives every other
     candidate a reason to stay exact.
     """
     count = 0

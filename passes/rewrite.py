@@ -8,8 +8,9 @@
     addmm(b, x, w)    -> sampled_addmm(b, x, w, keep=..., method=..., training=training)
     conv(x)           -> sampled_conv(x, conv.weight, conv.bias, stride, padding, dilation, keep=..., ...)
 
-With ``ApproxConfig(mode="backward")`` linear nodes become
-``backward_sampled_linear(x, w, b, keep=..., method='bernoulli', training=training)``; with
+With ``ApproxConfig(mode="backward")`` linear and conv nodes become
+``backward_sampled_linear(x, w, b, keep=..., method='bernoulli', training=training)`` and
+``backward_sampled_conv(x, w, b, stride, padding, dilation, keep=..., ...)``; with
 ``scores="weights"`` linear / conv calls get ``scores='weights'`` (and, for random methods,
 the ``seed=`` of the node's own stream).
 
@@ -39,6 +40,12 @@ _OPS: dict[str, Callable[..., Any]] = {
     "matmul": ops.sampled_matmul,
     "addmm": ops.sampled_addmm,
     "conv": ops.sampled_conv,
+}
+
+
+_BACKWARD_OPS: dict[str, Callable[..., Any]] = {
+    "linear": ops.backward_sampled_linear,
+    "conv": ops.backward_sampled_conv,
 }
 
 
@@ -82,7 +89,7 @@ def _replace(gm: fx.GraphModule, node: fx.Node, site: Site, plan: NodePlan, conf
         if config.eps != DEFAULT_EPS:
             kwargs["eps"] = config.eps
         kwargs.update(_mode_kwargs(site, plan, config))
-        target = ops.backward_sampled_linear if plan.mode == "backward" else _OPS[site.kind]
+        target = _BACKWARD_OPS[site.kind] if plan.mode == "backward" else _OPS[site.kind]
         new = graph.call_function(target, args, kwargs)
     new.meta.update({k: v for k, v in node.meta.items() if k != "tensor_meta"})
     new.meta["tensor_meta"] = node.meta.get("tensor_meta")

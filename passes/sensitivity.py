@@ -20,26 +20,34 @@ from approxcompile.passes.match import match
 
 from approxcompile.config import ApproxConfig
 from approxcompile.ops import sampled_conv, sampled_linear, sampled_matmul
-from approxcompile.ops.backward import backward_sampled_linear
+from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
 from approxcompile.plan import META_KEY, kept_count
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
-def _gradients(x: torch.Tensor, w: torch.Tensor) -> Callable[..., torch.Tensor]:
+def _gradients(kind: str, x: torch.Tensor, w: torch.Tensor, conv: Any) -> Callable[..., torch.Tensor]:
     """Backward mode: ``(keep, ...) -> [dX, dW]`` flattened, for a fixed Gaussian ``dY``.
 
     The forward is exact, so the error that matters is the gradients'; the real ``dY`` is
     unknown at compile time and a seeded Gaussian stands in for it.
     """
-    rows = x.numel() // w.shape[-1]
-    dy = torch.randn(rows, w.shape[0], generator=torch.Generator().manual_seed(0)).to(x.dtype)
+    if kind == "linear":
+        x = x.reshape(-1, w.shape[-1])
+
+    def op(a: torch.Tensor, b: torch.Tensor, **kw: Any) -> torch.Tensor:
+        if kind == "linear":
+            return backward_sampled_linear(a, b, None, **kw)
+        return backward_sampled_conv(a, b, None, *conv, **kw)
+
+    with torch.no_grad():
+        shape = op(x, w, keep=1.0, training=False).shape
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
 
     def grads(keep: float, **kw: Any) -> torch.Tensor:
-        xg, wg = x.detach().reshape(rows, -1).requires_grad_(), w.detach().requires_grad_()
+        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
         with torch.enable_grad():
-            y = backward_sampled_linear(xg, wg, None, keep=keep, **kw)
-            dx, dw = torch.autograd.grad(y, (xg, wg), dy)
+            dx, dw = torch.autograd.grad(op(xg, wg, keep=keep, **kw), (xg, wg), dy)
         return torch.cat([dx.flatten(), dw.flatten()])
 
     return grads
@@ -48,7 +56,7 @@ def _gradients(x: torch.Tensor, w: torch.Tensor) -> Callable[..., torch.Tensor]:
 def _product(kind: str, operands: tuple[Any, ...], conv: Any, mode: str) -> Callable[..., torch.Tensor]:
     """A function ``(keep, training, generator) -> output`` of the node's product, bias left out."""
     if mode == "backward":
-        return _gradients(operands[0], operands[1])
+        return _gradients(kind, operands[0], operands[1], conv)
     if kind == "linear":
         x, w = operands[0], operands[1]
         return lambda keep, **kw: sampled_linear(x, w, None, keep=keep, **kw)

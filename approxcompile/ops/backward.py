@@ -3,6 +3,7 @@
 ::
 
     linear(x, W, b) -> backward_sampled_linear(x, W, b, keep=0.4, method='bernoulli', training=training)
+    conv2d(x, W, b, s, p, d) -> backward_sampled_conv(x, W, b, s, p, d, keep=0.4, method='bernoulli', ...)
 
 The forward product ``Y = X·Wᵀ + b`` is exact. In backward, with ``dY`` of shape ``(M, p)``:
 
@@ -21,10 +22,15 @@ Memory: a row score needs ``dY``, which exists only in backward, so with ``"x_dy
 forward pass and only the ``≈ keep·M`` sampled rows, already scaled, are saved: the
 activation memory of the layer drops by ``1 - keep`` (docs/distributed.md has the figures).
 Only the gradients autograd asks for (``ctx.needs_input_grad``) are computed.
+
+Convolutions follow the same plan with output channels for ``p`` and batch samples for
+the rows (Frobenius norms of the slices as scores), through ``aten.convolution_backward``
+on the gathered slices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +41,7 @@ from approxcompile.ops.kernels import column_norms
 from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
 from approxcompile.plan import kept_count
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 UNBIASED_METHODS = ("bernoulli", "crs", "uniform")
 ROW_SCORES = ("x_dy", "x")
 
@@ -110,6 +117,97 @@ class BackwardSampledLinearFn(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None
 
 
+def _channel_norms(t: Tensor, dim: int) -> Tensor:
+    """``|t|`` over every dim but ``dim``, per index of ``dim``."""
+    return torch.linalg.vector_norm(t.detach().float().transpose(0, dim).reshape(t.shape[dim], -1), dim=1)
+
+
+def _scale_dim(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
+    if scale is None:
+        return t
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return t * scale.to(t.dtype).view(shape)
+
+
+def _conv_grads(
+    dy: Tensor, x: Tensor, weight: Tensor, conv: tuple[list[int], ...], mask: tuple[bool, bool]
+) -> tuple[Tensor, Tensor]:
+    stride, padding, dilation = conv
+    out = torch.ops.aten.convolution_backward(
+        dy, x, weight, None, stride, padding, dilation, False, [0] * len(stride), 1, (*mask, False)
+    )
+    return out[0], out[1]
+
+
+class BackwardSampledConvFn(torch.autograd.Function):
+    """Convolution, exact; ``dx`` over sampled output channels, ``dW`` over sampled batch samples.
+
+    Channel ``o`` scores ``|W[o]|_F·|dY[:, o]|_F``, sample ``b`` scores ``|X[b]|_F·|dY[b]|_F``
+    (``|X[b]|_F`` with ``row_scores="x"``, drawn in forward: only those samples are saved).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        conv: tuple[list[int], ...],
+        keep: float,
+        method: str,
+        eps: float,
+        row_scores: str,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        stride, padding, dilation = conv
+        y = torch.ops.aten.convolution(
+            x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1
+        )
+        ctx.sample = (keep, method, eps, generator)
+        ctx.conv, ctx.x_shape, ctx.weight_shape = conv, x.shape, weight.shape
+        ctx.has_bias = bias is not None
+        ctx.rows_drawn = row_scores == "x"
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        saved_x: Tensor | None = None
+        if needs_w and ctx.rows_drawn:
+            index, scale = sample_pairs(
+                _channel_norms(x, 0), kept_count(keep, x.shape[0]), method, eps=eps, generator=generator
+            )
+            saved_x = _scale_dim(x.index_select(0, index), scale, 0).detach()
+            ctx.row_index = index
+        elif needs_w:
+            saved_x = x.detach()
+        ctx.save_for_backward(saved_x, weight if needs_x else None)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        saved_x, weight = ctx.saved_tensors
+        keep, method, eps, generator = ctx.sample
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            o = weight.shape[0]
+            scores = _channel_norms(weight, 0) * _channel_norms(dy, 1)
+            index, scale = sample_pairs(scores, kept_count(keep, o), method, eps=eps, generator=generator)
+            stub = dy.new_empty(1).expand(ctx.x_shape)  # grad_input needs only the shape
+            dys = _scale_dim(dy.index_select(1, index), scale, 1)
+            dx = _conv_grads(dys, stub, weight.index_select(0, index), ctx.conv, (True, False))[0]
+        if ctx.needs_input_grad[1]:
+            if ctx.rows_drawn:
+                xs, dys = saved_x, dy.index_select(0, ctx.row_index)
+            else:
+                scores = _channel_norms(saved_x, 0) * _channel_norms(dy, 0)
+                n = kept_count(keep, dy.shape[0])
+                index, scale = sample_pairs(scores, n, method, eps=eps, generator=generator)
+                xs, dys = saved_x.index_select(0, index), _scale_dim(dy.index_select(0, index), scale, 0)
+            w_stub = dy.new_empty(1).expand(ctx.weight_shape)
+            dw = _conv_grads(dys, xs, w_stub, ctx.conv, (False, True))[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum([d for d in range(dy.dim()) if d != 1])
+        return dx, dw, db, None, None, None, None, None, None
+
+
 def check_backward_method(method: str) -> str:
     if method not in UNBIASED_METHODS:
         raise ValueError(
@@ -146,3 +244,49 @@ def backward_sampled_linear(
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return F.linear(x, weight, bias)  # nothing will be differentiated: nothing to sample
     return BackwardSampledLinearFn.apply(x, weight, bias, keep, method, eps, row_scores, generator)
+
+
+def backward_sampled_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    *,
+    keep: float,
+    method: str = "bernoulli",
+    training: bool = True,
+    eps: float = DEFAULT_EPS,
+    row_scores: str = "x_dy",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation)`` exactly; unbiased sampled gradients.
+
+    ``dX`` sums over ~``keep`` of the output channels, ``dW`` over ~``keep`` of the batch samples.
+    Only ``groups=1`` convolutions of batched inputs with integer padding are sampled.
+    """
+    check_backward_method(method)
+    if row_scores not in ROW_SCORES:
+        raise ValueError(f"row_scores must be one of {ROW_SCORES}, got {row_scores!r}")
+    d = weight.dim() - 2
+    conv = _CONV[d]
+    o, batch = weight.shape[0], x.shape[0]
+    exact = kept_count(keep, o) >= o and kept_count(keep, batch) >= batch
+    if (
+        not training
+        or exact
+        or x.dim() != weight.dim()
+        or isinstance(padding, str)
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or not torch.is_grad_enabled()
+        or not any(t is not None and t.requires_grad for t in (x, weight, bias))
+    ):
+        return conv(x, weight, bias, stride, padding, dilation)
+    args = tuple(list(_ntuple(d)(a)) for a in (stride, padding, dilation))
+    return BackwardSampledConvFn.apply(x, weight, bias, args, keep, method, eps, row_scores, generator)
+
+
+def _ntuple(d: int) -> Callable[[int | Sequence[int]], tuple[int, ...]]:
+    return lambda a: tuple(a) if isinstance(a, Sequence) else (a,) * d
