@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from approxcompile.ops.kernels import SampledLinearFn, column_norms
+from approxcompile.ops.kernels import SampledConvFn, SampledLinearFn, column_norms
 from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
 from approxcompile.plan import kept_count
 
@@ -173,5 +173,17 @@ def sampled_conv(
     k = kept_count(keep, n)
     if not training or k >= n or x.dim() != weight.dim():
         return conv(x, weight, bias, stride, padding, dilation)
-    xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator)
-    return conv(xs, ws, bias, stride, padding, dilation)
+    if _exporting() or isinstance(padding, str):
+        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator)
+        return conv(xs, ws, bias, stride, padding, dilation)
+    with torch.no_grad():
+        scores = _norms_except(x, 1) * _norms_except(weight, 1)
+        index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator)
+    d = weight.dim() - 2
+    return SampledConvFn.apply(
+        x, weight, bias, index, scale, method != "crs", _ints(stride, d), _ints(padding, d), _ints(dilation, d)
+    )
+
+
+def _ints(v: int | Sequence[int], d: int) -> list[int]:
+    return [int(v)] * d if isinstance(v, int) else [int(e) for e in v]
