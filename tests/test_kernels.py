@@ -35,7 +35,15 @@ def test_fast_conv_matches_autograd_through_index_select(method: str, x_grad: bo
     conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
     stride, padding, dilation = (2,) * dims, (1,) * dims, (1,) * dims
     y = sampled_conv(
-        x, w, b, stride, padding, dilation, keep=0.3, method=method, generator=torch.Generator().manual_seed(5)
+        x,
+        w,
+        b,
+        stride,
+        padding,
+        dilation,
+        keep=0.3,
+        method=method,
+        generator=torch.Generator().manual_seed(5),
     )
     y.pow(2).sum().backward()
     got = (y.detach(), x.grad, w.grad.clone(), b.grad.clone())

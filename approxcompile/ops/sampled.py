@@ -181,7 +181,15 @@ def sampled_conv(
         index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator)
     d = weight.dim() - 2
     return SampledConvFn.apply(
-        x, weight, bias, index, scale, method != "crs", _ints(stride, d), _ints(padding, d), _ints(dilation, d)
+        x,
+        weight,
+        bias,
+        index,
+        scale,
+        method != "crs",
+        _ints(stride, d),
+        _ints(padding, d),
+        _ints(dilation, d),
     )
 
 

@@ -51,7 +51,8 @@ class Workspace:
         if storage is None or storage.nbytes() < nbytes:
             storage = torch.UntypedStorage(nbytes)
             slots[slot] = storage
-        return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+        shape = tuple(shape)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
 
     def zeros(self, owner: Tensor, slot: str, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
         return self.get(owner, slot, shape, dtype).zero_()
@@ -63,6 +64,14 @@ class Workspace:
     def clear(self) -> None:
         """Drop every pooled storage (they are freed once no tensor uses them)."""
         self._slots = WeakIdKeyDictionary()
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 WORKSPACE = Workspace()
