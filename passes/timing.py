@@ -15,6 +15,7 @@ reproducible. ``tools/bench.py --measure-time`` shows the effect.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -27,7 +28,7 @@ from approxcompile.passes.match import match
 from approxcompile.passes.sensitivity import product_fn
 
 from approxcompile.config import ApproxConfig
-from approxcompile.plan import META_KEY
+from approxcompile.plan import META_KEY, NodePlan
 
 
 def _median_seconds(run: Callable[[], None], repeats: int) -> float:
@@ -51,6 +52,23 @@ def _leaves(operands: tuple[Any, ...], needs: tuple[bool, ...]) -> tuple[Any, ..
     return tuple(out)
 
 
+def _node_timing(
+    plan: NodePlan, kind: str, operands: tuple[Any, ...], conv: Any, config: ApproxConfig
+) -> tuple[tuple[float, float], ...]:
+    product = product_fn(kind, operands, conv)
+    grads = [o for o in operands if isinstance(o, torch.Tensor) and o.requires_grad]
+
+    def step(keep: float, training: bool) -> None:
+        out = product(keep, training=training, method=plan.method, eps=config.eps)
+        if grads:
+            torch.autograd.grad(out, grads, torch.ones_like(out))
+
+    timing = [(1.0, _median_seconds(lambda: step(1.0, False), config.time_repeats))]
+    for keep, _ in plan.sensitivity:
+        timing.append((keep, _median_seconds(functools.partial(step, keep, True), config.time_repeats)))
+    return tuple(timing)
+
+
 def measure_timing(
     gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]], config: ApproxConfig
 ) -> PassResult:
@@ -62,21 +80,11 @@ def measure_timing(
             continue
         site = match(gm, node)
         assert site is not None
-        needs = (plan.flops.input_grad > 0, plan.flops.weight_grad > 0)
+        needs: tuple[bool, ...] = (plan.flops.input_grad > 0, plan.flops.weight_grad > 0)
         if site.kind == "addmm":
             needs = (False, *needs)
         operands = _leaves(captured[node.name], needs)
-        product = product_fn(site.kind, operands, site.conv)
-        grads = [o for o in operands if isinstance(o, torch.Tensor) and o.requires_grad]
-
-        def step(keep: float, training: bool) -> None:
-            out = product(keep, training=training, method=plan.method, eps=config.eps)
-            if grads:
-                torch.autograd.grad(out, grads, torch.ones_like(out))
-
-        timing = [(1.0, _median_seconds(lambda: step(1.0, False), config.time_repeats))]
-        for keep, _ in plan.sensitivity:
-            timing.append((keep, _median_seconds(lambda k=keep: step(k, True), config.time_repeats)))
-        node.meta[META_KEY] = plan.with_(timing=tuple(timing))
+        timing = _node_timing(plan, site.kind, operands, site.conv, config)
+        node.meta[META_KEY] = plan.with_(timing=timing)
         measured += 1
     return PassResult(gm, modified=False, stats={"timed": measured})
