@@ -160,7 +160,9 @@ class Report:
           mode: the batch rows dW samples), ``dense_flops`` and
           ``approx_flops`` (each ``forward``/``input_grad``/``weight_grad``/``total``),
           ``overhead``, ``overhead_fixed``, ``overhead_per_kept``, ``cost`` (approx total
-          plus overhead) and ``sensitivity`` (list of ``[keep, error]``).
+          plus overhead), ``sensitivity`` (list of ``[keep, error]``) and ``timing`` (list of
+          ``[keep, seconds]`` measured with ``measure_time``; keep 1.0 is the dense op, empty
+          when not measured).
         """
         p = self._plan
         return {
@@ -200,6 +202,7 @@ class Report:
                 overhead_fixed=d["overhead_fixed"],
                 overhead_per_kept=d["overhead_per_kept"],
                 sensitivity=tuple((float(r), float(e)) for r, e in d["sensitivity"]),
+                timing=tuple((float(r), float(t)) for r, t in d.get("timing", ())),
                 method=d["method"],
                 min_k=d["min_k"],
                 fixed_keep=d["fixed_keep"],
@@ -252,4 +255,5 @@ def _node_dict(n: NodePlan) -> dict[str, Any]:
         "overhead_per_kept": n.overhead_per_kept,
         "cost": n.cost(),
         "sensitivity": [[r, e] for r, e in n.sensitivity],
+        "timing": [[r, t] for r, t in n.timing],
     }

@@ -21,42 +21,24 @@ from approxcompile.passes.match import match
 from approxcompile.config import ApproxConfig
 from approxcompile.ops import sampled_conv, sampled_linear, sampled_matmul
 from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
-from approxcompile.plan import META_KEY, kept_count
+from approxcompile.plan import META_KEY, aligned_count
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
-def _gradients(kind: str, x: torch.Tensor, w: torch.Tensor, conv: Any) -> Callable[..., torch.Tensor]:
-    """Backward mode: ``(keep, ...) -> [dX, dW]`` flattened, for a fixed Gaussian ``dY``.
+def product_fn(
+    kind: str, operands: tuple[Any, ...], conv: Any, mode: str = "forward"
+) -> Callable[..., torch.Tensor]:
+    """A function ``(keep, training, generator) -> output`` of the node's product, bias left out.
 
-    The forward is exact, so the error that matters is the gradients'; the real ``dY`` is
-    unknown at compile time and a seeded Gaussian stands in for it.
+    ``mode="backward"``: the backward-sampling op (exact output, sampled gradients).
     """
-    if kind == "linear":
-        x = x.reshape(-1, w.shape[-1])
-
-    def op(a: torch.Tensor, b: torch.Tensor, **kw: Any) -> torch.Tensor:
-        if kind == "linear":
-            return backward_sampled_linear(a, b, None, **kw)
-        return backward_sampled_conv(a, b, None, *conv, **kw)
-
-    with torch.no_grad():
-        shape = op(x, w, keep=1.0, training=False).shape
-    dy = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
-
-    def grads(keep: float, **kw: Any) -> torch.Tensor:
-        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-        with torch.enable_grad():
-            dx, dw = torch.autograd.grad(op(xg, wg, keep=keep, **kw), (xg, wg), dy)
-        return torch.cat([dx.flatten(), dw.flatten()])
-
-    return grads
-
-
-def _product(kind: str, operands: tuple[Any, ...], conv: Any, mode: str) -> Callable[..., torch.Tensor]:
-    """A function ``(keep, training, generator) -> output`` of the node's product, bias left out."""
+    if mode == "backward" and kind == "linear":
+        x, w = operands[0], operands[1]
+        return lambda keep, **kw: backward_sampled_linear(x, w, None, keep=keep, **kw)
     if mode == "backward":
-        return _gradients(kind, operands[0], operands[1], conv)
+        x, w = operands[0], operands[1]
+        return lambda keep, **kw: backward_sampled_conv(x, w, None, *conv, keep=keep, **kw)
     if kind == "linear":
         x, w = operands[0], operands[1]
         return lambda keep, **kw: sampled_linear(x, w, None, keep=keep, **kw)
@@ -65,6 +47,25 @@ def _product(kind: str, operands: tuple[Any, ...], conv: Any, mode: str) -> Call
         return lambda keep, **kw: sampled_matmul(a, b, keep=keep, **kw)
     x, w = operands[0], operands[1]
     return lambda keep, **kw: sampled_conv(x, w, None, *conv, keep=keep, **kw)
+
+
+def _gradients(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., torch.Tensor]:
+    """Backward mode: ``(keep, ...) -> [dX, dW]`` flattened, for a fixed Gaussian ``dY``.
+
+    The forward is exact, so the error that matters is the gradients'; the real ``dY`` is
+    unknown at compile time and a seeded Gaussian stands in for it.
+    """
+    x, w = (t.detach().requires_grad_() for t in operands[:2])
+    product = product_fn(kind, (x, w, *operands[2:]), conv, "backward")
+    shape = product(1.0, training=False).shape
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+
+    def grads(keep: float, **kw: Any) -> torch.Tensor:
+        with torch.enable_grad():
+            dx, dw = torch.autograd.grad(product(keep, **kw), (x, w), dy)
+        return torch.cat([dx.flatten(), dw.flatten()])
+
+    return grads
 
 
 def _curve(
@@ -101,11 +102,14 @@ def measure_sensitivity(
                 continue
             site = match(gm, node)
             assert site is not None
-            ks = {kept_count(r, plan.inner): r for r in config.keep_grid}
-            grid = [r for k, r in sorted(ks.items(), reverse=True) if plan.min_k <= k < plan.inner]
+            ks = {aligned_count(r, plan.inner, config.align) for r in config.keep_grid}
+            grid = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:
                 grid = [plan.fixed_keep]
-            product = _product(site.kind, captured[node.name], site.conv, plan.mode)
+            if plan.mode == "backward":
+                product = _gradients(site.kind, captured[node.name], site.conv)
+            else:
+                product = product_fn(site.kind, captured[node.name], site.conv)
             curve = _curve(product, plan.inner, grid, plan.method, config, generator)
             node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1
