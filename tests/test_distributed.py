@@ -111,6 +111,24 @@ def test_random_streams_are_per_weight_and_reproducible() -> None:
     assert 0 < picks[0].numel() < 128
 
 
+def test_a_forward_without_autograd_neither_records_nor_advances_the_stream() -> None:
+    fast, again = _fast(method="bernoulli"), _fast(method="bernoulli")
+    w, w2 = fast.get_parameter("layers.1.weight"), again.get_parameter("layers.1.weight")
+    shared.watch(w)
+    shared.watch(w2)
+    try:
+        with torch.no_grad():
+            fast(torch.randn(8, 64))  # e.g. a loss logged on one rank only, in train() mode
+        assert shared.take(w) is None
+        fast(torch.randn(8, 64))
+        again(torch.randn(8, 64))
+        first, first_again = shared.take(w), shared.take(w2)
+        assert first is not None and torch.equal(first, first_again)  # both at their first draw
+    finally:
+        shared.unwatch(w)
+        shared.unwatch(w2)
+
+
 def test_compressible_weights_skip_exact_and_shared_uses() -> None:
     fast = _fast()
     assert sorted(compressible_weights(fast)) == ["layers.1.weight", "layers.2.weight"]

@@ -8,6 +8,10 @@ each weight its own ``torch.Generator``, seeded with the node's ``seed`` (from
 weight is sampled. Every rank runs the same training steps, so the generators advance in
 lockstep, and the user's global stream (data order, dropout) may differ across ranks freely.
 A restarted job begins the streams anew from their seeds, again the same on every rank.
+A forward pass without autograd (``torch.no_grad()``, e.g. a loss logged on rank 0 only
+while the model is in ``train()`` mode) produces no gradient to all-reduce: it draws from
+torch's global generator instead, records nothing, and leaves the shared streams where
+they are, so one rank's extra forward cannot knock the ranks out of step.
 
 The communication hook (``approxcompile.distributed``) needs the columns of each weight
 sampled since its last all-reduce: a sampled op calls :func:`record` with the weight and
@@ -29,8 +33,11 @@ _WATCHED = WeakIdKeyDictionary()  # weight -> list of index tensors since the la
 
 
 def stream(weight: Tensor, seed: int | None) -> torch.Generator | None:
-    """The generator of ``weight``'s sampling stream, created from ``seed`` on first use."""
-    if seed is None:
+    """The generator of ``weight``'s sampling stream, created from ``seed`` on first use.
+
+    ``None`` (torch's global generator) when there is no seed or autograd is off.
+    """
+    if seed is None or not torch.is_grad_enabled():
         return None
     gen = _STREAMS.get(weight)
     if gen is None:
@@ -56,6 +63,8 @@ def unwatch(weight: Tensor) -> None:
 
 def record(weight: Tensor, index: Tensor) -> None:
     """Called by the sampled ops: ``weight``'s slices ``index`` (along its dim 1) were kept."""
+    if not torch.is_grad_enabled():
+        return  # no gradient will come of this forward
     seen = _WATCHED.get(weight)
     if seen is not None:
         seen.append(index.detach())
