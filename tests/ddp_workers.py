@@ -63,9 +63,8 @@ def _main(rank: int, world: int, port: int, scenario: str, out: str, kw: dict) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     result: dict[str, Any]
     try:
-        dist.init_process_group(
-            "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S)
-        )
+        timeout = datetime.timedelta(seconds=kw.pop("timeout_s", TIMEOUT_S))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
         result = SCENARIOS[scenario](rank, world, **kw)
     except Exception as e:
         result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
@@ -153,6 +152,24 @@ def dies(rank: int, world: int) -> dict[str, Any]:
     return {"finished_in": time.monotonic() - start}  # not reached when the check works
 
 
+def stalls(rank: int, world: int, *, stall_s: float = 20.0) -> dict[str, Any]:
+    """Rank 1 stays alive but silent; the others must fail once the group's timeout runs out."""
+    import approxcompile.distributed as adist
+
+    ddp = DistributedDataParallel(_model())
+    adist.register(ddp)
+    if rank == 1:
+        time.sleep(stall_s)
+        os._exit(0)
+    start = time.monotonic()
+    x, y = _batch(rank, 0)
+    try:
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+    except RuntimeError as e:
+        return {"error": str(e), "failed_after_s": time.monotonic() - start}
+    return {"failed_after_s": None}
+
+
 def mismatch(rank: int, world: int) -> dict[str, Any]:
     """Rank 1 builds its model with another budget: register() must refuse on every rank."""
     import approxcompile.distributed as adist
@@ -179,4 +196,4 @@ def diverge(rank: int, world: int) -> dict[str, Any]:
     return {}
 
 
-SCENARIOS = {"train": train, "dies": dies, "mismatch": mismatch, "diverge": diverge}
+SCENARIOS = {"train": train, "dies": dies, "stalls": stalls, "mismatch": mismatch, "diverge": diverge}

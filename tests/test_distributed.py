@@ -62,6 +62,14 @@ def test_a_dead_rank_fails_the_others_with_a_clear_error(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+def test_a_silent_rank_fails_the_others_when_the_timeout_runs_out(tmp_path: Path) -> None:
+    """Rank 1 stays alive but never joins the step: rank 0 fails after the 4 s group timeout."""
+    r0, _ = _launch("stalls", tmp_path, timeout_s=4, stall_s=12)
+    assert "all-reduce of gradient bucket" in r0.get("error", ""), r0
+    assert 3.5 < r0["failed_after_s"] < 10  # the timeout: not a hang, and before the peer exits
+
+
+@pytest.mark.slow
 def test_ranks_with_different_plans_are_refused_before_the_first_step(tmp_path: Path) -> None:
     for r in _launch("mismatch", tmp_path):
         assert "ranks [1] run a different plan than rank 0" in r.get("error", ""), r
