@@ -74,6 +74,12 @@ def optimize(
     nodes = tuple(n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta)
     note = None if nodes else "no matmul / linear / conv nodes found: the model is returned unchanged"
     gm.meta[META_KEY] = Plan(
-        budget=budget, method=config.method, nodes=nodes, other_flops=other_flops, note=note, mode=config.mode
+        budget=budget,
+        method=config.method,
+        nodes=nodes,
+        other_flops=other_flops,
+        note=note,
+        mode=config.mode,
+        scores=config.scores,
     )
     return gm

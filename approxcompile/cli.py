@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from approxcompile.config import METHODS
+from approxcompile.config import METHODS, MODES, SCORES, ApproxConfig
 from approxcompile.errors import ApproxCompileError
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "long": torch.long}
@@ -102,7 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.4,
         help="fraction of the dense training FLOPs to spend, in (0, 1] (default: %(default)s)",
     )
-    p.add_argument("--method", choices=METHODS, default="topk", help="sampling method (default: %(default)s)")
+    p.add_argument(
+        "--method", choices=METHODS, help="sampling method (default: topk; bernoulli with --mode backward)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="forward",
+        help="forward: sample the forward product; backward: exact forward, sampled gradients "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--scores",
+        choices=SCORES,
+        default="activations",
+        help="weights: score slices from the weights alone, for data-parallel ranks (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--dot", metavar="FILE", help="also write the rewritten graph as Graphviz DOT to FILE")
     p.add_argument(
@@ -198,7 +213,9 @@ def _inspect(args: argparse.Namespace) -> int:
     # Seed sampling too, without leaving the global generator changed for a caller of main().
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        gm = optimize(model, args.budget, example_inputs=inputs, method=args.method)
+        method = args.method or ("bernoulli" if args.mode == "backward" else "topk")
+        config = ApproxConfig(method=method, mode=args.mode, scores=args.scores)
+        gm = optimize(model, args.budget, example_inputs=inputs, config=config)
     rep = report(gm)
     print(rep.to_json() if args.json else rep)
     if args.dot:

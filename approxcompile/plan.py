@@ -130,6 +130,7 @@ class Plan:
     other_flops: int  # FLOPs FlopCounterMode counts outside matmul/linear/conv nodes
     note: str | None = None  # e.g. "no candidate nodes"
     mode: str = "forward"  # ApproxConfig.mode: which products the sampled nodes shrink
+    scores: str = "activations"  # ApproxConfig.scores: what the forward samples are scored by
 
     @property
     def dense_flops(self) -> int:

@@ -126,6 +126,7 @@ class Report:
         rule = "-" * (sum(widths) + 2 * len(widths) + len(header[-1]))
         head = f"approxcompile plan: method={p.method}, budget={p.budget:g}"
         head += ", mode=backward (forward exact; k/n is dX's output features)" if p.mode == "backward" else ""
+        head += ", scores=weights" if p.scores == "weights" else ""
         out = [head, rule, line(header), rule]
         out += [line(r) for r in rows] or ["(no matmul / linear / conv nodes)"]
         out += [
@@ -148,7 +149,8 @@ class Report:
 
         Keys (stable; see ``SCHEMA_VERSION``):
 
-        - ``schema``, ``budget``, ``method``, ``mode`` (``forward``/``backward``), ``note`` (str or null)
+        - ``schema``, ``budget``, ``method``, ``mode`` (``forward``/``backward``), ``scores``
+          (``activations``/``weights``), ``note`` (str or null)
         - ``totals``: ``dense_flops``, ``planned_flops`` (overhead included, what the budget
           limits), ``counted_flops`` (products only, what ``FlopCounterMode`` measures),
           ``other_flops`` (outside matmul/linear/conv), ``fraction`` (planned / dense),
@@ -170,6 +172,7 @@ class Report:
             "budget": p.budget,
             "method": p.method,
             "mode": p.mode,
+            "scores": p.scores,
             "note": p.note,
             "totals": {
                 "dense_flops": p.dense_flops,
@@ -225,6 +228,7 @@ class Report:
                 other_flops=other,
                 note=data["note"],
                 mode=data.get("mode", "forward"),
+                scores=data.get("scores", "activations"),
             )
         )
 

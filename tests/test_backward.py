@@ -203,3 +203,13 @@ def test_backward_mode_leaves_matmul_exact_with_a_reason() -> None:
     fast = approxcompile.optimize(attention(), 1.0, example_inputs=(x,), config=cfg)
     matmuls = [n for n in fast.meta[META_KEY].nodes if n.kind == "matmul"]
     assert matmuls and all("linear and conv nodes only" in (n.reason or "") for n in matmuls)
+
+
+def test_cli_inspect_backward_mode_defaults_to_bernoulli(capsys: pytest.CaptureFixture[str]) -> None:
+    from approxcompile.cli import main
+
+    argv = ["inspect", "tests.models:mlp", "--input-shape", "64,64", "--budget", "0.8", "--mode", "backward"]
+    assert main(argv) == 0
+    assert "method=bernoulli, budget=0.8, mode=backward" in capsys.readouterr().out
+    assert main([*argv, "--method", "topk"]) == 2
+    assert "pass method='bernoulli'" in capsys.readouterr().err

@@ -181,3 +181,10 @@ def test_register_refuses_a_module_without_a_plan() -> None:
 
     with pytest.raises(DistributedError, match="DistributedDataParallel\\(approxcompile.optimize"):
         register(Fake())  # type: ignore[arg-type]
+
+
+def test_cli_inspect_weight_scores(capsys: pytest.CaptureFixture[str]) -> None:
+    from approxcompile.cli import main
+
+    assert main(["inspect", "tests.models:mlp", "--input-shape", "32,64", "--scores", "weights"]) == 0
+    assert "method=topk, budget=0.4, scores=weights" in capsys.readouterr().out
