@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -83,6 +85,24 @@ def _prepare(out_dir: Path) -> Path:
     return out_dir
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Mute file descriptor 2 for the block.
+
+    ORT's gradient builder logs every graph transformer at INFO level from C++, past
+    ``onnxruntime.set_default_logger_severity``; failures still surface as exceptions.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _generate(onnx: ModuleType, training: ModuleType, graph: Path, out: Path, *, params: list[str],
               frozen: list[str], loss: str, optimizer: str) -> None:
     from onnxruntime.training import artifacts
@@ -90,7 +110,7 @@ def _generate(onnx: ModuleType, training: ModuleType, graph: Path, out: Path, *,
     loss_type = {"cross_entropy": artifacts.LossType.CrossEntropyLoss, "mse": artifacts.LossType.MSELoss}
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with _native_stderr_silenced(), contextlib.redirect_stdout(io.StringIO()):
             artifacts.generate_artifacts(
                 onnx.load(str(graph)),
                 requires_grad=params,

@@ -85,7 +85,12 @@ def export_lowered(
     names = input_names(len(example_inputs), lowered)
     mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
     try:
-        with _mode(gm, training), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            _mode(gm, training),
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
             torch.onnx.export(
                 gm,
