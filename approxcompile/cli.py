@@ -88,13 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arguments(e)
     e.add_argument("--out", required=True, metavar="DIR", help="directory to write the files to")
+    e.add_argument("--onnx-only", action="store_true", help="write model_train.onnx and model_eval.onnx only")
     e.add_argument(
-        "--onnx-only", action="store_true", help="write model_train.onnx and model_eval.onnx only"
+        "--loss",
+        choices=("cross_entropy", "mse"),
+        default="cross_entropy",
+        help="loss appended to the training graph (default: %(default)s)",
     )
-    e.add_argument("--loss", choices=("cross_entropy", "mse"), default="cross_entropy",
-                   help="loss appended to the training graph (default: %(default)s)")
-    e.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
-                   help="optimizer graph to generate (default: %(default)s)")
+    e.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        default="adamw",
+        help="optimizer graph to generate (default: %(default)s)",
+    )
     return parser
 
 

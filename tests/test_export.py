@@ -75,7 +75,7 @@ def test_lowered_random_methods_are_unbiased(method: str) -> None:
 
 def test_stop_gradient_is_exact_and_has_no_gradient() -> None:
     exponents = torch.arange(-120, 120, 3, dtype=torch.float32)
-    v = torch.rand(exponents.numel()) * 2.0 ** exponents
+    v = torch.rand(exponents.numel()) * 2.0**exponents
     v = torch.cat([v, torch.tensor([0.0, 1.0, 2.0**-126, 3.4e38, 1 / 3])]).requires_grad_()
     out = estimators.stop_gradient(v)
     assert torch.equal(out, v.detach())
@@ -104,8 +104,10 @@ def test_training_graph_gradients_equal_pytorch(case: Case, method: str, tmp_pat
 def test_sgd_parity_20_steps(case: Case, tmp_path) -> None:
     model, fast, x, _ = case.build()
     g = torch.Generator().manual_seed(2)
-    four = [(torch.randn(case.shape, generator=g), torch.randint(0, 10, (case.shape[0],), generator=g))
-            for _ in range(4)]
+    four = [
+        (torch.randn(case.shape, generator=g), torch.randint(0, 10, (case.shape[0],), generator=g))
+        for _ in range(4)
+    ]
     batches = four * 5  # 20 steps over 4 batches, so the loss can fall
     lr = 0.05
     start = snapshot(model)
@@ -135,7 +137,7 @@ def test_adamw_trains_and_round_trips_exactly(tmp_path) -> None:
     assert set(trainer.parameters(trainable_only=True)) == {n for n, _ in model.named_parameters()}
     # the exact eval graph's loss is the trained PyTorch model's eval loss
     target.eval()
-    assert trainer.evaluate(x, y) == pytest.approx(float(F.cross_entropy(target(x), y)), rel=1e-5)
+    assert trainer.evaluate(x, y) == pytest.approx(F.cross_entropy(target(x), y).item(), rel=1e-5)
 
 
 @needs_ort

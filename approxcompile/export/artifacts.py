@@ -16,14 +16,10 @@ one. Both graphs name their initializers by ``state_dict()`` key, so they share 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import io
-import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +29,7 @@ import torch.fx as fx
 
 from approxcompile.export.lower import ExportError, Noise, NoiseInput, lower_for_export
 from approxcompile.export.onnx_export import export_lowered
+from approxcompile.export.quiet import quiet
 
 LOSSES = ("cross_entropy", "mse")
 OPTIMIZERS = ("adamw", "sgd")
@@ -85,32 +82,23 @@ def _prepare(out_dir: Path) -> Path:
     return out_dir
 
 
-@contextlib.contextmanager
-def _native_stderr_silenced() -> Iterator[None]:
-    """Mute file descriptor 2 for the block.
-
-    ORT's gradient builder logs every graph transformer at INFO level from C++, past
-    ``onnxruntime.set_default_logger_severity``; failures still surface as exceptions.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _generate(onnx: ModuleType, training: ModuleType, graph: Path, out: Path, *, params: list[str],
-              frozen: list[str], loss: str, optimizer: str) -> None:
+def _generate(
+    onnx: ModuleType,
+    training: ModuleType,
+    graph: Path,
+    out: Path,
+    *,
+    params: list[str],
+    frozen: list[str],
+    loss: str,
+    optimizer: str,
+) -> None:
     from onnxruntime.training import artifacts
 
     loss_type = {"cross_entropy": artifacts.LossType.CrossEntropyLoss, "mse": artifacts.LossType.MSELoss}
     optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}
     try:
-        with _native_stderr_silenced(), contextlib.redirect_stdout(io.StringIO()):
+        with quiet():
             artifacts.generate_artifacts(
                 onnx.load(str(graph)),
                 requires_grad=params,

@@ -72,15 +72,17 @@ def _noise_size(node: fx.Node) -> int:
             f"lower_for_export: {node.format_node()} has no plan in node.meta[{META_KEY!r}], so its "
             "noise size is unknown; export a module returned by approxcompile.optimize"
         )
-    method = node.kwargs.get("method", "topk")
-    return estimators.noise_size(str(method), plan.inner, kept_count(float(node.kwargs["keep"]), plan.inner))
+    keep, method = node.kwargs["keep"], node.kwargs.get("method", "topk")
+    assert isinstance(keep, (int, float)) and isinstance(method, str), node.format_node()
+    return estimators.noise_size(method, plan.inner, kept_count(keep, plan.inner))
 
 
 def lower_for_export(module: fx.GraphModule, *, noise: Noise = "draw") -> Lowered:
     """Return a copy of ``module`` whose sampled ops are export-friendly (``module`` is unchanged)."""
     if not isinstance(module, fx.GraphModule):
         raise ExportError(
-            f"export expects the fx.GraphModule returned by approxcompile.optimize, got {type(module).__name__}"
+            "export expects the fx.GraphModule returned by approxcompile.optimize, "
+            f"got {type(module).__name__}"
         )
     if noise not in ("draw", "input"):
         raise ValueError(f"noise must be 'draw' or 'input', got {noise!r}")
@@ -89,7 +91,7 @@ def lower_for_export(module: fx.GraphModule, *, noise: Noise = "draw") -> Lowere
     specs: list[NoiseInput] = []
     swapped = 0
     for node in list(graph.nodes):
-        twin = TWINS.get(node.target) if node.op == "call_function" else None  # type: ignore[arg-type]
+        twin = TWINS.get(node.target) if node.op == "call_function" else None
         if twin is None:
             continue
         node.target = twin

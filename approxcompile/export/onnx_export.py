@@ -16,9 +16,7 @@ the exact one, so it contains no TopK / random nodes at all.
 from __future__ import annotations
 
 import contextlib
-import io
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from approxcompile.export.lower import ExportError, Lowered, Noise, lower_for_export
+from approxcompile.export.quiet import quiet
 
 OPSET = 17
 INPUT_NAMES = "input"
@@ -85,13 +84,8 @@ def export_lowered(
     names = input_names(len(example_inputs), lowered)
     mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
     try:
-        with (
-            _mode(gm, training),
-            warnings.catch_warnings(),
-            contextlib.redirect_stdout(io.StringIO()),
-            contextlib.redirect_stderr(io.StringIO()),
-        ):
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        # quiet(): the TorchScript exporter's deprecation notices, and its IR dump on failure
+        with _mode(gm, training), quiet():
             torch.onnx.export(
                 gm,
                 args,
@@ -110,8 +104,8 @@ def export_lowered(
         where = f" at node {culprit}" if culprit else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(
-            f"export: torch.onnx could not export the graph{where}: {first}. Mark the module that "
-            "holds this op as a leaf or replace the op with one ONNX opset 17 supports"
+            f"export: torch.onnx could not export the graph{where}: {first}. Replace the op with "
+            "ones ONNX opset 17 has, or register a symbolic (torch.onnx.register_custom_op_symbolic)"
         ) from e
     return path
 

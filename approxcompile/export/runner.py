@@ -64,8 +64,12 @@ class OrtTrainer:
             self.optimizer.set_learning_rate(lr)
         self._generator = torch.Generator().manual_seed(0 if seed is None else seed)
 
-    def _feeds(self, inputs: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor,
-               noise: Sequence[torch.Tensor] | None) -> list[np.ndarray]:
+    def _feeds(
+        self,
+        inputs: Sequence[torch.Tensor] | torch.Tensor,
+        labels: torch.Tensor,
+        noise: Sequence[torch.Tensor] | None,
+    ) -> list[np.ndarray]:
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         if len(inputs) != self.artifacts.inputs:
             raise ValueError(f"the graph takes {self.artifacts.inputs} input(s), got {len(inputs)}")
@@ -73,8 +77,12 @@ class OrtTrainer:
             noise = [torch.rand(s.size, generator=self._generator) for s in self.artifacts.noise]
         return [*map(_numpy, inputs), *map(_numpy, noise), _numpy(labels)]
 
-    def step(self, inputs: Sequence[torch.Tensor] | torch.Tensor, labels: torch.Tensor,
-             noise: Sequence[torch.Tensor] | None = None) -> float:
+    def step(
+        self,
+        inputs: Sequence[torch.Tensor] | torch.Tensor,
+        labels: torch.Tensor,
+        noise: Sequence[torch.Tensor] | None = None,
+    ) -> float:
         """One training step (forward, ORT-built backward, optimizer update); returns the loss."""
         self.module.train()
         loss = self.module(*self._feeds(inputs, labels, noise))
