@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from approxcompile.export.artifacts import Artifacts, require_ort
 from approxcompile.export.lower import ExportError
+from approxcompile.export.quiet import quiet
 
 Batch = tuple[Sequence[torch.Tensor] | torch.Tensor, torch.Tensor]
 
@@ -56,10 +57,11 @@ class OrtTrainer:
             options.inter_op_num_threads = 1
         self.artifacts = artifacts
         self.state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
-        self.module = api.Module(
-            str(artifacts.training_model), self.state, str(artifacts.eval_model), session_options=options
-        )
-        self.optimizer = api.Optimizer(str(artifacts.optimizer_model), self.module)
+        with quiet():  # ORT warns about the optimizer graph's shapes while loading it
+            self.module = api.Module(
+                str(artifacts.training_model), self.state, str(artifacts.eval_model), session_options=options
+            )
+            self.optimizer = api.Optimizer(str(artifacts.optimizer_model), self.module)
         if lr is not None:
             self.optimizer.set_learning_rate(lr)
         self._generator = torch.Generator().manual_seed(0 if seed is None else seed)
