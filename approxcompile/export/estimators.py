@@ -68,12 +68,9 @@ def _float(t: Tensor) -> Tensor:
 
 def _norms(t: Tensor, dim: int) -> Tensor:
     dims = [d for d in range(t.dim()) if d != dim % t.dim()]
-    t = _float(t)
-    if t.dim() == 2 and dims == [0]:
-        # Column norms as a GEMV (ones @ t^2): ORT reduces over a leading axis with strided
-        # reads, several times slower than this (ReduceL2 measured slower still).
-        return (torch.ones(1, t.shape[0], device=t.device) @ t.square()).squeeze(0).sqrt()
-    return t.square().sum(dims).sqrt()
+    # square-ReduceSum-Sqrt: ORT's ReduceL2 over the leading axis of a 4096 x 4096 weight
+    # measured a third slower for the whole MLP training step (0.96x against 1.48x).
+    return _float(t).square().sum(dims).sqrt()
 
 
 def _probabilities(scores: Tensor, eps: float) -> Tensor:
