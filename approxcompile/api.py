@@ -60,6 +60,9 @@ def optimize(
     passes.apply_exclusions(gm, config)
     # sensitivity: measured output error of each node at each keep ratio
     passes.measure_sensitivity(gm, captured, config)
+    if config.measure_time:
+        # timing: measured seconds per keep ratio, so no sampled node is slower than exact
+        passes.measure_timing(gm, captured, config)
     del captured
     # selection: keep ratios minimising the summed error within the budget
     passes.allocate(gm, budget=budget, other_flops=other_flops)

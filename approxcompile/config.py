@@ -116,10 +116,16 @@ class ApproxConfig:
     min_inner: inner dimensions (features, channels) below this are not sampled.
     min_k: never keep fewer than this many columns / channels.
     keep_grid: the keep ratios the budget allocation chooses from.
+    align: kept counts the allocation picks are rounded to multiples of this (GEMM and
+        convolution kernels run whole vector widths); 1 turns rounding off. Fixed keep
+        ratios from overrides are never rounded.
     eps: weight of the uniform distribution mixed into ``crs`` / ``bernoulli`` probabilities.
     sensitivity_draws: draws averaged when measuring the error of a random method.
     seed: seed of the private generator used while measuring sensitivities.
     leaf_modules: module types torch.fx should not trace into.
+    measure_time: time every candidate node dense and sampled on the example inputs and
+        never pick a keep ratio that is not faster than the dense op (see passes/timing.py).
+    time_repeats: timed runs per (node, keep ratio) when ``measure_time`` is on; the median counts.
     """
 
     method: str = "topk"
@@ -127,10 +133,13 @@ class ApproxConfig:
     min_inner: int = 16
     min_k: int = 4
     keep_grid: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
+    align: int = 8
     eps: float = 0.1
     sensitivity_draws: int = 3
     seed: int = 0
     leaf_modules: tuple[type[nn.Module], ...] = ()
+    measure_time: bool = False
+    time_repeats: int = 3
     op_type_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_regex_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
@@ -141,8 +150,14 @@ class ApproxConfig:
             check_keep(k, "every keep_grid entry")
         if not 0.0 <= self.eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {self.eps!r}")
-        if self.min_k < 1 or self.min_inner < 1 or self.sensitivity_draws < 1:
-            raise ValueError("min_k, min_inner and sensitivity_draws must be positive")
+        if (
+            self.min_k < 1
+            or self.min_inner < 1
+            or self.sensitivity_draws < 1
+            or self.align < 1
+            or self.time_repeats < 1
+        ):
+            raise ValueError("min_k, min_inner, align, sensitivity_draws and time_repeats must be positive")
         for leaf in self.leaf_modules:
             if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
                 raise TypeError(f"leaf_modules must hold nn.Module subclasses, got {leaf!r}")

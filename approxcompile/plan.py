@@ -17,6 +17,19 @@ def kept_count(keep: float, n: int) -> int:
     return min(n, max(1, round(keep * n)))
 
 
+def aligned_count(keep: float, n: int, align: int) -> int:
+    """``kept_count`` rounded to a multiple of ``align`` when ``n`` is large enough for it.
+
+    GEMM and convolution kernels run whole vector widths / blocked channel layouts, so a
+    multiple of 8 columns or channels costs no more time than a few fewer (measured in
+    docs/performance.md); inner dimensions under ``8 * align`` are not rounded.
+    """
+    k = kept_count(keep, n)
+    if align <= 1 or n < 8 * align:
+        return k
+    return min(n, max(align, align * round(k / align)))
+
+
 @dataclass(frozen=True)
 class Flops:
     """Dense FLOPs of one product (2·M·N·K convention) in a training step."""
@@ -51,6 +64,7 @@ class NodePlan:
     overhead_fixed: int = 0  # sampling overhead FLOPs independent of k (norms, selection)
     overhead_per_kept: int = 0  # sampling overhead FLOPs per kept column (gathers, scatters)
     sensitivity: tuple[tuple[float, float], ...] = ()  # (keep, relative squared error)
+    timing: tuple[tuple[float, float], ...] = ()  # (keep, seconds); keep 1.0 is the dense op
     method: str = "topk"
     min_k: int = 1
     fixed_keep: float | None = None  # set by an override: the allocation leaves it alone
@@ -83,6 +97,11 @@ class NodePlan:
     @property
     def overhead(self) -> int:
         return self.cost() - self.approx_flops.total
+
+    def saves_time(self, keep: float) -> bool:
+        """False when a measured timing says ``keep`` is not faster than the dense op."""
+        times = dict(self.timing)
+        return keep not in times or 1.0 not in times or times[keep] < times[1.0]
 
     def with_(self, **changes: object) -> NodePlan:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -157,7 +157,9 @@ class Report:
           ``reason`` (null when sampled), ``settings_source``, ``dense_flops`` and
           ``approx_flops`` (each ``forward``/``input_grad``/``weight_grad``/``total``),
           ``overhead``, ``overhead_fixed``, ``overhead_per_kept``, ``cost`` (approx total
-          plus overhead) and ``sensitivity`` (list of ``[keep, error]``).
+          plus overhead), ``sensitivity`` (list of ``[keep, error]``) and ``timing`` (list of
+          ``[keep, seconds]`` measured with ``measure_time``; keep 1.0 is the dense op, empty
+          when not measured).
         """
         p = self._plan
         return {
@@ -196,6 +198,7 @@ class Report:
                 overhead_fixed=d["overhead_fixed"],
                 overhead_per_kept=d["overhead_per_kept"],
                 sensitivity=tuple((float(r), float(e)) for r, e in d["sensitivity"]),
+                timing=tuple((float(r), float(t)) for r, t in d.get("timing", ())),
                 method=d["method"],
                 min_k=d["min_k"],
                 fixed_keep=d["fixed_keep"],
@@ -243,4 +246,5 @@ def _node_dict(n: NodePlan) -> dict[str, Any]:
         "overhead_per_kept": n.overhead_per_kept,
         "cost": n.cost(),
         "sensitivity": [[r, e] for r, e in n.sensitivity],
+        "timing": [[r, t] for r, t in n.timing],
     }

@@ -20,12 +20,12 @@ from approxcompile.passes.match import match
 
 from approxcompile.config import ApproxConfig
 from approxcompile.ops import sampled_conv, sampled_linear, sampled_matmul
-from approxcompile.plan import META_KEY, kept_count
+from approxcompile.plan import META_KEY, aligned_count
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
-def _product(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., torch.Tensor]:
+def product_fn(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., torch.Tensor]:
     """A function ``(keep, training, generator) -> output`` of the node's product, bias left out."""
     if kind == "linear":
         x, w = operands[0], operands[1]
@@ -71,11 +71,11 @@ def measure_sensitivity(
                 continue
             site = match(gm, node)
             assert site is not None
-            ks = {kept_count(r, plan.inner): r for r in config.keep_grid}
-            grid = [r for k, r in sorted(ks.items(), reverse=True) if plan.min_k <= k < plan.inner]
+            ks = {aligned_count(r, plan.inner, config.align) for r in config.keep_grid}
+            grid = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:
                 grid = [plan.fixed_keep]
-            product = _product(site.kind, captured[node.name], site.conv)
+            product = product_fn(site.kind, captured[node.name], site.conv)
             curve = _curve(product, plan.inner, grid, plan.method, config, generator)
             node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1

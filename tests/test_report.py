@@ -178,7 +178,7 @@ def test_json_node_fields() -> None:
     assert set(fc2) == {
         "name", "kind", "op", "shapes", "out_shape", "inner", "keep", "k", "sampled", "method", "min_k",
         "fixed_keep", "est_error", "reason", "settings_source", "dense_flops", "approx_flops", "overhead",
-        "overhead_fixed", "overhead_per_kept", "cost", "sensitivity",
+        "overhead_fixed", "overhead_per_kept", "cost", "sensitivity", "timing",
     }  # fmt: skip
     assert fc2["sampled"] is True and fc2["k"] == 45 and fc2["reason"] is None
     assert fc2["dense_flops"]["total"] == FC2.flops.total == 3 * 2 * 64 * 128 * 128

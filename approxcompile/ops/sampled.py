@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from approxcompile.ops.kernels import SampledLinearFn, column_norms
+from approxcompile.ops.kernels import SampledConvFn, SampledLinearFn, column_norms
 from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
 from approxcompile.plan import kept_count
 
@@ -38,8 +38,14 @@ def _norms_except(t: Tensor, dim: int) -> Tensor:
     """Euclidean norm of every slice of ``t`` along ``dim`` (reduces all other dims)."""
     if dim % t.dim() == t.dim() - 1:  # the inner dim is contiguous: reduce row chunks
         return column_norms(t.reshape(-1, t.shape[-1]))
+    t = t.detach().float()
+    if dim % t.dim() == 1 and t.is_contiguous():
+        # Channels: reduce each contiguous (H*W...) run first, then the batch, which is
+        # ~10x faster than one reduction over dims (0, 2, 3) on a CPU.
+        per_sample = torch.linalg.vector_norm(t.reshape(t.shape[0], t.shape[1], -1), dim=2)
+        return torch.linalg.vector_norm(per_sample, dim=0)
     dims = tuple(d for d in range(t.dim()) if d != dim % t.dim())
-    return torch.linalg.vector_norm(t.detach().float(), dim=dims)
+    return torch.linalg.vector_norm(t, dim=dims)
 
 
 def _scaled(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
@@ -173,5 +179,25 @@ def sampled_conv(
     k = kept_count(keep, n)
     if not training or k >= n or x.dim() != weight.dim():
         return conv(x, weight, bias, stride, padding, dilation)
-    xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator)
-    return conv(xs, ws, bias, stride, padding, dilation)
+    if _exporting() or isinstance(padding, str):
+        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator)
+        return conv(xs, ws, bias, stride, padding, dilation)
+    with torch.no_grad():
+        scores = _norms_except(x, 1) * _norms_except(weight, 1)
+        index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator)
+    d = weight.dim() - 2
+    return SampledConvFn.apply(
+        x,
+        weight,
+        bias,
+        index,
+        scale,
+        method != "crs",
+        _ints(stride, d),
+        _ints(padding, d),
+        _ints(dilation, d),
+    )
+
+
+def _ints(v: int | Sequence[int], d: int) -> list[int]:
+    return [int(v)] * d if isinstance(v, int) else [int(e) for e in v]
