@@ -98,9 +98,11 @@ def test_bernoulli_draws_from_uniforms_and_trains(tmp_path) -> None:
     art = export_training(fast, (x,), tmp_path, optimizer="sgd")
     ops = {n.op_type for n in _graph(tmp_path / "model_train.onnx").node}
     assert "Bernoulli" not in ops and {"RandomUniform", "NonZero"} <= ops
-    trainer = OrtTrainer(art, lr=0.05, seed=0)
-    losses = trainer.fit([(x, y)] * 3, progress=False)
-    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    trainer = OrtTrainer(art, lr=0.2, seed=0)
+    losses = trainer.fit([(x, y)] * 20, progress=False)
+    assert np.isfinite(losses).all()
+    # mean of the first and last five losses: 2.22-2.26 -> 1.90-2.00 measured over three seeds
+    assert np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5]), losses
 
 
 def test_eval_export_reads_no_noise(tmp_path) -> None:
