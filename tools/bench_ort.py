@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -24,12 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_models import build  # tools/ is on sys.path when this runs as a script
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import approxcompile  # noqa: E402
-from approxcompile.export import OrtTrainer, export_training  # noqa: E402
-from bench_models import build  # noqa: E402
+import approxcompile
+from approxcompile.export import OrtTrainer, export_training
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,16 +87,14 @@ def machine(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    host = machine(args)  # the load average before this run adds its own
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_ort_") as tmp:
         for name in args.models:
             rows.append(bench_model(name, args, Path(tmp)))
-            del_dirs = list(Path(tmp).iterdir())
-            for d in del_dirs:  # full-size artifacts are hundreds of MB each
-                for f in d.iterdir():
-                    f.unlink()
-                d.rmdir()
-    print(f"machine: {machine(args)}")
+            for d in list(Path(tmp).iterdir()):  # full-size artifacts are hundreds of MB each
+                shutil.rmtree(d)
+    print(f"machine: {host}")
     print(f"| model | sampled nodes | exact ms/step | budget={args.budget} ms/step | speedup |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -106,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['speedup']:.2f}x |"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": host, "rows": rows}, indent=2))
     return 0
 
 
