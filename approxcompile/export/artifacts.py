@@ -84,7 +84,6 @@ def _prepare(out_dir: Path) -> Path:
 
 def _generate(
     onnx: ModuleType,
-    training: ModuleType,
     graph: Path,
     out: Path,
     *,
@@ -127,13 +126,13 @@ def export_training(
     (buffers, frozen parameters) is a frozen checkpoint entry.
 
     >>> art = export_training(fast, (x,), "artifacts", optimizer="sgd")
-    >>> train_ort(art, batches, lr=0.1)  # see approxcompile.export.runner
+    >>> OrtTrainer(art, lr=0.1).fit(batches)  # approxcompile.export.runner
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    onnx, training = require_ort()
+    onnx, _ = require_ort()
     out = _prepare(Path(out_dir))
     lowered = lower_for_export(module, noise=noise)
     params = [name for name, p in module.named_parameters() if p.requires_grad]
@@ -143,9 +142,9 @@ def export_training(
     exact = lower_for_export(module) if lowered.noise else lowered
     eval_graph = export_lowered(exact, example_inputs, out / "model_eval.onnx", training=False)
     kw: dict[str, Any] = {"params": params, "frozen": _present(onnx, eval_graph, frozen), "loss": loss}
-    _generate(onnx, training, train_graph, out, optimizer=optimizer, **kw)
+    _generate(onnx, train_graph, out, optimizer=optimizer, **kw)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        _generate(onnx, training, eval_graph, Path(tmp), optimizer=optimizer, **kw)
+        _generate(onnx, eval_graph, Path(tmp), optimizer=optimizer, **kw)
         shutil.copyfile(Path(tmp) / "eval_model.onnx", out / "eval_model.onnx")
     return Artifacts(
         directory=out,

@@ -94,7 +94,7 @@ def sample(
     """``scores`` (n,) -> ``(index, scale)``: the runtime's estimators, in exportable ops.
 
     ``topk``: TopK. ``uniform``: TopK of ``n`` uniforms, scale ``n/k``. ``crs``: inverse-CDF
-    draws (``CumSum``, ``Less``, ``ReduceSum``), scale ``1/(k p_i)``. ``bernoulli``: ``u < k p``,
+    draws (``CumSum``, ``LessOrEqual``, ``ReduceSum``), scale ``1/(k p_i)``. ``bernoulli``: ``u < k p``,
     ``NonZero``, scale ``1/p_i`` (one pair scaled by 0 when nothing is drawn, as the runtime).
     """
     n = int(scores.shape[0])
