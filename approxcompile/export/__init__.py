@@ -7,8 +7,8 @@
     trainer.fit(batches)
     trainer.load_into(model)
 
-Only ``onnx`` and ``onnxruntime-training`` (the ``[ort]`` extra) are optional; lowering and
-``export_onnx`` need torch alone.
+``onnx`` and ``onnxruntime-training`` come with the optional ``[ort]`` extra; lowering and
+``export_onnx`` do not need ONNX Runtime.
 """
 
 from approxcompile.export.artifacts import Artifacts, MissingExtraError, export_training, require_ort
