@@ -213,3 +213,13 @@ def test_cli_inspect_backward_mode_defaults_to_bernoulli(capsys: pytest.CaptureF
     assert "method=bernoulli, budget=0.8, mode=backward" in capsys.readouterr().out
     assert main([*argv, "--method", "topk"]) == 2
     assert "pass method='bernoulli'" in capsys.readouterr().err
+
+
+def test_export_refuses_a_backward_mode_plan() -> None:
+    from approxcompile.export import ExportError, lower_for_export
+
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    cfg = ApproxConfig(mode="backward", method="bernoulli", exclude_first_last=False)
+    fast = approxcompile.optimize(mlp(), 0.7, example_inputs=(x,), config=cfg)
+    with pytest.raises(ExportError, match="backward mode, which does not export"):
+        lower_for_export(fast)

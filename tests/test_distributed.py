@@ -188,3 +188,10 @@ def test_cli_inspect_weight_scores(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["inspect", "tests.models:mlp", "--input-shape", "32,64", "--scores", "weights"]) == 0
     assert "method=topk, budget=0.4, scores=weights" in capsys.readouterr().out
+
+
+def test_export_refuses_weight_scores() -> None:
+    from approxcompile.export import ExportError, lower_for_export
+
+    with pytest.raises(ExportError, match="scores='weights', which has no export twin"):
+        lower_for_export(_fast())
