@@ -63,10 +63,15 @@ def _node_timing(
         if grads:
             torch.autograd.grad(out, grads, torch.ones_like(out))
 
-    timing = [(1.0, _median_seconds(lambda: step(1.0, False), config.time_repeats))]
+    timing = [(1.0, _time_step(step, 1.0, False, config.time_repeats))]
     for keep, _ in plan.sensitivity:
-        timing.append((keep, _median_seconds(functools.partial(step, keep, True), config.time_repeats)))
+        timing.append((keep, _time_step(step, keep, True, config.time_repeats)))
     return tuple(timing)
+
+
+def _time_step(step: Callable[[float, bool], None], keep: float, training: bool, repeats: int) -> float:
+    """Median seconds of ``step(keep, training)``; the tests replace this clock with a fake one."""
+    return _median_seconds(functools.partial(step, keep, training), repeats)
 
 
 def measure_timing(

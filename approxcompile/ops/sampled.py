@@ -12,6 +12,9 @@ autograd backpropagates through the gathered slices, so the output, input-gradie
 weight-gradient products all shrink by ``k/n``; weight slices that were not sampled get
 a zero gradient that step. With ``training=False``, or when ``keep`` rounds to ``k >= n``,
 the op is the exact one.
+
+These are the runtime ops; ``approxcompile.export_onnx`` first lowers every call to an
+exportable twin in plain tensor ops (``approxcompile/export/estimators.py``).
 """
 
 from __future__ import annotations
@@ -28,11 +31,6 @@ from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
 from approxcompile.plan import kept_count
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-def _exporting() -> bool:
-    """Exporters trace plain tensor ops; a custom autograd.Function would hide the sampling."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _check_scores(scores: str) -> bool:
@@ -118,9 +116,6 @@ def sampled_linear(
         return F.linear(x, weight, bias)
     by_weights = _check_scores(scores)
     generator = shared.stream(weight, seed) if by_weights and generator is None else generator
-    if _exporting():
-        xs, ws = _sample_slices(x, -1, weight, 1, k, method, eps, generator, by_weights)
-        return F.linear(xs, ws, bias)
     with torch.no_grad():
         w_norms = column_norms(weight)
         a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
@@ -203,7 +198,7 @@ def sampled_conv(
         return conv(x, weight, bias, stride, padding, dilation)
     by_weights = _check_scores(scores)
     generator = shared.stream(weight, seed) if by_weights and generator is None else generator
-    if _exporting() or isinstance(padding, str):
+    if isinstance(padding, str):  # 'same' / 'valid': let F.conv resolve the padding
         xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights)
         return conv(xs, ws, bias, stride, padding, dilation)
     with torch.no_grad():
