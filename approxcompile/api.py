@@ -54,12 +54,15 @@ def optimize(
     # shapes: every node's shape / requires_grad, and the operands of each product
     captured = passes.propagate_shapes(gm, example_inputs).stats["captured"]
     # cost: dense forward / input-grad / weight-grad FLOPs and sampling overhead per node
-    passes.annotate_costs(gm, method=config.method)
+    passes.annotate_costs(gm, method=config.method, mode=config.mode)
     other_flops = passes.measure_other_flops(gm, example_inputs)
     # exclusions: overrides, first/last node, unsupported forms, small inner dimensions
     passes.apply_exclusions(gm, config)
     # sensitivity: measured output error of each node at each keep ratio
     passes.measure_sensitivity(gm, captured, config)
+    if config.measure_time:
+        # timing: measured seconds per keep ratio, so no sampled node is slower than exact
+        passes.measure_timing(gm, captured, config)
     del captured
     # selection: keep ratios minimising the summed error within the budget
     passes.allocate(gm, budget=budget, other_flops=other_flops)
@@ -71,6 +74,12 @@ def optimize(
     nodes = tuple(n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta)
     note = None if nodes else "no matmul / linear / conv nodes found: the model is returned unchanged"
     gm.meta[META_KEY] = Plan(
-        budget=budget, method=config.method, nodes=nodes, other_flops=other_flops, note=note
+        budget=budget,
+        method=config.method,
+        nodes=nodes,
+        other_flops=other_flops,
+        note=note,
+        mode=config.mode,
+        scores=config.scores,
     )
     return gm

@@ -1,7 +1,8 @@
-"""``approxcompile inspect``: optimize a model from the command line and show what was decided.
+"""``approxcompile inspect`` / ``export``: optimize a model from the command line.
 
     approxcompile inspect mypkg.models:mlp --input-shape 64,784 --budget 0.4
     approxcompile inspect path/to/models.py:cnn --input-shape 32,3,32,32 --json --dot cnn.dot
+    approxcompile export mypkg.models:mlp --input-shape 64,784 --budget 0.4 --out artifacts
 
 Every expected failure (bad arguments, a module that does not import, an approxcompile error)
 is one ``approxcompile: error: ...`` line on stderr and exit status 2, never a traceback.
@@ -22,7 +23,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from approxcompile.config import METHODS
+from approxcompile.config import METHODS, MODES, SCORES, ApproxConfig
 from approxcompile.errors import ApproxCompileError
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "long": torch.long}
@@ -74,6 +75,50 @@ def build_parser() -> argparse.ArgumentParser:
         description="Import a model, run approxcompile.optimize on random example inputs and print "
         "which matmul / linear / conv nodes are sampled, how much, and why the rest stay exact.",
     )
+    _model_arguments(p)
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="forward",
+        help="forward: sample the forward product; backward: exact forward, sampled gradients "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--scores",
+        choices=SCORES,
+        default="activations",
+        help="weights: score slices from the weights alone, for data-parallel ranks (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--dot", metavar="FILE", help="also write the rewritten graph as Graphviz DOT to FILE")
+    e = sub.add_parser(
+        "export",
+        help="optimize a model and export ONNX Runtime training artifacts",
+        description="Import a model, run approxcompile.optimize, and write ONNX Runtime training "
+        "artifacts (training, exact eval and optimizer graphs, checkpoint) to --out; with "
+        "--onnx-only, just the sampled training graph and the exact eval graph as ONNX files. "
+        "Needs the optional extra: pip install 'approxcompile[ort]'.",
+    )
+    _model_arguments(e)
+    e.add_argument("--out", required=True, metavar="DIR", help="directory to write the files to")
+    e.add_argument("--onnx-only", action="store_true", help="write model_train.onnx and model_eval.onnx only")
+    e.add_argument(
+        "--loss",
+        choices=("cross_entropy", "mse"),
+        default="cross_entropy",
+        help="loss appended to the training graph (default: %(default)s)",
+    )
+    e.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        default="adamw",
+        help="optimizer graph to generate (default: %(default)s)",
+    )
+    return parser
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every subcommand shares: which model, its inputs, budget, method, seed."""
     p.add_argument(
         "target",
         metavar="MODULE:FACTORY",
@@ -102,13 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.4,
         help="fraction of the dense training FLOPs to spend, in (0, 1] (default: %(default)s)",
     )
-    p.add_argument("--method", choices=METHODS, default="topk", help="sampling method (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    p.add_argument("--dot", metavar="FILE", help="also write the rewritten graph as Graphviz DOT to FILE")
+    p.add_argument(
+        "--method", choices=METHODS, help="sampling method (default: topk; bernoulli with --mode backward)"
+    )
     p.add_argument(
         "--seed", type=int, default=0, help="seed for example inputs and sampling (default: %(default)s)"
     )
-    return parser
 
 
 def _import(module_text: str) -> ModuleType:
@@ -188,17 +232,27 @@ def example_inputs(
     return tuple(out)
 
 
-def _inspect(args: argparse.Namespace) -> int:
+def _optimized(args: argparse.Namespace) -> tuple[Any, tuple[torch.Tensor, ...]]:
     from approxcompile.api import optimize  # deferred: `--help` should not pay for the passes
-    from approxcompile.dot import write_dot
-    from approxcompile.report import report
 
     model = load_model(args.target)
     inputs = example_inputs(args.input_shape, args.input_dtype, torch.Generator().manual_seed(args.seed))
     # Seed sampling too, without leaving the global generator changed for a caller of main().
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        gm = optimize(model, args.budget, example_inputs=inputs, method=args.method)
+        # --mode / --scores exist for `inspect` only (export keeps forward sampling).
+        mode, scores = getattr(args, "mode", "forward"), getattr(args, "scores", "activations")
+        method = args.method or ("bernoulli" if mode == "backward" else "topk")
+        config = ApproxConfig(method=method, mode=mode, scores=scores)
+        gm = optimize(model, args.budget, example_inputs=inputs, config=config)
+    return gm, inputs
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from approxcompile.dot import write_dot
+    from approxcompile.report import report
+
+    gm, _ = _optimized(args)
     rep = report(gm)
     print(rep.to_json() if args.json else rep)
     if args.dot:
@@ -207,11 +261,34 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from approxcompile.export import export_onnx, export_training, require_ort
+    from approxcompile.report import report
+
+    if not args.onnx_only:
+        require_ort()  # fail before optimizing when the extra is missing
+    gm, inputs = _optimized(args)
+    out = Path(args.out)
+    if args.onnx_only:
+        written = [
+            export_onnx(gm, inputs, out / "model_train.onnx"),
+            export_onnx(gm, inputs, out / "model_eval.onnx", training=False),
+        ]
+    else:
+        art = export_training(gm, inputs, out, loss=args.loss, optimizer=args.optimizer)
+        written = [art.training_model, art.eval_model, art.optimizer_model, art.checkpoint]
+    plan = report(gm)
+    print(f"{len(plan.sampled)} of {len(plan.nodes)} product nodes sampled at budget {args.budget}")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``approxcompile`` command; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        return _inspect(args)
+        return _export(args) if args.command == "export" else _inspect(args)
     except SystemExit as e:  # --help and --version exit through argparse
         return e.code if isinstance(e.code, int) else 0
     except (CliError, ApproxCompileError, ValueError, OSError) as e:

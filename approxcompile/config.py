@@ -26,6 +26,9 @@ from torch import nn
 
 METHODS = ("topk", "crs", "bernoulli", "uniform")
 OP_KINDS = ("linear", "matmul", "conv")
+MODES = ("forward", "backward")  # design.md, "Modes"
+SCORES = ("activations", "weights")
+ROW_SCORES = ("x_dy", "x")
 
 # Python objects a user may name instead of an op kind string.
 _OP_ALIASES: dict[Any, str] = {
@@ -116,10 +119,26 @@ class ApproxConfig:
     min_inner: inner dimensions (features, channels) below this are not sampled.
     min_k: never keep fewer than this many columns / channels.
     keep_grid: the keep ratios the budget allocation chooses from.
+    align: kept counts the allocation picks are rounded to multiples of this (GEMM and
+        convolution kernels run whole vector widths); 1 turns rounding off. Fixed keep
+        ratios from overrides are never rounded.
     eps: weight of the uniform distribution mixed into ``crs`` / ``bernoulli`` probabilities.
     sensitivity_draws: draws averaged when measuring the error of a random method.
     seed: seed of the private generator used while measuring sensitivities.
     leaf_modules: module types torch.fx should not trace into.
+    measure_time: time every candidate node dense and sampled on the example inputs and
+        never pick a keep ratio that is not faster than the dense op (see passes/timing.py).
+    time_repeats: timed runs per (node, keep ratio) when ``measure_time`` is on; the median counts.
+    mode: ``forward`` samples the forward product (and backpropagates through the sample);
+        ``backward`` keeps the forward exact and samples the input- and weight-gradient
+        products of linear and conv nodes; it needs an unbiased ``method`` (not ``topk``).
+    scores: ``activations`` scores pair i by ``|x[:, i]|·|W[:, i]|``; ``weights`` by
+        ``|W[:, i]|`` alone, and random methods then draw from a per-weight generator seeded
+        with ``seed`` and the node's name, so every data-parallel rank picks the same slices
+        (linear and conv nodes; forward mode only). See ``approxcompile.distributed``.
+    row_scores: backward mode's score of batch row b for the weight gradient: ``x_dy``
+        (``|X[b]|·|dY[b]|``, saves all of X) or ``x`` (``|X[b]|``, drawn in the forward pass,
+        saves only the sampled rows).
     """
 
     method: str = "topk"
@@ -127,10 +146,16 @@ class ApproxConfig:
     min_inner: int = 16
     min_k: int = 4
     keep_grid: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05)
+    align: int = 8
     eps: float = 0.1
     sensitivity_draws: int = 3
     seed: int = 0
     leaf_modules: tuple[type[nn.Module], ...] = ()
+    measure_time: bool = False
+    time_repeats: int = 3
+    mode: str = "forward"
+    scores: str = "activations"
+    row_scores: str = "x_dy"
     op_type_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_regex_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
@@ -141,11 +166,46 @@ class ApproxConfig:
             check_keep(k, "every keep_grid entry")
         if not 0.0 <= self.eps < 1.0:
             raise ValueError(f"eps must be in [0, 1), got {self.eps!r}")
-        if self.min_k < 1 or self.min_inner < 1 or self.sensitivity_draws < 1:
-            raise ValueError("min_k, min_inner and sensitivity_draws must be positive")
+        if (
+            self.min_k < 1
+            or self.min_inner < 1
+            or self.sensitivity_draws < 1
+            or self.align < 1
+            or self.time_repeats < 1
+        ):
+            raise ValueError("min_k, min_inner, align, sensitivity_draws and time_repeats must be positive")
         for leaf in self.leaf_modules:
             if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
                 raise TypeError(f"leaf_modules must hold nn.Module subclasses, got {leaf!r}")
+        self._check_modes()
+
+    def _check_modes(self) -> None:
+        for name, value, allowed in (
+            ("mode", self.mode, MODES),
+            ("scores", self.scores, SCORES),
+            ("row_scores", self.row_scores, ROW_SCORES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.mode != "backward":
+            return
+        if self.scores != "activations":
+            raise ValueError(
+                "scores='weights' applies to forward sampling only (backward mode scores use dY); "
+                "drop scores= or use mode='forward'"
+            )
+        methods = [("method", self.method)] + [
+            (f"override {key!r}", o.method)
+            for level in self.overrides.values()
+            for key, o in level
+            if o.method is not None
+        ]
+        for where, method in methods:
+            if method == "topk":
+                raise ValueError(
+                    f"mode='backward' needs an unbiased sampling method, but {where} is 'topk' (biased "
+                    "gradients drift the training); pass method='bernoulli' (or 'crs', 'uniform')"
+                )
 
     # -- builders: each returns a new config, the receiver stays as it was -------------
     def set_op_type(self, op: str | type | Callable[..., Any], override: NodeOverride) -> ApproxConfig:

@@ -17,6 +17,19 @@ def kept_count(keep: float, n: int) -> int:
     return min(n, max(1, round(keep * n)))
 
 
+def aligned_count(keep: float, n: int, align: int) -> int:
+    """``kept_count`` rounded to a multiple of ``align`` when ``n`` is large enough for it.
+
+    GEMM and convolution kernels run whole vector widths / blocked channel layouts, so a
+    multiple of 8 columns or channels costs no more time than a few fewer (measured in
+    docs/performance.md); inner dimensions under ``8 * align`` are not rounded.
+    """
+    k = kept_count(keep, n)
+    if align <= 1 or n < 8 * align:
+        return k
+    return min(n, max(align, align * round(k / align)))
+
+
 @dataclass(frozen=True)
 class Flops:
     """Dense FLOPs of one product (2·M·N·K convention) in a training step."""
@@ -32,6 +45,10 @@ class Flops:
     def scaled(self, k: int, n: int) -> Flops:
         """The same products with the inner dimension cut from ``n`` to ``k``."""
         return Flops(self.forward * k // n, self.input_grad * k // n, self.weight_grad * k // n)
+
+    def scaled_backward(self, k_out: int, p: int, k_rows: int, rows: int) -> Flops:
+        """Backward sampling: forward exact, dX over ``k_out`` of ``p`` features, dW over ``k_rows`` rows."""
+        return Flops(self.forward, self.input_grad * k_out // p, self.weight_grad * k_rows // rows)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +68,7 @@ class NodePlan:
     overhead_fixed: int = 0  # sampling overhead FLOPs independent of k (norms, selection)
     overhead_per_kept: int = 0  # sampling overhead FLOPs per kept column (gathers, scatters)
     sensitivity: tuple[tuple[float, float], ...] = ()  # (keep, relative squared error)
+    timing: tuple[tuple[float, float], ...] = ()  # (keep, seconds); keep 1.0 is the dense op
     method: str = "topk"
     min_k: int = 1
     fixed_keep: float | None = None  # set by an override: the allocation leaves it alone
@@ -59,6 +77,10 @@ class NodePlan:
     est_error: float = 0.0
     reason: str | None = None  # why the node stays exact
     settings_source: str = "global"
+    # "backward": forward exact; ``inner`` is then the output features p (dX's inner
+    # dimension) and ``rows`` the batch rows M (dW's), both sampled at ratio ``keep``.
+    mode: str = "forward"
+    rows: int = 0
 
     def __post_init__(self) -> None:
         if self.k == 0:
@@ -73,16 +95,26 @@ class NodePlan:
         k = self.k if k is None else k
         if k >= self.inner:
             return self.flops.total
-        return self.flops.scaled(k, self.inner).total + self.overhead_fixed + self.overhead_per_kept * k
+        return self._scaled(k).total + self.overhead_fixed + self.overhead_per_kept * k
+
+    def _scaled(self, k: int) -> Flops:
+        if self.mode == "backward":
+            return self.flops.scaled_backward(k, self.inner, kept_count(k / self.inner, self.rows), self.rows)
+        return self.flops.scaled(k, self.inner)
 
     @property
     def approx_flops(self) -> Flops:
         """The products' FLOPs as planned (what FlopCounterMode sees; no overhead)."""
-        return self.flops.scaled(self.k, self.inner) if self.sampled else self.flops
+        return self._scaled(self.k) if self.sampled else self.flops
 
     @property
     def overhead(self) -> int:
         return self.cost() - self.approx_flops.total
+
+    def saves_time(self, keep: float) -> bool:
+        """False when a measured timing says ``keep`` is not faster than the dense op."""
+        times = dict(self.timing)
+        return keep not in times or 1.0 not in times or times[keep] < times[1.0]
 
     def with_(self, **changes: object) -> NodePlan:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -97,6 +129,8 @@ class Plan:
     nodes: tuple[NodePlan, ...]
     other_flops: int  # FLOPs FlopCounterMode counts outside matmul/linear/conv nodes
     note: str | None = None  # e.g. "no candidate nodes"
+    mode: str = "forward"  # ApproxConfig.mode: which products the sampled nodes shrink
+    scores: str = "activations"  # ApproxConfig.scores: what the forward samples are scored by
 
     @property
     def dense_flops(self) -> int:

@@ -124,7 +124,10 @@ class Report:
             return "  ".join([*parts, cells[-1]]).rstrip()
 
         rule = "-" * (sum(widths) + 2 * len(widths) + len(header[-1]))
-        out = [f"approxcompile plan: method={p.method}, budget={p.budget:g}", rule, line(header), rule]
+        head = f"approxcompile plan: method={p.method}, budget={p.budget:g}"
+        head += ", mode=backward (forward exact; k/n is dX's output features)" if p.mode == "backward" else ""
+        head += ", scores=weights" if p.scores == "weights" else ""
+        out = [head, rule, line(header), rule]
         out += [line(r) for r in rows] or ["(no matmul / linear / conv nodes)"]
         out += [
             rule,
@@ -146,7 +149,8 @@ class Report:
 
         Keys (stable; see ``SCHEMA_VERSION``):
 
-        - ``schema``, ``budget``, ``method``, ``note`` (str or null)
+        - ``schema``, ``budget``, ``method``, ``mode`` (``forward``/``backward``), ``scores``
+          (``activations``/``weights``), ``note`` (str or null)
         - ``totals``: ``dense_flops``, ``planned_flops`` (overhead included, what the budget
           limits), ``counted_flops`` (products only, what ``FlopCounterMode`` measures),
           ``other_flops`` (outside matmul/linear/conv), ``fraction`` (planned / dense),
@@ -154,16 +158,21 @@ class Report:
         - ``nodes``: one object per candidate node with ``name``, ``kind``, ``op``, ``shapes``
           (list of int lists), ``out_shape``, ``inner``, ``keep``, ``k``, ``sampled``,
           ``method``, ``min_k``, ``fixed_keep``, ``est_error`` (relative squared error),
-          ``reason`` (null when sampled), ``settings_source``, ``dense_flops`` and
+          ``reason`` (null when sampled), ``settings_source``, ``mode``, ``rows`` (backward
+          mode: the batch rows dW samples), ``dense_flops`` and
           ``approx_flops`` (each ``forward``/``input_grad``/``weight_grad``/``total``),
           ``overhead``, ``overhead_fixed``, ``overhead_per_kept``, ``cost`` (approx total
-          plus overhead) and ``sensitivity`` (list of ``[keep, error]``).
+          plus overhead), ``sensitivity`` (list of ``[keep, error]``) and ``timing`` (list of
+          ``[keep, seconds]`` measured with ``measure_time``; keep 1.0 is the dense op, empty
+          when not measured).
         """
         p = self._plan
         return {
             "schema": SCHEMA_VERSION,
             "budget": p.budget,
             "method": p.method,
+            "mode": p.mode,
+            "scores": p.scores,
             "note": p.note,
             "totals": {
                 "dense_flops": p.dense_flops,
@@ -196,6 +205,7 @@ class Report:
                 overhead_fixed=d["overhead_fixed"],
                 overhead_per_kept=d["overhead_per_kept"],
                 sensitivity=tuple((float(r), float(e)) for r, e in d["sensitivity"]),
+                timing=tuple((float(r), float(t)) for r, t in d.get("timing", ())),
                 method=d["method"],
                 min_k=d["min_k"],
                 fixed_keep=d["fixed_keep"],
@@ -204,6 +214,8 @@ class Report:
                 est_error=d["est_error"],
                 reason=d["reason"],
                 settings_source=d["settings_source"],
+                mode=d.get("mode", "forward"),
+                rows=d.get("rows", 0),
             )
             for d in data["nodes"]
         )
@@ -215,6 +227,8 @@ class Report:
                 nodes=nodes,
                 other_flops=other,
                 note=data["note"],
+                mode=data.get("mode", "forward"),
+                scores=data.get("scores", "activations"),
             )
         )
 
@@ -236,6 +250,8 @@ def _node_dict(n: NodePlan) -> dict[str, Any]:
         "est_error": n.est_error,
         "reason": n.reason,
         "settings_source": n.settings_source,
+        "mode": n.mode,
+        "rows": n.rows,
         "dense_flops": _flops_dict(n.flops),
         "approx_flops": _flops_dict(n.approx_flops),
         "overhead": n.overhead,
@@ -243,4 +259,5 @@ def _node_dict(n: NodePlan) -> dict[str, Any]:
         "overhead_per_kept": n.overhead_per_kept,
         "cost": n.cost(),
         "sensitivity": [[r, e] for r, e in n.sensitivity],
+        "timing": [[r, t] for r, t in n.timing],
     }

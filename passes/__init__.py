@@ -1,7 +1,7 @@
 """Graph passes of approxcompile, in pipeline order.
 
 trace -> propagate_shapes -> annotate_costs -> apply_exclusions -> measure_sensitivity
--> allocate -> rewrite -> verify. Each takes a ``GraphModule`` and returns a
+-> [measure_timing] -> allocate -> rewrite -> verify. Each takes a ``GraphModule`` and returns a
 :class:`PassResult`; only ``trace`` (new module) and ``rewrite`` (in place) change graphs.
 """
 
@@ -12,6 +12,7 @@ from approxcompile.passes.rewrite import rewrite
 from approxcompile.passes.select import allocate, apply_exclusions
 from approxcompile.passes.sensitivity import measure_sensitivity
 from approxcompile.passes.shapes import propagate_shapes
+from approxcompile.passes.timing import measure_timing
 from approxcompile.passes.trace import share_parameters, trace
 from approxcompile.passes.verify import verify
 
@@ -25,6 +26,7 @@ __all__ = [
     "measure_other_flops",
     "measure_sensitivity",
     "measure_step_flops",
+    "measure_timing",
     "propagate_shapes",
     "rewrite",
     "share_parameters",

@@ -72,8 +72,33 @@ def _products(site: Site, gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] 
     return (xs, ws), out_shape, n, fwd, xg, wg, 2 * numel + 2 * n, 2 * numel // n
 
 
-def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str) -> NodePlan:
+def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
+    """Backward mode: dX samples the output features / channels, dW the batch rows / samples.
+
+    ``inner`` becomes the output width p (dX's inner dimension) and ``rows`` the batch M
+    (dW's). Overhead: norms of W per output, of dY per output and per row, of X per row;
+    per kept output a slice of dY and of W, per kept row a slice of X and of dY.
+    """
+    plan = plan.with_(mode="backward")
+    if plan.reason is not None:
+        return plan
+    if site.kind not in ("linear", "conv"):
+        return plan.with_(reason="backward mode samples linear and conv nodes only (not matmul / addmm)")
+    if site.kind == "conv" and site.conv is not None and isinstance(site.conv[1], str):
+        return plan.with_(reason=f"padding={site.conv[1]!r} is left exact in backward mode (use integers)")
+    (xs, ws), out = plan.shapes, plan.out_shape
+    x_numel, w_numel, y_numel = math.prod(xs), math.prod(ws), math.prod(out)
+    p = ws[0]
+    rows = x_numel // ws[-1] if site.kind == "linear" else xs[0]
+    fixed = 2 * (w_numel + 2 * y_numel + x_numel)
+    per_kept = y_numel // p + w_numel // p + (x_numel + y_numel) // p
+    return plan.with_(inner=p, k=p, rows=rows, overhead_fixed=fixed, overhead_per_kept=per_kept)
+
+
+def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: str = "forward") -> NodePlan:
     """The dense cost record of one node (nothing decided yet)."""
+    if mode == "backward":
+        return _backward_costs(plan_for(site, gm, node, method), site)
     facts = _products(site, gm, node)
     if isinstance(facts, str):
         out = node.meta.get("tensor_meta")
@@ -104,13 +129,17 @@ def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str) -> Node
     )
 
 
-def annotate_costs(gm: fx.GraphModule, *, method: str) -> PassResult:
-    """Write a dense :class:`NodePlan` to every matched node's meta (graph unchanged)."""
+def annotate_costs(gm: fx.GraphModule, *, method: str, mode: str = "forward") -> PassResult:
+    """Write a dense :class:`NodePlan` to every matched node's meta (graph unchanged).
+
+    ``mode="backward"`` costs linear and conv nodes for backward sampling and gives every other
+    candidate a reason to stay exact.
+    """
     count = 0
     for node in gm.graph.nodes:
         site = match(gm, node)
         if site is not None:
-            node.meta[META_KEY] = plan_for(site, gm, node, method)
+            node.meta[META_KEY] = plan_for(site, gm, node, method, mode)
             count += 1
     return PassResult(gm, modified=False, stats={"candidates": count})
 

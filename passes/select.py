@@ -82,7 +82,9 @@ def _options(plan: NodePlan) -> list[tuple[int, float, float]]:
     opts = [(dense, 0.0, 1.0)]
     for keep, err in plan.sensitivity:
         cost = plan.cost(kept_count(keep, plan.inner))
-        if cost < dense:  # a ratio whose overhead eats the savings is never worth it
+        # A ratio whose overhead eats the FLOP savings, or that measured slower than the
+        # dense op, is never worth it.
+        if cost < dense and plan.saves_time(keep):
             opts.append((cost, err, keep))
     return _hull(opts)
 
@@ -134,11 +136,13 @@ def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> PassResu
         keep = p.fixed_keep if p.fixed_keep is not None else choices[node.name][at[node.name]][2]
         k = kept_count(keep, p.inner)
         if k >= p.inner:
-            why = (
-                "budget is met without sampling this node"
-                if p.fixed_keep is None
-                else "fixed keep rounds to k = n"
-            )
+            if p.fixed_keep is not None:
+                why = "fixed keep rounds to k = n"
+            elif p.timing and len(choices[node.name]) == 1:
+                dense_ms = dict(p.timing)[1.0] * 1e3
+                why = f"sampling measured no faster than the dense op ({dense_ms:.2f} ms) at any keep ratio"
+            else:
+                why = "budget is met without sampling this node"
             node.meta[META_KEY] = p.with_(keep=1.0, k=p.inner, est_error=0.0, reason=why)
             continue
         node.meta[META_KEY] = p.with_(keep=keep, k=k, est_error=_error_at(p, keep))

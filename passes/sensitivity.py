@@ -20,13 +20,25 @@ from approxcompile.passes.match import match
 
 from approxcompile.config import ApproxConfig
 from approxcompile.ops import sampled_conv, sampled_linear, sampled_matmul
-from approxcompile.plan import META_KEY, kept_count
+from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
+from approxcompile.plan import META_KEY, aligned_count
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
-def _product(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., torch.Tensor]:
-    """A function ``(keep, training, generator) -> output`` of the node's product, bias left out."""
+def product_fn(
+    kind: str, operands: tuple[Any, ...], conv: Any, mode: str = "forward"
+) -> Callable[..., torch.Tensor]:
+    """A function ``(keep, training, generator) -> output`` of the node's product, bias left out.
+
+    ``mode="backward"``: the backward-sampling op (exact output, sampled gradients).
+    """
+    if mode == "backward" and kind == "linear":
+        x, w = operands[0], operands[1]
+        return lambda keep, **kw: backward_sampled_linear(x, w, None, keep=keep, **kw)
+    if mode == "backward":
+        x, w = operands[0], operands[1]
+        return lambda keep, **kw: backward_sampled_conv(x, w, None, *conv, keep=keep, **kw)
     if kind == "linear":
         x, w = operands[0], operands[1]
         return lambda keep, **kw: sampled_linear(x, w, None, keep=keep, **kw)
@@ -35,6 +47,25 @@ def _product(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., t
         return lambda keep, **kw: sampled_matmul(a, b, keep=keep, **kw)
     x, w = operands[0], operands[1]
     return lambda keep, **kw: sampled_conv(x, w, None, *conv, keep=keep, **kw)
+
+
+def _gradients(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., torch.Tensor]:
+    """Backward mode: ``(keep, ...) -> [dX, dW]`` flattened, for a fixed Gaussian ``dY``.
+
+    The forward is exact, so the error that matters is the gradients'; the real ``dY`` is
+    unknown at compile time and a seeded Gaussian stands in for it.
+    """
+    x, w = (t.detach().requires_grad_() for t in operands[:2])
+    product = product_fn(kind, (x, w, *operands[2:]), conv, "backward")
+    shape = product(1.0, training=False).shape
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+
+    def grads(keep: float, **kw: Any) -> torch.Tensor:
+        with torch.enable_grad():
+            dx, dw = torch.autograd.grad(product(keep, **kw), (x, w), dy)
+        return torch.cat([dx.flatten(), dw.flatten()])
+
+    return grads
 
 
 def _curve(
@@ -71,11 +102,14 @@ def measure_sensitivity(
                 continue
             site = match(gm, node)
             assert site is not None
-            ks = {kept_count(r, plan.inner): r for r in config.keep_grid}
-            grid = [r for k, r in sorted(ks.items(), reverse=True) if plan.min_k <= k < plan.inner]
+            ks = {aligned_count(r, plan.inner, config.align) for r in config.keep_grid}
+            grid = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:
                 grid = [plan.fixed_keep]
-            product = _product(site.kind, captured[node.name], site.conv)
+            if plan.mode == "backward":
+                product = _gradients(site.kind, captured[node.name], site.conv)
+            else:
+                product = product_fn(site.kind, captured[node.name], site.conv)
             curve = _curve(product, plan.inner, grid, plan.method, config, generator)
             node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1

@@ -173,12 +173,12 @@ def test_json_round_trips_and_totals_match_the_plan() -> None:
 
 def test_json_node_fields() -> None:
     data = report(_planned()).to_dict()
-    assert set(data) == {"schema", "budget", "method", "note", "totals", "nodes"}
+    assert set(data) == {"schema", "budget", "method", "mode", "scores", "note", "totals", "nodes"}
     fc2 = data["nodes"][1]
     assert set(fc2) == {
         "name", "kind", "op", "shapes", "out_shape", "inner", "keep", "k", "sampled", "method", "min_k",
-        "fixed_keep", "est_error", "reason", "settings_source", "dense_flops", "approx_flops", "overhead",
-        "overhead_fixed", "overhead_per_kept", "cost", "sensitivity",
+        "fixed_keep", "est_error", "reason", "settings_source", "mode", "rows", "dense_flops", "approx_flops",
+        "overhead", "overhead_fixed", "overhead_per_kept", "cost", "sensitivity", "timing",
     }  # fmt: skip
     assert fc2["sampled"] is True and fc2["k"] == 45 and fc2["reason"] is None
     assert fc2["dense_flops"]["total"] == FC2.flops.total == 3 * 2 * 64 * 128 * 128

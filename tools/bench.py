@@ -123,7 +123,9 @@ def label(kind: str, budget: float) -> str:
     return f"{kind}@{float(budget)!r}"
 
 
-def make_variant(w: Workload, name: str, optimized: dict[float, fx.GraphModule]) -> Variant:
+def make_variant(
+    w: Workload, name: str, optimized: dict[float, fx.GraphModule], measure_time: bool = False
+) -> Variant:
     """``exact``, ``paper@B`` or ``approx@B``, from a deep copy of ``w.model``.
 
     ``optimized`` caches ``optimize`` results by budget, so paper@B reuses approx@B's plan;
@@ -134,7 +136,8 @@ def make_variant(w: Workload, name: str, optimized: dict[float, fx.GraphModule])
         return Variant(name, copy.deepcopy(w.model), {})
     b = float(budget)
     if b not in optimized:
-        optimized[b] = approxcompile.optimize(copy.deepcopy(w.model), b, example_inputs=(w.x,))
+        config = approxcompile.ApproxConfig(measure_time=measure_time)
+        optimized[b] = approxcompile.optimize(copy.deepcopy(w.model), b, example_inputs=(w.x,), config=config)
     plan = optimized[b].meta[META_KEY]
     if kind == "paper":
         paper = paper_style(w.model, plan)
@@ -150,10 +153,13 @@ def variant_names(args: argparse.Namespace) -> list[str]:
     return ["exact", label("paper", args.paper_budget), *(label("approx", b) for b in args.budgets)]
 
 
-def build_variants(w: Workload, names: list[str], device: torch.device) -> list[Variant]:
+def build_variants(
+    w: Workload, names: list[str], device: torch.device, measure_time: bool = False
+) -> list[Variant]:
     """Every variant, each with its own SGD optimizer, in train mode on ``device``."""
     optimized: dict[float, fx.GraphModule] = {}
-    variants = [make_variant(w, n, optimized) for n in tqdm(names, desc=f"{w.name}: build", leave=False)]
+    bar = tqdm(names, desc=f"{w.name}: build", leave=False)
+    variants = [make_variant(w, n, optimized, measure_time) for n in bar]
     for v in variants:
         v.model.to(device).train()
         v.optimizer = make_optimizer(v.model)  # after .to(), which may replace the parameters
@@ -234,7 +240,7 @@ def memory_child(model: str, variant: str, args: argparse.Namespace) -> dict[str
     gradients and optimizer state are freed: the baseline is the built model, warm.
     """
     w = build(model, args.size, seed=args.seed)
-    v = make_variant(w, variant, {})
+    v = make_variant(w, variant, {}, args.measure_time)
     v.model.train()
     train_step(v.model, make_optimizer(v.model), w.x, w.y)
     v.model.zero_grad(set_to_none=True)
@@ -309,7 +315,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
     """Every variant of one model: timings, FLOPs, memory; one row per variant."""
     w = build(name, args.size, seed=args.seed)
     print(w.describe(), flush=True)
-    variants = build_variants(w, variant_names(args), device)
+    variants = build_variants(w, variant_names(args), device, args.measure_time)
     x, y = w.x.to(device), w.y.to(device)
     for v in variants:
         v.flops = training_flops(v.model, x, y)
@@ -414,6 +420,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=_usable_cores(), help="torch threads (default: all usable cores)"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--measure-time",
+        action="store_true",
+        help="optimize with ApproxConfig(measure_time=True): no node sampled where it measured slower",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick", action="store_true", help="tiny models and few steps: a smoke test, not a measurement"
@@ -461,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command,
         "machine": machine(device),
         "settings": {k: getattr(args, k) for k in ("size", "budgets", "paper_budget", "steps", "warmup")}
-        | {k: getattr(args, k) for k in ("rounds", "memory_steps", "seed")},
+        | {k: getattr(args, k) for k in ("rounds", "memory_steps", "seed", "measure_time")},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "elapsed_s": time.time() - started,
         "rows": rows,

@@ -1,0 +1,165 @@
+"""``export_training``: ONNX Runtime training artifacts whose eval graph is exact.
+
+::
+
+    out_dir/training_model.onnx    forward (sampled) + loss + ORT-built gradient graph
+    out_dir/eval_model.onnx        forward (exact ops) + loss
+    out_dir/optimizer_model.onnx   AdamW or SGD update
+    out_dir/checkpoint             the parameters (trainable) and buffers (frozen)
+    out_dir/model_train.onnx, model_eval.onnx   the plain exported graphs (export_onnx)
+
+``onnxruntime.training.artifacts.generate_artifacts`` derives its eval graph from the graph it
+is given, which here samples; the exact eval graph is therefore exported separately and
+passed through ``generate_artifacts`` too, and its ``eval_model.onnx`` replaces the sampled
+one. Both graphs name their initializers by ``state_dict()`` key, so they share the checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch.fx as fx
+
+from approxcompile.export.lower import ExportError, Noise, NoiseInput, lower_for_export
+from approxcompile.export.onnx_export import export_lowered
+from approxcompile.export.quiet import quiet
+
+LOSSES = ("cross_entropy", "mse")
+OPTIMIZERS = ("adamw", "sgd")
+INSTALL_HINT = "pip install 'approxcompile[ort]'"
+
+
+class MissingExtraError(ExportError, ImportError):
+    """onnx / onnxruntime-training are not installed."""
+
+
+def require_ort() -> tuple[ModuleType, ModuleType]:
+    """``(onnx, onnxruntime.training)``, or an error that says how to install them."""
+    try:
+        onnx = importlib.import_module("onnx")
+        training = importlib.import_module("onnxruntime.training")
+        importlib.import_module("onnxruntime.training.artifacts")
+        importlib.import_module("onnxruntime.training.api")
+    except ImportError as e:
+        raise MissingExtraError(
+            f"ONNX Runtime training is not installed ({e}); run {INSTALL_HINT} "
+            "(onnxruntime-training 1.19.2 ships CPython 3.11 wheels only)"
+        ) from e
+    return onnx, training
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Paths of one ``export_training`` run, and what the training graph expects as inputs."""
+
+    directory: Path
+    training_model: Path
+    eval_model: Path
+    optimizer_model: Path
+    checkpoint: Path
+    inputs: int  # model inputs, before the noise inputs and the labels
+    noise: tuple[NoiseInput, ...] = ()
+    loss: str = "cross_entropy"
+    optimizer: str = "adamw"
+
+
+def _prepare(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise ExportError(
+            f"export_training: cannot write to {out_dir}: {e.strerror or e}; pass a writable out_dir"
+        ) from e
+    return out_dir
+
+
+def _generate(
+    onnx: ModuleType,
+    graph: Path,
+    out: Path,
+    *,
+    params: list[str],
+    frozen: list[str],
+    loss: str,
+    optimizer: str,
+) -> None:
+    from onnxruntime.training import artifacts
+
+    loss_type = {"cross_entropy": artifacts.LossType.CrossEntropyLoss, "mse": artifacts.LossType.MSELoss}
+    optim = {"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}
+    try:
+        with quiet():
+            artifacts.generate_artifacts(
+                onnx.load(str(graph)),
+                requires_grad=params,
+                frozen_params=frozen,
+                loss=loss_type[loss],
+                optimizer=optim[optimizer],
+                artifact_directory=str(out),
+            )
+    except Exception as e:  # ORT raises RuntimeError / Fail / InvalidArgument subclasses
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"export_training: generate_artifacts failed on {graph.name}: {first}") from e
+
+
+def export_training(
+    module: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    out_dir: str | Path,
+    *,
+    loss: str = "cross_entropy",
+    optimizer: str = "adamw",
+    noise: Noise = "draw",
+) -> Artifacts:
+    """Write ONNX Runtime training artifacts for ``module`` (from ``optimize``) into ``out_dir``.
+
+    Trainable = the parameters with ``requires_grad``; everything else in ``state_dict()``
+    (buffers, frozen parameters) is a frozen checkpoint entry.
+
+    >>> art = export_training(fast, (x,), "artifacts", optimizer="sgd")
+    >>> OrtTrainer(art, lr=0.1).fit(batches)  # approxcompile.export.runner
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    onnx, _ = require_ort()
+    out = _prepare(Path(out_dir))
+    lowered = lower_for_export(module, noise=noise)
+    params = [name for name, p in module.named_parameters() if p.requires_grad]
+    frozen = [name for name in module.state_dict() if name not in params]
+
+    train_graph = export_lowered(lowered, example_inputs, out / "model_train.onnx", training=True)
+    exact = lower_for_export(module) if lowered.noise else lowered
+    eval_graph = export_lowered(exact, example_inputs, out / "model_eval.onnx", training=False)
+    kw: dict[str, Any] = {"params": params, "frozen": _present(onnx, eval_graph, frozen), "loss": loss}
+    _generate(onnx, train_graph, out, optimizer=optimizer, **kw)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        _generate(onnx, eval_graph, Path(tmp), optimizer=optimizer, **kw)
+        shutil.copyfile(Path(tmp) / "eval_model.onnx", out / "eval_model.onnx")
+    return Artifacts(
+        directory=out,
+        training_model=out / "training_model.onnx",
+        eval_model=out / "eval_model.onnx",
+        optimizer_model=out / "optimizer_model.onnx",
+        checkpoint=out / "checkpoint",
+        inputs=len(example_inputs),
+        noise=lowered.noise,
+        loss=loss,
+        optimizer=optimizer,
+    )
+
+
+def _present(onnx: ModuleType, graph: Path, names: list[str]) -> list[str]:
+    """The frozen names the graph holds (an unused buffer is not an initializer)."""
+    held = {init.name for init in onnx.load(str(graph)).graph.initializer}
+    return [name for name in names if name in held]

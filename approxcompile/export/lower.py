@@ -1,0 +1,127 @@
+"""Lower for export: swap each runtime sampled op for its exportable twin, on a copy.
+
+::
+
+    sampled_linear(x, W, b, keep=0.4, method='topk', training=training)
+        -> export_linear(x, W, b, keep=0.4, method='topk', training=training)
+    sampled_conv(x, W, b, s, p, d, keep=0.3, method='crs', training=training)
+        -> export_conv(x, W, b, s, p, d, keep=0.3, method='crs', training=training, noise=noise_conv2)
+
+The input module is not mutated: the result is a new ``GraphModule`` over a copy of the
+graph that shares the input's submodules and parameters, so ``state_dict()`` keys and
+tensors are the same objects. With ``noise="input"`` every random node reads its uniform
+draws from a new graph input (``noise_<node>``, listed in :attr:`Lowered.noise`) instead of
+drawing them, which lets PyTorch and ONNX Runtime run on the same randomness.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+from approxcompile import ops
+from approxcompile.errors import ApproxCompileError
+from approxcompile.export import estimators
+from approxcompile.plan import META_KEY, kept_count
+
+Noise = Literal["draw", "input"]
+
+TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
+    ops.sampled_linear: estimators.export_linear,
+    ops.sampled_matmul: estimators.export_matmul,
+    ops.sampled_addmm: estimators.export_addmm,
+    ops.sampled_conv: estimators.export_conv,
+}
+
+
+class ExportError(ApproxCompileError, RuntimeError):
+    """A graph could not be lowered, exported to ONNX or turned into ORT training artifacts."""
+
+
+@dataclass(frozen=True)
+class NoiseInput:
+    """One fed-in noise input: graph input ``name`` takes ``size`` uniform draws in [0, 1)."""
+
+    name: str
+    node: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """The export-ready module, how many ops were swapped, and the noise inputs it reads."""
+
+    module: fx.GraphModule
+    swapped: int
+    noise: tuple[NoiseInput, ...] = ()
+
+    def noise_tensors(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """Fresh uniform draws for every noise input, in graph-input order."""
+        return tuple(torch.rand(spec.size, generator=generator) for spec in self.noise)
+
+
+def _noise_size(node: fx.Node) -> int:
+    plan = node.meta.get(META_KEY)
+    if plan is None:
+        raise ExportError(
+            f"lower_for_export: {node.format_node()} has no plan in node.meta[{META_KEY!r}], so its "
+            "noise size is unknown; export a module returned by approxcompile.optimize"
+        )
+    keep, method = node.kwargs["keep"], node.kwargs.get("method", "topk")
+    assert isinstance(keep, (int, float)) and isinstance(method, str), node.format_node()
+    return estimators.noise_size(method, plan.inner, kept_count(keep, plan.inner))
+
+
+def _check_exportable(node: fx.Node) -> None:
+    """Backward sampling and weight-only scores (issue 6) have no export twin yet: refuse them."""
+    if node.op != "call_function":
+        return
+    if node.target in (ops.backward_sampled_linear, ops.backward_sampled_conv):
+        raise ExportError(
+            f"lower_for_export: {node.format_node()} samples in backward mode, which does not export "
+            "(ONNX Runtime builds its own exact gradient); optimize with ApproxConfig(mode='forward')"
+        )
+    if node.kwargs.get("scores", "activations") != "activations":
+        raise ExportError(
+            f"lower_for_export: {node.format_node()} uses scores='weights', which has no export twin "
+            "yet; optimize with ApproxConfig(scores='activations') for export"
+        )
+
+
+def lower_for_export(module: fx.GraphModule, *, noise: Noise = "draw") -> Lowered:
+    """Return a copy of ``module`` whose sampled ops are export-friendly (``module`` is unchanged)."""
+    if not isinstance(module, fx.GraphModule):
+        raise ExportError(
+            "export expects the fx.GraphModule returned by approxcompile.optimize, "
+            f"got {type(module).__name__}"
+        )
+    if noise not in ("draw", "input"):
+        raise ValueError(f"noise must be 'draw' or 'input', got {noise!r}")
+    graph = copy.deepcopy(module.graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    specs: list[NoiseInput] = []
+    swapped = 0
+    for node in list(graph.nodes):
+        _check_exportable(node)
+        twin = TWINS.get(node.target) if node.op == "call_function" else None
+        if twin is None:
+            continue
+        node.target = twin
+        swapped += 1
+        size = _noise_size(node) if noise == "input" else 0
+        if size:
+            name = f"noise_{node.name}"
+            with graph.inserting_after(placeholders[-1] if placeholders else None):
+                placeholders.append(graph.placeholder(name))
+            node.kwargs = {**node.kwargs, "noise": placeholders[-1]}
+            specs.append(NoiseInput(name=name, node=node.name, size=size))
+    graph.lint()
+    lowered = fx.GraphModule(module, graph, class_name="ExportModule")
+    lowered.meta.update(module.meta)
+    lowered.train(module.training)
+    return Lowered(module=lowered, swapped=swapped, noise=tuple(specs))

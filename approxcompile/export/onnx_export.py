@@ -1,0 +1,131 @@
+"""``export_onnx``: the lowered training graph, or the exact eval graph, as an ONNX file.
+
+Exporter settings, each for a measured reason (design.md):
+
+- the TorchScript exporter (``dynamo=False``): the dynamo exporter constant-folds
+  expressions of the weights alone, so a weight's column norms would become a frozen
+  initializer and top-k would keep picking by the initial weights;
+- ``training=TrainingMode.TRAINING`` and ``do_constant_folding=False`` for the same reason,
+  and so that dropout / batch norm export in their training form;
+- opset 17, which onnxruntime-training 1.19.2 runs and onnx 1.17.0 writes at IR 8.
+
+The eval graph is exported from the module in ``eval()`` mode, where every sampled op is
+the exact one, so it contains no TopK / random nodes at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from approxcompile.export.lower import ExportError, Lowered, Noise, lower_for_export
+from approxcompile.export.quiet import quiet
+
+OPSET = 17
+INPUT_NAMES = "input"
+OUTPUT_NAME = "output"
+_UNSUPPORTED = re.compile(r"operator '?(?:aten::)?(\w+)'?", re.IGNORECASE)
+
+
+def input_names(n_inputs: int, lowered: Lowered) -> list[str]:
+    """``input`` (one input) or ``input0, input1, ...``, then the noise inputs."""
+    names = [INPUT_NAMES] if n_inputs == 1 else [f"{INPUT_NAMES}{i}" for i in range(n_inputs)]
+    return names + [spec.name for spec in lowered.noise]
+
+
+@contextlib.contextmanager
+def _mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
+    was = module.training
+    module.train(training)
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+def _culprit(gm: fx.GraphModule, message: str) -> str:
+    """The node whose op the exporter named in ``message``, formatted, or '' when none matches."""
+    match = _UNSUPPORTED.search(message)
+    if match is None:
+        return ""
+    op = match.group(1).lower()
+    for node in gm.graph.nodes:
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.op in ("call_function", "call_method") and op in {target.lower(), target.lower() + "_"}:
+            return node.format_node()
+    return ""
+
+
+def _check_path(path: Path) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise ExportError(f"export: cannot write {path}: {e.strerror or e}; choose a writable path") from e
+    return path
+
+
+def export_lowered(
+    lowered: Lowered, example_inputs: Sequence[Any], path: str | Path, *, training: bool
+) -> Path:
+    """Export an already lowered module (``lower_for_export``) to ``path``; returns the path."""
+    path = _check_path(Path(path))
+    gm = lowered.module
+    if lowered.noise and not training:
+        raise ValueError("the eval graph is exact and reads no noise: lower it with noise='draw'")
+    args = tuple(example_inputs) + lowered.noise_tensors()
+    names = input_names(len(example_inputs), lowered)
+    mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
+    try:
+        # quiet(): the TorchScript exporter's deprecation notices, and its IR dump on failure
+        with _mode(gm, training), quiet():
+            torch.onnx.export(
+                gm,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                training=mode,
+                do_constant_folding=False,
+                export_params=True,
+                keep_initializers_as_inputs=False,
+                input_names=names,
+                output_names=[OUTPUT_NAME],
+            )
+    except Exception as e:  # the exporter raises many types; all mean "this graph does not export"
+        culprit = _culprit(gm, str(e))
+        where = f" at node {culprit}" if culprit else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(
+            f"export: torch.onnx could not export the graph{where}: {first}. Replace the op with "
+            "ones ONNX opset 17 has, or register a symbolic (torch.onnx.register_custom_op_symbolic)"
+        ) from e
+    return path
+
+
+def export_onnx(
+    module: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    path: str | Path,
+    *,
+    training: bool = True,
+    noise: Noise = "draw",
+) -> Path:
+    """Write ``module``'s training graph (sampled) or, with ``training=False``, its exact eval graph.
+
+    ``module`` is a GraphModule from ``approxcompile.optimize``; it is neither mutated nor
+    left in another train/eval mode. ``noise="input"`` adds one graph input per random
+    node to the training graph (see ``lower_for_export``); the eval graph has none.
+
+    >>> export_onnx(fast, (x,), "model_train.onnx")
+    >>> export_onnx(fast, (x,), "model_eval.onnx", training=False)
+    """
+    lowered = lower_for_export(module, noise=noise if training else "draw")
+    return export_lowered(lowered, example_inputs, path, training=training)

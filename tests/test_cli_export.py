@@ -1,0 +1,50 @@
+"""``approxcompile export``: artifacts or plain ONNX files on success, one error line on mistakes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import onnx
+import pytest
+
+from approxcompile.cli import main
+
+needs_ort = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime.training") is None, reason="needs the [ort] extra"
+)
+
+
+def test_onnx_only_writes_the_two_graphs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "onnx"
+    argv = ["export", "tests.models:mlp", "--input-shape", "16,64", "--out", str(out), "--onnx-only"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "product nodes sampled at budget 0.4" in stdout and "model_eval.onnx" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model_eval.onnx", "model_train.onnx"]
+    train_ops = {n.op_type for n in onnx.load(str(out / "model_train.onnx")).graph.node}
+    eval_ops = {n.op_type for n in onnx.load(str(out / "model_eval.onnx")).graph.node}
+    assert "TopK" in train_ops and "TopK" not in eval_ops
+
+
+@needs_ort
+def test_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["export", "tests.models:cnn", "--input-shape", "8,1,8,8", "--out", str(tmp_path),
+            "--optimizer", "sgd", "--method", "crs"]  # fmt: skip
+    assert main(argv) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"} <= names
+
+
+def test_unwritable_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "f").write_text("")
+    argv = ["export", "tests.models:mlp", "--input-shape", "16,64", "--out", str(tmp_path / "f" / "x")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("approxcompile: error: ") and "cannot write" in err[0]
+
+
+def test_out_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "tests.models:mlp", "--input-shape", "16,64"]) == 2
+    assert "--out" in capsys.readouterr().err

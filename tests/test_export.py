@@ -1,0 +1,154 @@
+"""Export to ONNX and ONNX Runtime training: gradients, SGD parity, exact eval, round trip."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from approxcompile import ops
+from approxcompile.export import (
+    OrtTrainer,
+    estimators,
+    export_onnx,
+    export_training,
+    load_parameters,
+    lower_for_export,
+)
+from tests import models
+from tests.ort_harness import Case, export_with_noise, ort_gradients, sgd_torch, snapshot, torch_gradients
+
+HAS_ORT = importlib.util.find_spec("onnxruntime.training") is not None
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason="needs the [ort] extra (Python 3.11)")
+
+MLP = Case("mlp", models.mlp, (32, 64))
+CNN = Case("cnn", models.cnn, (8, 1, 8, 8))
+METHODS = ("topk", "uniform", "crs", "bernoulli")
+
+
+def _ops(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_lowering_swaps_every_sampled_op_on_a_copy() -> None:
+    model, fast, x, _ = CNN.build()
+    code_before = fast.code
+    lowered = lower_for_export(fast)
+    targets = [n.target for n in lowered.module.graph.nodes if n.op == "call_function"]
+    sampled = sum(n.target in ops.SAMPLED_OPS for n in fast.graph.nodes)
+    assert lowered.swapped == sampled > 0
+    assert not set(targets) & set(ops.SAMPLED_OPS)
+    assert sum(t in estimators.__dict__.values() for t in targets) == sampled
+    assert fast.code == code_before  # the input is not mutated
+    shared = {k: v.data_ptr() for k, v in fast.state_dict().items()}
+    assert {k: v.data_ptr() for k, v in lowered.module.state_dict().items()} == shared
+
+
+@pytest.mark.parametrize("case", [MLP, CNN], ids=lambda c: c.name)
+def test_lowered_topk_equals_the_runtime_op(case: Case) -> None:
+    # eager model (exact) vs rewritten module (runtime kernels) vs lowered module (export twins)
+    model, fast, x, y = case.build()
+    lowered = lower_for_export(fast).module
+    loss_rt, grads_rt = torch_gradients(fast, x, y)
+    loss_lo, grads_lo = torch_gradients(lowered, x, y)
+    loss_exact, _ = torch_gradients(model, x, y)
+    assert loss_lo == pytest.approx(loss_rt, rel=1e-6)
+    assert loss_lo != pytest.approx(loss_exact, rel=1e-6)  # the sampling really happens
+    for name, g in grads_rt.items():
+        torch.testing.assert_close(grads_lo[name], g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ("uniform", "crs", "bernoulli"))
+def test_lowered_random_methods_are_unbiased(method: str) -> None:
+    # The export twins draw differently from the runtime op; they must estimate the same product.
+    torch.manual_seed(0)
+    x, w = torch.randn(16, 64), torch.randn(32, 64)
+    draws = torch.stack([estimators.export_linear(x, w, keep=0.25, method=method) for _ in range(3000)])
+    exact = x @ w.t()
+    err = (draws.mean(0) - exact).norm() / exact.norm()
+    assert err < 0.05, f"{method}: relative error of the mean of 3000 draws {err:.3f}"  # ~0.02 measured
+
+
+def test_stop_gradient_is_exact_and_has_no_gradient() -> None:
+    exponents = torch.arange(-120, 120, 3, dtype=torch.float32)
+    v = torch.rand(exponents.numel()) * 2.0**exponents
+    v = torch.cat([v, torch.tensor([0.0, 1.0, 2.0**-126, 3.4e38, 1 / 3])]).requires_grad_()
+    out = estimators.stop_gradient(v)
+    assert torch.equal(out, v.detach())
+    assert not out.requires_grad
+
+
+@needs_ort
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", [MLP, CNN], ids=lambda c: c.name)
+def test_training_graph_gradients_equal_pytorch(case: Case, method: str, tmp_path) -> None:
+    _, fast, x, y = Case(case.name, case.factory, case.shape, method).build()
+    art, lowered = export_with_noise(fast, x, tmp_path, optimizer="sgd")
+    assert (len(art.noise) > 0) == (method != "topk")
+    noise = lowered.noise_tensors(torch.Generator().manual_seed(1))
+    loss_pt, grads_pt = torch_gradients(lowered.module, x, y, noise)
+    loss_ort, grads_ort = ort_gradients(art, x, y, noise)
+    assert loss_ort == pytest.approx(loss_pt, rel=1e-5)
+    assert set(grads_ort) == set(grads_pt)
+    for name, g in grads_pt.items():
+        np.testing.assert_allclose(grads_ort[name], g.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@needs_ort
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [MLP, CNN], ids=lambda c: c.name)
+def test_sgd_parity_20_steps(case: Case, tmp_path) -> None:
+    model, fast, x, _ = case.build()
+    g = torch.Generator().manual_seed(2)
+    four = [
+        (torch.randn(case.shape, generator=g), torch.randint(0, 10, (case.shape[0],), generator=g))
+        for _ in range(4)
+    ]
+    batches = four * 5  # 20 steps over 4 batches, so the loss can fall
+    lr = 0.05
+    start = snapshot(model)
+    art = export_training(fast, (x,), tmp_path, optimizer="sgd")  # before torch trains the shared weights
+    trainer = OrtTrainer(art, lr=lr)
+    ort_losses = trainer.fit(batches, progress=False)
+    torch_losses = sgd_torch(fast, batches, lr)
+    np.testing.assert_allclose(ort_losses, torch_losses, rtol=1e-4)
+    assert sum(torch_losses[-4:]) < sum(torch_losses[:4])
+    trained = dict(fast.named_parameters())
+    for name, value in trainer.parameters(trainable_only=True).items():
+        np.testing.assert_allclose(value, trained[name].detach().numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+        assert not np.array_equal(value, start.state_dict()[name].numpy()), f"{name} never trained"
+
+
+@needs_ort
+def test_adamw_trains_and_round_trips_exactly(tmp_path) -> None:
+    model, fast, x, y = MLP.build()
+    art = export_training(fast, (x,), tmp_path)  # AdamW by default
+    trainer = OrtTrainer(art, lr=1e-2)
+    losses = trainer.fit([(x, y)] * 15, progress=False)
+    assert losses[-1] < 0.9 * losses[0]
+    target = snapshot(model)
+    load_parameters(target, trainer.parameters())
+    for name, p in target.named_parameters():
+        assert np.array_equal(p.detach().numpy(), trainer.parameters()[name]), name  # bit for bit
+    assert set(trainer.parameters(trainable_only=True)) == {n for n, _ in model.named_parameters()}
+    # the exact eval graph's loss is the trained PyTorch model's eval loss
+    target.eval()
+    assert trainer.evaluate(x, y) == pytest.approx(F.cross_entropy(target(x), y).item(), rel=1e-5)
+
+
+@needs_ort
+@pytest.mark.parametrize("case", [MLP, CNN], ids=lambda c: c.name)
+def test_eval_graph_is_exact(case: Case, tmp_path) -> None:
+    import onnxruntime
+
+    model, fast, x, _ = case.build()
+    path = export_onnx(fast, (x,), tmp_path / "eval.onnx", training=False)
+    assert not {"TopK", "RandomUniform", "RandomUniformLike", "NonZero"} & set(_ops(path))
+    out = onnxruntime.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    model.eval()
+    np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert fast.training  # export left the module's mode alone

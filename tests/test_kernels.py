@@ -1,0 +1,149 @@
+"""The fast kernels compute what autograd through index_select computes, and reuse memory safely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from approxcompile.ops import sampled_conv, sampled_linear
+from approxcompile.ops.kernels import column_norms
+from approxcompile.ops.sampled import _sample_slices
+from approxcompile.ops.workspace import WORKSPACE, Workspace
+
+METHODS = ("topk", "crs", "bernoulli", "uniform")
+TOL = {"rtol": 1e-4, "atol": 1e-4}  # crs repeats indices: summation order differs
+
+
+@pytest.mark.parametrize("rows", [3, 300, 512, 513, 1100])
+def test_column_norms_match_torch(rows: int) -> None:
+    t = torch.randn(rows, 37)
+    torch.testing.assert_close(column_norms(t), t.norm(dim=0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_fast_conv_matches_autograd_through_index_select(method: str, x_grad: bool, dims: int) -> None:
+    torch.manual_seed(0)
+    spatial = (7,) * dims
+    x = (torch.randn(2, 40, *spatial) * torch.linspace(0.2, 2, 40).view(1, -1, *[1] * dims)).requires_grad_(
+        x_grad
+    )
+    w = torch.randn(6, 40, *(3,) * dims, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    stride, padding, dilation = (2,) * dims, (1,) * dims, (1,) * dims
+    y = sampled_conv(
+        x,
+        w,
+        b,
+        stride,
+        padding,
+        dilation,
+        keep=0.3,
+        method=method,
+        generator=torch.Generator().manual_seed(5),
+    )
+    y.pow(2).sum().backward()
+    got = (y.detach(), x.grad, w.grad.clone(), b.grad.clone())
+    w.grad = b.grad = x.grad = None
+    xs, ws = _sample_slices(x, 1, w, 1, 12, method, 0.1, torch.Generator().manual_seed(5))
+    ref = conv(xs, ws, b, stride, padding, dilation)
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(got[0], ref.detach(), **TOL)
+    if x_grad:
+        torch.testing.assert_close(got[1], x.grad, **TOL)
+    else:
+        assert got[1] is None
+    torch.testing.assert_close(got[2], w.grad, **TOL)
+    torch.testing.assert_close(got[3], b.grad, **TOL)
+    assert (w.grad != 0).any(dim=(0, *range(2, 2 + dims))).sum() <= 20  # unsampled channels get 0
+
+
+def _step(w: torch.Tensor, x: torch.Tensor, seed: int) -> None:
+    y = sampled_linear(x, w, None, keep=0.25, method="uniform", generator=torch.Generator().manual_seed(seed))
+    y.sum().backward()
+
+
+def _reference_grad(w: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tensor:
+    w2 = w.detach().clone().requires_grad_(True)
+    xs, ws = _sample_slices(x, -1, w2, 1, 16, "uniform", 0.1, torch.Generator().manual_seed(seed))
+    F.linear(xs, ws).sum().backward()
+    assert w2.grad is not None
+    return w2.grad
+
+
+def test_workspace_reuses_gradient_memory_once_it_is_free() -> None:
+    w = torch.randn(8, 64, requires_grad=True)
+    x = torch.randn(5, 64)
+    _step(w, x, seed=1)
+    first = w.grad.untyped_storage().data_ptr()
+    w.grad = None  # what optimizer.zero_grad() does
+    _step(w, x, seed=2)
+    assert w.grad.untyped_storage().data_ptr() == first  # the freed buffer came back
+    torch.testing.assert_close(w.grad, _reference_grad(w, x, seed=2))  # and was re-zeroed
+
+
+def test_workspace_never_overwrites_a_gradient_someone_holds() -> None:
+    w = torch.randn(8, 64, requires_grad=True)
+    x = torch.randn(5, 64)
+    _step(w, x, seed=1)
+    kept = w.grad  # e.g. a logger holding last step's gradient
+    snapshot = kept.clone()
+    w.grad = None
+    _step(w, x, seed=2)
+    torch.testing.assert_close(kept, snapshot)
+    assert w.grad.untyped_storage().data_ptr() != kept.untyped_storage().data_ptr()
+    view = w.grad[0]  # a view keeps the storage alive too
+    w.grad = None
+    _step(w, x, seed=3)
+    assert w.grad.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
+
+
+def test_gradients_accumulate_across_backward_calls() -> None:
+    w = torch.randn(8, 64, requires_grad=True)
+    x = torch.randn(5, 64)
+    _step(w, x, seed=1)
+    _step(w, x, seed=2)  # zero_grad not called: the second gradient adds to the first
+    want = _reference_grad(w, x, seed=1) + _reference_grad(w, x, seed=2)
+    torch.testing.assert_close(w.grad, want)
+
+
+def test_workspace_entries_die_with_their_tensor() -> None:
+    ws = Workspace()
+    owner = torch.zeros(3)
+    ws.get(owner, "a", (1024,), torch.float32)
+    assert ws.nbytes() == 4096
+    del owner
+    assert ws.nbytes() == 0
+
+
+def test_disabled_workspace_allocates_fresh() -> None:
+    w = torch.randn(8, 64, requires_grad=True)
+    x = torch.randn(5, 64)
+    WORKSPACE.enabled = False
+    try:
+        _step(w, x, seed=1)
+        first = w.grad.untyped_storage().data_ptr()
+        held = w.grad
+        w.grad = None
+        _step(w, x, seed=2)
+        assert w.grad.untyped_storage().data_ptr() != first
+        del held
+    finally:
+        WORKSPACE.enabled = True
+
+
+@pytest.mark.parametrize(
+    ("shape", "dim"), [((2, 5, 7), 1), ((3, 6, 4, 4), 1), ((2, 4, 3, 3, 3), 1), ((2, 6, 9), -2), ((4, 9), -1)]
+)
+def test_slice_norms_match_one_reduction(shape: tuple[int, ...], dim: int) -> None:
+    from approxcompile.ops.sampled import _norms_except
+
+    t = torch.randn(shape)
+    others = tuple(d for d in range(t.dim()) if d != dim % t.dim())
+    torch.testing.assert_close(_norms_except(t, dim), torch.linalg.vector_norm(t, dim=others))
+    if dim == 1:  # a non-contiguous input takes the general path
+        tc = t.transpose(0, 1).contiguous().transpose(0, 1)
+        torch.testing.assert_close(_norms_except(tc, dim), torch.linalg.vector_norm(t, dim=others))
