@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from approxcompile.passes.select import _spend_leftover
+from torch import nn
 
 import approxcompile
-from tests.models import mlp
 
 
 def test_leftover_goes_to_the_best_error_reduction_per_flop() -> None:
@@ -20,8 +21,24 @@ def test_leftover_goes_to_the_best_error_reduction_per_flop() -> None:
     assert _spend_leftover(chosen, admissible, leftover=10) == 0
 
 
+class PaperCNN(nn.Module):
+    """The paper's MNIST CNN: conv5x5 1->32, pool, conv5x5 32->64, pool, FC 3136->1024->10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 5, padding=2), nn.Conv2d(32, 64, 5, padding=2)
+        self.fc1, self.fc2 = nn.Linear(64 * 7 * 7, 1024), nn.Linear(1024, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
 def test_the_plan_spends_the_budget_it_is_given() -> None:
-    x = torch.randn(16, 64)
-    for budget in (0.3, 0.4, 0.6):
-        plan = approxcompile.report(approxcompile.optimize(mlp(), budget, example_inputs=(x,))).plan
-        assert budget - 0.05 <= plan.fraction <= budget + 1e-9, (budget, plan.fraction)
+    # Two sampled nodes of very different cost: the hull walk alone stops at 0.462 of dense
+    # for budget 0.5 here (measured), the leftover step brings it to 0.486.
+    torch.manual_seed(0)
+    model, x = PaperCNN(), torch.rand(8, 1, 28, 28)
+    plan = approxcompile.report(approxcompile.optimize(model, 0.5, example_inputs=(x,))).plan
+    assert 0.47 <= plan.fraction <= 0.5
