@@ -37,21 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from approxcompile.ops.kernels import column_norms
+from approxcompile.ops.kernels import column_norms, scale_along, slice_norms
 from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
 from approxcompile.plan import kept_count
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 UNBIASED_METHODS = ("bernoulli", "crs", "uniform")
 ROW_SCORES = ("x_dy", "x")
-
-
-def _row_norms(t: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(t.detach().float(), dim=1)
-
-
-def _scale_rows(t: Tensor, scale: Tensor | None) -> Tensor:
-    return t if scale is None else t * scale.to(t.dtype).unsqueeze(1)
 
 
 class BackwardSampledLinearFn(torch.autograd.Function):
@@ -81,9 +73,9 @@ class BackwardSampledLinearFn(torch.autograd.Function):
         if needs_w and ctx.rows_drawn:
             # The row sample is drawn now so that only the sampled rows outlive the forward.
             index, scale = sample_pairs(
-                _row_norms(x2), kept_count(keep, x2.shape[0]), method, eps=eps, generator=generator
+                slice_norms(x2, 0), kept_count(keep, x2.shape[0]), method, eps=eps, generator=generator
             )
-            saved_x = _scale_rows(x2.index_select(0, index), scale).detach()
+            saved_x = scale_along(x2.index_select(0, index), scale, 0).detach()
             ctx.row_index = index
         elif needs_w:
             saved_x = x2.detach()
@@ -98,7 +90,7 @@ class BackwardSampledLinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, p)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            scores = _row_norms(weight) * column_norms(dy2)
+            scores = slice_norms(weight, 0) * column_norms(dy2)
             index, scale = sample_pairs(scores, kept_count(keep, p), method, eps=eps, generator=generator)
             dys = dy2.index_select(1, index)
             if scale is not None:
@@ -108,26 +100,13 @@ class BackwardSampledLinearFn(torch.autograd.Function):
             if ctx.rows_drawn:
                 dw = dy2.index_select(0, ctx.row_index).t() @ saved_x
             else:
-                scores = _row_norms(saved_x) * _row_norms(dy2)
+                scores = slice_norms(saved_x, 0) * slice_norms(dy2, 0)
                 rows = kept_count(keep, dy2.shape[0])
                 index, scale = sample_pairs(scores, rows, method, eps=eps, generator=generator)
-                dw = _scale_rows(dy2.index_select(0, index), scale).t() @ saved_x.index_select(0, index)
+                dw = scale_along(dy2.index_select(0, index), scale, 0).t() @ saved_x.index_select(0, index)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dw, db, None, None, None, None, None
-
-
-def _channel_norms(t: Tensor, dim: int) -> Tensor:
-    """``|t|`` over every dim but ``dim``, per index of ``dim``."""
-    return torch.linalg.vector_norm(t.detach().float().transpose(0, dim).reshape(t.shape[dim], -1), dim=1)
-
-
-def _scale_dim(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
-    if scale is None:
-        return t
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    return t * scale.to(t.dtype).view(shape)
 
 
 def _conv_grads(
@@ -172,9 +151,9 @@ class BackwardSampledConvFn(torch.autograd.Function):
         saved_x: Tensor | None = None
         if needs_w and ctx.rows_drawn:
             index, scale = sample_pairs(
-                _channel_norms(x, 0), kept_count(keep, x.shape[0]), method, eps=eps, generator=generator
+                slice_norms(x, 0), kept_count(keep, x.shape[0]), method, eps=eps, generator=generator
             )
-            saved_x = _scale_dim(x.index_select(0, index), scale, 0).detach()
+            saved_x = scale_along(x.index_select(0, index), scale, 0).detach()
             ctx.row_index = index
         elif needs_w:
             saved_x = x.detach()
@@ -188,19 +167,19 @@ class BackwardSampledConvFn(torch.autograd.Function):
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             o = weight.shape[0]
-            scores = _channel_norms(weight, 0) * _channel_norms(dy, 1)
+            scores = slice_norms(weight, 0) * slice_norms(dy, 1)
             index, scale = sample_pairs(scores, kept_count(keep, o), method, eps=eps, generator=generator)
             stub = dy.new_empty(1).expand(ctx.x_shape)  # grad_input needs only the shape
-            dys = _scale_dim(dy.index_select(1, index), scale, 1)
+            dys = scale_along(dy.index_select(1, index), scale, 1)
             dx = _conv_grads(dys, stub, weight.index_select(0, index), ctx.conv, (True, False))[0]
         if ctx.needs_input_grad[1]:
             if ctx.rows_drawn:
                 xs, dys = saved_x, dy.index_select(0, ctx.row_index)
             else:
-                scores = _channel_norms(saved_x, 0) * _channel_norms(dy, 0)
+                scores = slice_norms(saved_x, 0) * slice_norms(dy, 0)
                 n = kept_count(keep, dy.shape[0])
                 index, scale = sample_pairs(scores, n, method, eps=eps, generator=generator)
-                xs, dys = saved_x.index_select(0, index), _scale_dim(dy.index_select(0, index), scale, 0)
+                xs, dys = saved_x.index_select(0, index), scale_along(dy.index_select(0, index), scale, 0)
             w_stub = dy.new_empty(1).expand(ctx.weight_shape)
             dw = _conv_grads(dys, xs, w_stub, ctx.conv, (False, True))[1]
         if ctx.has_bias and ctx.needs_input_grad[2]:

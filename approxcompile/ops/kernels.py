@@ -53,6 +53,29 @@ def column_norms(t: Tensor) -> Tensor:
     return out.sqrt_()
 
 
+def slice_norms(t: Tensor, dim: int) -> Tensor:
+    """Euclidean norm of every slice of ``t`` along ``dim`` (reduces all other dims)."""
+    if dim % t.dim() == t.dim() - 1:  # the inner dim is contiguous: reduce row chunks
+        return column_norms(t.reshape(-1, t.shape[-1]))
+    t = t.detach().float()
+    if dim % t.dim() == 1 and t.is_contiguous():
+        # Channels: reduce each contiguous (H*W...) run first, then the batch, which is
+        # ~10x faster than one reduction over dims (0, 2, 3) on a CPU.
+        per_sample = torch.linalg.vector_norm(t.reshape(t.shape[0], t.shape[1], -1), dim=2)
+        return torch.linalg.vector_norm(per_sample, dim=0)
+    dims = tuple(d for d in range(t.dim()) if d != dim % t.dim())
+    return torch.linalg.vector_norm(t, dim=dims)
+
+
+def scale_along(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
+    """``t`` with index ``i`` of ``dim`` multiplied by ``scale[i]`` (``t`` itself when ``scale`` is None)."""
+    if scale is None:
+        return t
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return t * scale.to(t.dtype).view(shape)
+
+
 def _scatter(cols: Tensor, dim: int, index: Tensor, full: Tensor, unique: bool) -> Tensor:
     """``full`` (zeroed here) with ``cols`` placed at ``index`` along ``dim``; repeats add up."""
     full.zero_()

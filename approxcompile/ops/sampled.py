@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from approxcompile.ops import shared
-from approxcompile.ops.kernels import SampledConvFn, SampledLinearFn, column_norms
+from approxcompile.ops.kernels import SampledConvFn, SampledLinearFn, column_norms, scale_along, slice_norms
 from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
 from approxcompile.plan import kept_count
 
@@ -38,28 +38,6 @@ def _check_scores(scores: str) -> bool:
     if scores not in ("activations", "weights"):
         raise ValueError(f"scores must be 'activations' or 'weights', got {scores!r}")
     return scores == "weights"
-
-
-def _norms_except(t: Tensor, dim: int) -> Tensor:
-    """Euclidean norm of every slice of ``t`` along ``dim`` (reduces all other dims)."""
-    if dim % t.dim() == t.dim() - 1:  # the inner dim is contiguous: reduce row chunks
-        return column_norms(t.reshape(-1, t.shape[-1]))
-    t = t.detach().float()
-    if dim % t.dim() == 1 and t.is_contiguous():
-        # Channels: reduce each contiguous (H*W...) run first, then the batch, which is
-        # ~10x faster than one reduction over dims (0, 2, 3) on a CPU.
-        per_sample = torch.linalg.vector_norm(t.reshape(t.shape[0], t.shape[1], -1), dim=2)
-        return torch.linalg.vector_norm(per_sample, dim=0)
-    dims = tuple(d for d in range(t.dim()) if d != dim % t.dim())
-    return torch.linalg.vector_norm(t, dim=dims)
-
-
-def _scaled(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
-    if scale is None:
-        return t
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    return t * scale.to(t.dtype).view(shape)
 
 
 def _sample_slices(
@@ -80,14 +58,14 @@ def _sample_slices(
     every gradient are the same either way.
     """
     with torch.no_grad():
-        scores = _norms_except(b, b_dim) if by_b else _norms_except(a, a_dim) * _norms_except(b, b_dim)
+        scores = slice_norms(b, b_dim) if by_b else slice_norms(a, a_dim) * slice_norms(b, b_dim)
         index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator)
     shared.record(b, index)
     a_s = a.index_select(a_dim, index)
     b_s = b.index_select(b_dim, index)
     if a_s.numel() <= b_s.numel():
-        return _scaled(a_s, scale, a_dim), b_s
-    return a_s, _scaled(b_s, scale, b_dim)
+        return scale_along(a_s, scale, a_dim), b_s
+    return a_s, scale_along(b_s, scale, b_dim)
 
 
 def sampled_linear(
@@ -202,8 +180,8 @@ def sampled_conv(
         xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights)
         return conv(xs, ws, bias, stride, padding, dilation)
     with torch.no_grad():
-        w_norms = _norms_except(weight, 1)
-        a = w_norms if by_weights else _norms_except(x, 1) * w_norms
+        w_norms = slice_norms(weight, 1)
+        a = w_norms if by_weights else slice_norms(x, 1) * w_norms
         index, scale = sample_pairs(a, k, method, eps=eps, generator=generator)
     shared.record(weight, index)
     d = weight.dim() - 2
