@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+
 import torch
-import torch.nn.functional as F
 from approxcompile.passes.select import _spend_leftover
-from torch import nn
 
 import approxcompile
 
@@ -21,18 +22,9 @@ def test_leftover_goes_to_the_best_error_reduction_per_flop() -> None:
     assert _spend_leftover(chosen, admissible, leftover=10) == 0
 
 
-class PaperCNN(nn.Module):
-    """The paper's MNIST CNN: conv5x5 1->32, pool, conv5x5 32->64, pool, FC 3136->1024->10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 32, 5, padding=2), nn.Conv2d(32, 64, 5, padding=2)
-        self.fc1, self.fc2 = nn.Linear(64 * 7 * 7, 1024), nn.Linear(1024, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+# The paper's MNIST CNN, as the replication tool defines it (conv5x5 1->32, pool,
+# conv5x5 32->64, pool, FC 3136->1024->10).
+PaperCNN = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "replicate.py"))["CNN"]
 
 
 def test_the_plan_spends_the_budget_it_is_given() -> None:
