@@ -62,15 +62,17 @@ def ort_gradients(
     trainer = OrtTrainer(art)
     trainer.module.train()
     loss = trainer.module(x.numpy(), *(n.numpy() for n in noise), y.numpy())
-    return float(np.asarray(loss)), {
-        n: np.array(p.grad) for n, p in trainer.state.parameters if p.requires_grad
-    }
+    return float(np.asarray(loss)), trainer.gradients()
 
 
 def export_with_noise(fast: fx.GraphModule, x: torch.Tensor, out, **kw) -> tuple[Artifacts, Lowered]:
-    """Artifacts whose random nodes read fed-in noise, and the matching lowered module."""
+    """Artifacts whose random nodes read fed-in noise, and the matching lowered module.
+
+    The lowered module has the artifacts' layout (sampled linear weights transposed), so
+    its parameters and gradients are named and shaped as ORT's.
+    """
     art = export_training(fast, (x,), out, noise="input", **kw)
-    return art, lower_for_export(fast, noise="input")
+    return art, lower_for_export(fast, noise="input", transpose_weights=True)
 
 
 def sgd_torch(module: nn.Module, batches, lr: float) -> list[float]:

@@ -11,7 +11,9 @@
 ``onnxruntime.training.artifacts.generate_artifacts`` derives its eval graph from the graph it
 is given, which here samples; the exact eval graph is therefore exported separately and
 passed through ``generate_artifacts`` too, and its ``eval_model.onnx`` replaces the sampled
-one. Both graphs name their initializers by ``state_dict()`` key, so they share the checkpoint.
+one. Both graphs name their initializers by ``state_dict()`` key, so they share the checkpoint,
+except that sampled linear weights are stored transposed as ``<key>__t`` (``lower_for_export``,
+``transpose_weights=True``); ``OrtTrainer.parameters()`` hands them back in the module's layout.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Artifacts:
     noise: tuple[NoiseInput, ...] = ()
     loss: str = "cross_entropy"
     optimizer: str = "adamw"
+    transposed: tuple[str, ...] = ()  # checkpoint names holding W.T (see lower_for_export)
 
 
 def _prepare(out_dir: Path) -> Path:
@@ -134,12 +137,12 @@ def export_training(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     onnx, _ = require_ort()
     out = _prepare(Path(out_dir))
-    lowered = lower_for_export(module, noise=noise)
-    params = [name for name, p in module.named_parameters() if p.requires_grad]
-    frozen = [name for name in module.state_dict() if name not in params]
+    lowered = lower_for_export(module, noise=noise, transpose_weights=True)
+    params = [name for name, p in lowered.module.named_parameters() if p.requires_grad]
+    frozen = [name for name in lowered.module.state_dict() if name not in params]
 
     train_graph = export_lowered(lowered, example_inputs, out / "model_train.onnx", training=True)
-    exact = lower_for_export(module) if lowered.noise else lowered
+    exact = lower_for_export(module, transpose_weights=True) if lowered.noise else lowered
     eval_graph = export_lowered(exact, example_inputs, out / "model_eval.onnx", training=False)
     kw: dict[str, Any] = {"params": params, "frozen": _present(onnx, eval_graph, frozen), "loss": loss}
     _generate(onnx, train_graph, out, optimizer=optimizer, **kw)
@@ -156,6 +159,7 @@ def export_training(
         noise=lowered.noise,
         loss=loss,
         optimizer=optimizer,
+        transposed=lowered.transposed,
     )
 
 

@@ -13,6 +13,13 @@ same estimators are written so that the *graph itself* stops the gradient:
 - Bernoulli draws are ``RandomUniformLike`` + ``Less`` (the ``Bernoulli`` operator has no
   gradient builder when its probabilities depend on trainable weights).
 
+The kept slices of the product's operands are taken with :func:`take`, which exports as
+``GatherND`` over the leading axis rather than ``Gather``: ORT's CPU ``GatherGrad`` (1.19.2)
+takes a mutex for every element it scatters, and measured 145 ms of a 490 ms MLP training
+step per 4096 x 4096 weight, against 15 ms for ``GatherNDGrad``. A sampled linear's weight
+is exported transposed, ``(in, out)``, so that its kept rows are the leading axis and no
+full-size ``Transpose`` runs each step (``transposed=True``, set by ``lower_for_export``).
+
 ::
 
     sampled_linear(x, W, b, keep=0.4, method='topk', training=training)
@@ -26,11 +33,14 @@ Runtime the same draws. In eval mode, or when ``k >= n``, every op is the exact 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.onnx import symbolic_helper
 
+from approxcompile.export.errors import ExportError
 from approxcompile.ops.sampling import DEFAULT_EPS
 from approxcompile.plan import kept_count
 
@@ -64,6 +74,41 @@ def _float(t: Tensor) -> Tensor:
     # A no-op Cast (float32 -> float32) crashes ORT's pre-training graph optimizer
     # ("Argument mismatch when removing edge"), so cast only when the dtype differs.
     return t if t.dtype == torch.float32 else t.float()
+
+
+class _Take(torch.autograd.Function):
+    """``t.index_select(dim, index)`` that exports as Transpose + ``GatherND`` + Transpose."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, t: Tensor, dim: int, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.dim, ctx.shape = dim, t.shape  # type: ignore[attr-defined]
+        return t.index_select(dim, index)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (index,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        full = grad.new_zeros(ctx.shape)  # type: ignore[attr-defined]
+        return full.index_add_(ctx.dim, index, grad), None, None  # type: ignore[attr-defined]
+
+    @staticmethod
+    def symbolic(g: Any, t: Any, dim: int, index: Any) -> Any:
+        rank = symbolic_helper._get_tensor_rank(t)
+        if rank is None:
+            raise ExportError(f"take: the rank of the tensor sampled along dim {dim} is unknown")
+        front = [dim, *(d for d in range(rank) if d != dim)]  # the sampled axis first
+        if dim:
+            t = g.op("Transpose", t, perm_i=front)
+        rows = g.op("GatherND", t, g.op("Unsqueeze", index, g.op("Constant", value_t=torch.tensor([1]))))
+        if not dim:
+            return rows
+        back = sorted(range(rank), key=front.__getitem__)
+        return g.op("Transpose", rows, perm_i=back)
+
+
+def take(t: Tensor, dim: int, index: Tensor) -> Tensor:
+    """The slices ``index`` of ``t`` along ``dim``: ``index_select``, exported as ``GatherND``."""
+    return _Take.apply(t, dim % t.dim(), index)
 
 
 def _norms(t: Tensor, dim: int) -> Tensor:
@@ -140,7 +185,7 @@ def _slices(
 ) -> tuple[Tensor, Tensor]:
     """Sampled slices of ``a`` and ``b``, the scale on the smaller one (as the runtime op)."""
     index, scale = sample(_norms(a, a_dim) * _norms(b, b_dim), k, method, eps=eps, noise=noise)
-    a_s, b_s = a.index_select(a_dim, index), b.index_select(b_dim, index)
+    a_s, b_s = take(a, a_dim, index), take(b, b_dim, index)
     if int(a.numel()) // int(a.shape[a_dim]) <= int(b.numel()) // int(b.shape[b_dim]):
         return _scaled(a_s, scale, a_dim), b_s
     return a_s, _scaled(b_s, scale, b_dim)
@@ -156,15 +201,28 @@ def export_linear(
     training: bool = True,
     eps: float = DEFAULT_EPS,
     noise: Tensor | None = None,
+    transposed: bool = False,
 ) -> Tensor:
-    """``sampled_linear`` -> Gather of ``x`` and ``W`` columns, scale on ``x``, then Gemm / MatMul."""
-    n = int(weight.shape[-1])
+    """``sampled_linear`` -> GatherND of ``x`` columns and ``W`` columns, scale on ``x``, then Gemm.
+
+    ``transposed=True``: ``weight`` is stored ``(in, out)``, so its kept rows are taken and the
+    product is a plain MatMul (``x @ weight + bias`` when nothing is sampled).
+    """
+    n = int(weight.shape[0 if transposed else -1])
     k = kept_count(keep, n)
     if not training or k >= n:
+        return _dense(x, weight, bias, transposed)
+    w_dim = 0 if transposed else 1  # the input-feature axis of the stored weight
+    index, scale = sample(_norms(x, -1) * _norms(weight, w_dim), k, method, eps=eps, noise=noise)
+    xs = _scaled(take(x, -1, index), scale, -1)
+    return _dense(xs, take(weight, w_dim, index), bias, transposed)
+
+
+def _dense(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    if not transposed:
         return F.linear(x, weight, bias)
-    index, scale = sample(_norms(x, -1) * _norms(weight, 1), k, method, eps=eps, noise=noise)
-    xs = _scaled(x.index_select(-1, index), scale, -1)
-    return F.linear(xs, weight.index_select(1, index), bias)
+    y = torch.matmul(x, weight)
+    return y if bias is None else y + bias
 
 
 def export_matmul(

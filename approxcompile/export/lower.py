@@ -12,12 +12,18 @@ graph that shares the input's submodules and parameters, so ``state_dict()`` key
 tensors are the same objects. With ``noise="input"`` every random node reads its uniform
 draws from a new graph input (``noise_<node>``, listed in :attr:`Lowered.noise`) instead of
 drawing them, which lets PyTorch and ONNX Runtime run on the same randomness.
+
+With ``transpose_weights=True`` (what ``export_training`` uses) each sampled linear's weight
+becomes a new parameter ``<name>__t`` holding ``W.T``, ``(in, out)``, so the kept columns of
+``W`` are leading-axis rows (see ``estimators``: ONNX Runtime scatters their gradient
+an order of magnitude faster). Those parameters are copies, not the input's tensors; the
+names are in :attr:`Lowered.transposed`, and :func:`restore_layout` maps values back.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,11 +31,12 @@ import torch
 import torch.fx as fx
 
 from approxcompile import ops
-from approxcompile.errors import ApproxCompileError
 from approxcompile.export import estimators
+from approxcompile.export.errors import ExportError
 from approxcompile.plan import META_KEY, kept_count
 
 Noise = Literal["draw", "input"]
+TRANSPOSED_SUFFIX = "__t"
 
 TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
     ops.sampled_linear: estimators.export_linear,
@@ -37,10 +44,6 @@ TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
     ops.sampled_addmm: estimators.export_addmm,
     ops.sampled_conv: estimators.export_conv,
 }
-
-
-class ExportError(ApproxCompileError, RuntimeError):
-    """A graph could not be lowered, exported to ONNX or turned into ORT training artifacts."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Lowered:
     module: fx.GraphModule
     swapped: int
     noise: tuple[NoiseInput, ...] = ()
+    transposed: tuple[str, ...] = ()  # parameters stored as W.T, named <state_dict key>__t
 
     def noise_tensors(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
         """Fresh uniform draws for every noise input, in graph-input order."""
@@ -93,7 +97,81 @@ def _check_exportable(node: fx.Node) -> None:
         )
 
 
-def lower_for_export(module: fx.GraphModule, *, noise: Noise = "draw") -> Lowered:
+def restore_layout(name: str, value: Any, transposed: Sequence[str]) -> tuple[str, Any]:
+    """``(state_dict key, value in the module's layout)`` for a lowered parameter ``name``."""
+    if name not in transposed:
+        return name, value
+    return name.removesuffix(TRANSPOSED_SUFFIX), value.T
+
+
+def _transposable(graph: fx.Graph, module: fx.GraphModule) -> list[fx.Node]:
+    """The weight ``get_attr`` nodes read only as the weight of linear twins, and nowhere else.
+
+    A weight that is tied to another name, read by a ``call_module`` or by any other node
+    keeps its layout: a transposed copy would untie it.
+    """
+    names: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
+    modules = [str(n.target) for n in graph.nodes if n.op == "call_module"]
+    reads: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            reads[str(n.target)] = reads.get(str(n.target), 0) + 1
+    found = []
+    for node in graph.nodes:
+        if node.op != "get_attr" or reads[str(node.target)] != 1 or not node.users:
+            continue
+        target = str(node.target)
+        try:
+            param = module.get_parameter(target)
+        except AttributeError:
+            continue  # a buffer or a plain attribute
+        uses_ok = all(
+            u.op == "call_function"
+            and u.target is estimators.export_linear
+            and len(u.args) > 1
+            and u.args[1] is node
+            and node not in (u.args[0], *u.args[2:])
+            for u in node.users
+        )
+        if (
+            uses_ok
+            and param.dim() == 2
+            and names.get(id(param)) == 1
+            and not any(target.startswith(m + ".") for m in modules)
+        ):
+            found.append(node)
+    return found
+
+
+def _transpose_weights(lowered: fx.GraphModule, module: fx.GraphModule) -> tuple[str, ...]:
+    names = []
+    for node in _transposable(lowered.graph, module):
+        target = str(node.target)
+        prefix, _, field = target.rpartition(".")
+        container = lowered.get_submodule(prefix)
+        assert prefix == "" or container is not module.get_submodule(prefix), target  # a fresh holder
+        new = field + TRANSPOSED_SUFFIX
+        if hasattr(container, new):
+            continue  # the name is taken: leave this weight as it is
+        weight = module.get_parameter(target)
+        delattr(container, field)
+        container.register_parameter(
+            new, torch.nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+        )
+        node.target = f"{prefix}.{new}" if prefix else new
+        for user in list(node.users):
+            user.kwargs = {**user.kwargs, "transposed": True}
+        names.append(str(node.target))
+    if names:
+        lowered.recompile()
+    return tuple(names)
+
+
+def lower_for_export(
+    module: fx.GraphModule, *, noise: Noise = "draw", transpose_weights: bool = False
+) -> Lowered:
     """Return a copy of ``module`` whose sampled ops are export-friendly (``module`` is unchanged)."""
     if not isinstance(module, fx.GraphModule):
         raise ExportError(
@@ -124,4 +202,5 @@ def lower_for_export(module: fx.GraphModule, *, noise: Noise = "draw") -> Lowere
     lowered = fx.GraphModule(module, graph, class_name="ExportModule")
     lowered.meta.update(module.meta)
     lowered.train(module.training)
-    return Lowered(module=lowered, swapped=swapped, noise=tuple(specs))
+    transposed = _transpose_weights(lowered, module) if transpose_weights else ()
+    return Lowered(module=lowered, swapped=swapped, noise=tuple(specs), transposed=transposed)

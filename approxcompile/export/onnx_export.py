@@ -122,10 +122,12 @@ def export_onnx(
 
     ``module`` is a GraphModule from ``approxcompile.optimize``; it is neither mutated nor
     left in another train/eval mode. ``noise="input"`` adds one graph input per random
-    node to the training graph (see ``lower_for_export``); the eval graph has none.
+    node to the training graph (see ``lower_for_export``); the eval graph has none. The
+    training graph stores each sampled linear's weight transposed, as ``<key>__t`` (the
+    layout ONNX Runtime trains fastest); the eval graph keeps every ``state_dict()`` name.
 
     >>> export_onnx(fast, (x,), "model_train.onnx")
     >>> export_onnx(fast, (x,), "model_eval.onnx", training=False)
     """
-    lowered = lower_for_export(module, noise=noise if training else "draw")
+    lowered = lower_for_export(module, noise=noise if training else "draw", transpose_weights=training)
     return export_lowered(lowered, example_inputs, path, training=training)

@@ -9,7 +9,8 @@
     run.evaluate(x, y)                 # the exact eval graph's loss
 
 The checkpoint holds every trainable parameter under its ``state_dict()`` key (the exporter
-names initializers by it), so the round trip copies float32 arrays into the same tensors.
+names initializers by it), so the round trip copies float32 arrays into the same tensors;
+sampled linear weights, stored transposed as ``<key>__t``, are transposed back on the way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from approxcompile.export.artifacts import Artifacts, require_ort
-from approxcompile.export.lower import ExportError
+from approxcompile.export.lower import ExportError, restore_layout
 from approxcompile.export.quiet import quiet
 
 Batch = tuple[Sequence[torch.Tensor] | torch.Tensor, torch.Tensor]
@@ -111,12 +112,16 @@ class OrtTrainer:
         return float(np.asarray(self.module(*feeds)).reshape(-1)[0])
 
     def parameters(self, *, trainable_only: bool = False) -> dict[str, np.ndarray]:
-        """The checkpoint's tensors by ``state_dict()`` key (frozen buffers too, unless asked not to)."""
-        return {
-            name: np.array(p.data)
+        """The checkpoint's tensors by ``state_dict()`` key and in the module's layout (frozen too)."""
+        return dict(
+            restore_layout(name, np.array(p.data), self.artifacts.transposed)
             for name, p in self.state.parameters
             if p.requires_grad or not trainable_only
-        }
+        )
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The last step's gradients by checkpoint name, as ORT holds them (``<key>__t`` = W.T)."""
+        return {name: np.array(p.grad) for name, p in self.state.parameters if p.requires_grad}
 
     def load_into(self, model: nn.Module) -> nn.Module:
         """Copy the trained parameters into ``model``'s tensors (in place) and return it."""
