@@ -53,6 +53,24 @@ class Attention(nn.Module):
         return self.out(x)
 
 
+class Encoder(nn.Module):
+    """One pre-norm transformer block and a pooled head: LayerNorms, attention matmuls, an MLP."""
+
+    def __init__(self, d: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)  # equal fresh weights (all ones)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        att = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / h.shape[-1] ** 0.5, dim=-1)
+        x = x + self.o(att @ self.v(h))
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
 def mlp() -> nn.Module:
     torch.manual_seed(0)
     return MLP()
@@ -61,6 +79,11 @@ def mlp() -> nn.Module:
 def cnn() -> nn.Module:
     torch.manual_seed(0)
     return CNN()
+
+
+def encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return Encoder()
 
 
 def attention() -> nn.Module:

@@ -27,6 +27,7 @@ needs_ort = pytest.mark.skipif(not HAS_ORT, reason="needs the [ort] extra (Pytho
 
 MLP = Case("mlp", models.mlp, (32, 64))
 CNN = Case("cnn", models.cnn, (8, 1, 8, 8))
+ENCODER = Case("encoder", models.encoder, (4, 16, 32))  # LayerNorms, attention matmuls
 METHODS = ("topk", "uniform", "crs", "bernoulli")
 
 
@@ -84,7 +85,7 @@ def test_stop_gradient_is_exact_and_has_no_gradient() -> None:
 
 @needs_ort
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", [MLP, CNN], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [MLP, CNN, ENCODER], ids=lambda c: c.name)
 def test_training_graph_gradients_equal_pytorch(case: Case, method: str, tmp_path) -> None:
     _, fast, x, y = Case(case.name, case.factory, case.shape, method).build()
     art, lowered = export_with_noise(fast, x, tmp_path, optimizer="sgd")
@@ -141,7 +142,7 @@ def test_adamw_trains_and_round_trips_exactly(tmp_path) -> None:
 
 
 @needs_ort
-@pytest.mark.parametrize("case", [MLP, CNN], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [MLP, CNN, ENCODER], ids=lambda c: c.name)
 def test_eval_graph_is_exact(case: Case, tmp_path) -> None:
     import onnxruntime
 

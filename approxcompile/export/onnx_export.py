@@ -7,7 +7,14 @@ Exporter settings, each for a measured reason (design.md):
   initializer and top-k would keep picking by the initial weights;
 - ``training=TrainingMode.TRAINING`` and ``do_constant_folding=False`` for the same reason,
   and so that dropout / batch norm export in their training form;
-- opset 17, which onnxruntime-training 1.19.2 runs and onnx 1.17.0 writes at IR 8.
+- opset 17, which onnxruntime-training 1.19.2 runs and onnx 1.17.0 writes at IR 8;
+- every ``LayerNormalization`` gets its optional ``Mean`` and
+  ``InvStdDev`` outputs: the exporter writes only ``Y``, and ORT's gradient builder for
+  LayerNormalization reads the other two (without them ``generate_artifacts`` fails with
+  ``GradientBuilderBase::O ... i < node_->OutputDefs().size() was false``);
+- parameters the exporter deduplicated become initializers again: in eval mode it merges
+  equal-valued initializers (two LayerNorms' fresh weights, all ones) into one plus an
+  ``Identity`` node, and ``generate_artifacts`` then cannot find the second parameter.
 
 The eval graph is exported from the module in ``eval()`` mode, where every sampled op is
 the exact one, so it contains no TopK / random nodes at all.
@@ -107,7 +114,46 @@ def export_lowered(
             f"export: torch.onnx could not export the graph{where}: {first}. Replace the op with "
             "ones ONNX opset 17 has, or register a symbolic (torch.onnx.register_custom_op_symbolic)"
         ) from e
+    _prepare_for_ort(path)
     return path
+
+
+def _prepare_for_ort(path: Path) -> None:
+    """In place: undo initializer deduplication; give LayerNorms their statistics outputs.
+
+    ``generate_artifacts`` builds a gradient graph for the eval graph too, so both need them.
+    """
+    onnx = _onnx()
+    data = path.read_bytes()
+    if onnx is None or (b"Identity" not in data and b"LayerNormalization" not in data):
+        return
+    model = onnx.load(str(path))
+    graph = model.graph
+    patched = 0
+    for node in graph.node:
+        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            node.output.extend([f"{node.output[0]}_mean", f"{node.output[0]}_inv_std_dev"])
+            patched += 1
+    held = {init.name: init for init in graph.initializer}
+    for node in list(graph.node):
+        if node.op_type == "Identity" and node.input[0] in held and node.output[0] not in held:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(held[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            held[copy.name] = copy
+            graph.node.remove(node)
+            patched += 1
+    if patched:
+        onnx.save(model, str(path))
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:  # export_onnx works without the [ort] extra; ORT, which needs this, has it
+        return None
+    return onnx
 
 
 def export_onnx(
