@@ -6,7 +6,7 @@ in the ONNX graph, so ONNX Runtime would differentiate through the scores, proba
 and scales, and ORT builds its own exact gradient in place of a custom backward. Here the
 same estimators are written so that the *graph itself* stops the gradient:
 
-- indices reach the product only through ``Gather``'s index input (int64), a stop edge of
+- indices reach the product only through ``GatherND``'s index input (int64), a stop edge of
   ORT's gradient builder, so ``TopK`` / ``CumSum`` / comparisons on scores get no gradient;
 - scales pass through :func:`stop_gradient`, an exact round trip through int64 (a ``Cast``
   to an integer type is also a stop edge, and ONNX has no StopGradient operator);
@@ -23,7 +23,7 @@ full-size ``Transpose`` runs each step (``transposed=True``, set by ``lower_for_
 ::
 
     sampled_linear(x, W, b, keep=0.4, method='topk', training=training)
-        -> export_linear(x, W, b, keep=0.4, method='topk', training=training)   # TopK, Gather, Gemm
+        -> export_linear(x, W, b, keep=0.4, method='topk', training=training)   # TopK, GatherND, Gemm
 
 ``noise`` is the uniform randomness (``n`` draws; ``k`` for ``crs``): ``None`` draws it inside
 the graph (``RandomUniform``), a tensor feeds it in, so tests can give PyTorch and ONNX
@@ -38,9 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.onnx import symbolic_helper
 
-from approxcompile.export.errors import ExportError
 from approxcompile.ops.sampling import DEFAULT_EPS
 from approxcompile.plan import kept_count
 
@@ -80,35 +78,34 @@ class _Take(torch.autograd.Function):
     """``t.index_select(dim, index)`` that exports as Transpose + ``GatherND`` + Transpose."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, t: Tensor, dim: int, index: Tensor) -> Tensor:
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, t: Tensor, dim: int, rank: int, index: Tensor
+    ) -> Tensor:
         ctx.save_for_backward(index)
         ctx.dim, ctx.shape = dim, t.shape  # type: ignore[attr-defined]
         return t.index_select(dim, index)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         (index,) = ctx.saved_tensors  # type: ignore[attr-defined]
         full = grad.new_zeros(ctx.shape)  # type: ignore[attr-defined]
-        return full.index_add_(ctx.dim, index, grad), None, None  # type: ignore[attr-defined]
+        return full.index_add_(ctx.dim, index, grad), None, None, None  # type: ignore[attr-defined]
 
     @staticmethod
-    def symbolic(g: Any, t: Any, dim: int, index: Any) -> Any:
-        rank = symbolic_helper._get_tensor_rank(t)
-        if rank is None:
-            raise ExportError(f"take: the rank of the tensor sampled along dim {dim} is unknown")
+    def symbolic(g: Any, t: Any, dim: int, rank: int, index: Any) -> Any:
         front = [dim, *(d for d in range(rank) if d != dim)]  # the sampled axis first
         if dim:
             t = g.op("Transpose", t, perm_i=front)
         rows = g.op("GatherND", t, g.op("Unsqueeze", index, g.op("Constant", value_t=torch.tensor([1]))))
         if not dim:
             return rows
-        back = sorted(range(rank), key=front.__getitem__)
+        back = sorted(range(rank), key=front.__getitem__)  # the inverse permutation
         return g.op("Transpose", rows, perm_i=back)
 
 
 def take(t: Tensor, dim: int, index: Tensor) -> Tensor:
     """The slices ``index`` of ``t`` along ``dim``: ``index_select``, exported as ``GatherND``."""
-    return _Take.apply(t, dim % t.dim(), index)
+    return _Take.apply(t, dim % t.dim(), t.dim(), index)
 
 
 def _norms(t: Tensor, dim: int) -> Tensor:
@@ -235,7 +232,7 @@ def export_matmul(
     eps: float = DEFAULT_EPS,
     noise: Tensor | None = None,
 ) -> Tensor:
-    """``sampled_matmul`` -> Gather of the contracted slices of ``a`` and ``b``, then MatMul."""
+    """``sampled_matmul`` -> GatherND of the contracted slices of ``a`` and ``b``, then MatMul."""
     n = int(a.shape[-1])
     if not training or a.dim() < 2 or b.dim() < 2 or kept_count(keep, n) >= n:
         return torch.matmul(a, b)
@@ -253,7 +250,7 @@ def export_addmm(
     eps: float = DEFAULT_EPS,
     noise: Tensor | None = None,
 ) -> Tensor:
-    """``sampled_addmm`` -> Gather of the contracted slices, then Gemm."""
+    """``sampled_addmm`` -> GatherND of the contracted slices, then Gemm."""
     n = int(a.shape[-1])
     k = kept_count(keep, n)
     if not training or k >= n:
@@ -275,7 +272,7 @@ def export_conv(
     eps: float = DEFAULT_EPS,
     noise: Tensor | None = None,
 ) -> Tensor:
-    """``sampled_conv`` -> Gather of input channels of ``x`` and ``W``, then Conv."""
+    """``sampled_conv`` -> GatherND of input channels of ``x`` and ``W``, then Conv."""
     conv = _CONV[weight.dim() - 2]
     n = int(weight.shape[1])
     k = kept_count(keep, n)

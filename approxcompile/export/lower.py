@@ -9,9 +9,10 @@
 
 The input module is not mutated: the result is a new ``GraphModule`` over a copy of the
 graph that shares the input's submodules and parameters, so ``state_dict()`` keys and
-tensors are the same objects. With ``noise="input"`` every random node reads its uniform
-draws from a new graph input (``noise_<node>``, listed in :attr:`Lowered.noise`) instead of
-drawing them, which lets PyTorch and ONNX Runtime run on the same randomness.
+tensors are the same objects (except with ``transpose_weights``, below). With
+``noise="input"`` every random node reads its uniform draws from a new graph input
+(``noise_<node>``, listed in :attr:`Lowered.noise`) instead of drawing them, which lets
+PyTorch and ONNX Runtime run on the same randomness.
 
 With ``transpose_weights=True`` (what ``export_training`` uses) each sampled linear's weight
 becomes a new parameter ``<name>__t`` holding ``W.T``, ``(in, out)``, so the kept columns of
@@ -31,12 +32,17 @@ import torch
 import torch.fx as fx
 
 from approxcompile import ops
+from approxcompile.errors import ApproxCompileError
 from approxcompile.export import estimators
-from approxcompile.export.errors import ExportError
 from approxcompile.plan import META_KEY, kept_count
 
 Noise = Literal["draw", "input"]
 TRANSPOSED_SUFFIX = "__t"
+
+
+class ExportError(ApproxCompileError, RuntimeError):
+    """A graph could not be lowered, exported to ONNX or turned into ORT training artifacts."""
+
 
 TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
     ops.sampled_linear: estimators.export_linear,
