@@ -263,6 +263,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from approxcompile.export import export_onnx, export_training, require_ort
+    from approxcompile.export.lower import transposed_weights
     from approxcompile.report import report
 
     if not args.onnx_only:
@@ -279,6 +280,10 @@ def _export(args: argparse.Namespace) -> int:
         written = [art.training_model, art.eval_model, art.optimizer_model, art.checkpoint]
     plan = report(gm)
     print(f"{len(plan.sampled)} of {len(plan.nodes)} product nodes sampled at budget {args.budget}")
+    transposed = transposed_weights(gm)
+    if transposed:
+        where = "the training graph" if args.onnx_only else "both graphs and the checkpoint"
+        print(f"stored transposed (W.T) in {where}: {', '.join(transposed)}")
     for path in written:
         print(f"wrote {path}")
     return 0

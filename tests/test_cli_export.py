@@ -21,10 +21,12 @@ def test_onnx_only_writes_the_two_graphs(tmp_path: Path, capsys: pytest.CaptureF
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "product nodes sampled at budget 0.4" in stdout and "model_eval.onnx" in stdout
+    assert "stored transposed (W.T) in the training graph: layers.1.weight__t" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["model_eval.onnx", "model_train.onnx"]
-    train_ops = {n.op_type for n in onnx.load(str(out / "model_train.onnx")).graph.node}
-    eval_ops = {n.op_type for n in onnx.load(str(out / "model_eval.onnx")).graph.node}
-    assert "TopK" in train_ops and "TopK" not in eval_ops
+    train, exact = (onnx.load(str(out / name)).graph for name in ("model_train.onnx", "model_eval.onnx"))
+    assert "TopK" in {n.op_type for n in train.node} and "TopK" not in {n.op_type for n in exact.node}
+    assert "layers.1.weight__t" in {i.name for i in train.initializer}
+    assert "layers.1.weight" in {i.name for i in exact.initializer}  # the exact model keeps its names
 
 
 @needs_ort

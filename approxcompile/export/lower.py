@@ -111,7 +111,7 @@ def restore_layout(name: str, value: Any, transposed: Sequence[str]) -> tuple[st
 
 
 def _transposable(graph: fx.Graph, module: fx.GraphModule) -> list[fx.Node]:
-    """The weight ``get_attr`` nodes read only as the weight of linear twins, and nowhere else.
+    """The weight ``get_attr`` nodes read only as the weight of sampled linears, and nowhere else.
 
     A weight that is tied to another name, read by a ``call_module`` or by any other node
     keeps its layout: a transposed copy would untie it.
@@ -135,7 +135,7 @@ def _transposable(graph: fx.Graph, module: fx.GraphModule) -> list[fx.Node]:
             continue  # a buffer or a plain attribute
         uses_ok = all(
             u.op == "call_function"
-            and u.target is estimators.export_linear
+            and u.target in (estimators.export_linear, ops.sampled_linear)
             and len(u.args) > 1
             and u.args[1] is node
             and node not in (u.args[0], *u.args[2:])
@@ -149,6 +149,11 @@ def _transposable(graph: fx.Graph, module: fx.GraphModule) -> list[fx.Node]:
         ):
             found.append(node)
     return found
+
+
+def transposed_weights(module: fx.GraphModule) -> tuple[str, ...]:
+    """The names ``lower_for_export(module, transpose_weights=True)`` gives transposed weights."""
+    return tuple(f"{node.target}{TRANSPOSED_SUFFIX}" for node in _transposable(module.graph, module))
 
 
 def _transpose_weights(lowered: fx.GraphModule, module: fx.GraphModule) -> tuple[str, ...]:
