@@ -263,6 +263,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from approxcompile.export import export_onnx, export_training, require_ort
+    from approxcompile.export.artifacts import MANIFEST
     from approxcompile.export.lower import transposed_weights
     from approxcompile.report import report
 
@@ -278,6 +279,7 @@ def _export(args: argparse.Namespace) -> int:
     else:
         art = export_training(gm, inputs, out, loss=args.loss, optimizer=args.optimizer)
         written = [art.training_model, art.eval_model, art.optimizer_model, art.checkpoint]
+        written.append(art.directory / MANIFEST)
     plan = report(gm)
     print(f"{len(plan.sampled)} of {len(plan.nodes)} product nodes sampled at budget {args.budget}")
     transposed = transposed_weights(gm)

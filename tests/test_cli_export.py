@@ -5,10 +5,14 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
 from approxcompile.cli import main
+from approxcompile.export import Artifacts, ExportError, OrtTrainer
+from tests import models
 
 needs_ort = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime.training") is None, reason="needs the [ort] extra"
@@ -37,6 +41,20 @@ def test_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "Traceback" not in capsys.readouterr().err
     names = {p.name for p in tmp_path.iterdir()}
     assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"} <= names
+    # another process picks the directory up: train a step, then bring the weights home
+    art = Artifacts.load(tmp_path)
+    assert (art.optimizer, art.loss, art.inputs) == ("sgd", "cross_entropy", 1)
+    trainer = OrtTrainer(art, lr=0.1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    assert np.isfinite(trainer.step(x, y))
+    model = models.cnn()
+    trainer.load_into(model)
+    assert not torch.equal(model.conv2.weight, models.cnn().conv2.weight)  # trained weights arrived
+
+
+def test_artifacts_load_says_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="artifacts.json"):
+        Artifacts.load(tmp_path)
 
 
 def test_unwritable_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

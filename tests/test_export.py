@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from approxcompile import ops
 from approxcompile.export import (
+    Artifacts,
     OrtTrainer,
     estimators,
     export_onnx,
@@ -122,6 +123,14 @@ def test_sgd_parity_20_steps(case: Case, tmp_path) -> None:
     for name, value in trainer.parameters(trainable_only=True).items():
         np.testing.assert_allclose(value, trained[name].detach().numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
         assert not np.array_equal(value, start.state_dict()[name].numpy()), f"{name} never trained"
+
+
+@needs_ort
+def test_artifacts_record_survives_the_directory(tmp_path) -> None:
+    _, fast, x, _ = Case("mlp", models.mlp, (32, 64), "crs").build()
+    art = export_training(fast, (x,), tmp_path, optimizer="sgd", loss="mse", noise="input")
+    assert art.noise and art.transposed  # the fields a reader could lose
+    assert Artifacts.load(tmp_path) == art
 
 
 @needs_ort

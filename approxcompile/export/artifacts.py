@@ -7,6 +7,7 @@
     out_dir/optimizer_model.onnx   AdamW or SGD update
     out_dir/checkpoint             the parameters (trainable) and buffers (frozen)
     out_dir/model_train.onnx, model_eval.onnx   the plain exported graphs (export_onnx)
+    out_dir/artifacts.json         what OrtTrainer needs to know: inputs, noise, layout (Artifacts.load)
 
 ``onnxruntime.training.artifacts.generate_artifacts`` derives its eval graph from the graph it
 is given, which here samples; the exact eval graph is therefore exported separately and
@@ -19,6 +20,7 @@ except that sampled linear weights are stored transposed as ``<key>__t`` (``lowe
 from __future__ import annotations
 
 import importlib
+import json
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -34,6 +36,8 @@ from approxcompile.export.onnx_export import export_lowered
 from approxcompile.export.quiet import quiet
 
 LOSSES = ("cross_entropy", "mse")
+MANIFEST = "artifacts.json"
+MANIFEST_FORMAT = 1
 OPTIMIZERS = ("adamw", "sgd")
 INSTALL_HINT = "pip install 'approxcompile[ort]'"
 
@@ -71,6 +75,54 @@ class Artifacts:
     loss: str = "cross_entropy"
     optimizer: str = "adamw"
     transposed: tuple[str, ...] = ()  # checkpoint names holding W.T (see lower_for_export)
+
+    def save(self) -> Path:
+        """Write ``artifacts.json`` into the directory, so :meth:`load` can rebuild this record."""
+        record = {
+            "format": MANIFEST_FORMAT,
+            "inputs": self.inputs,
+            "noise": [{"name": n.name, "node": n.node, "size": n.size} for n in self.noise],
+            "loss": self.loss,
+            "optimizer": self.optimizer,
+            "transposed": list(self.transposed),
+        }
+        path = self.directory / MANIFEST
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Artifacts:
+        """The record of an ``export_training`` (or ``approxcompile export``) output directory.
+
+        >>> trainer = OrtTrainer(Artifacts.load("artifacts"), lr=0.05)
+        """
+        out = Path(directory)
+        try:
+            record = json.loads((out / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise ExportError(
+                f"Artifacts.load: cannot read {out / MANIFEST} ({e}); is {out} a directory written by "
+                "export_training or `approxcompile export` without --onnx-only?"
+            ) from e
+        if record.get("format") != MANIFEST_FORMAT:
+            raise ExportError(f"Artifacts.load: {out / MANIFEST} has format {record.get('format')!r}")
+        art = cls(
+            directory=out,
+            training_model=out / "training_model.onnx",
+            eval_model=out / "eval_model.onnx",
+            optimizer_model=out / "optimizer_model.onnx",
+            checkpoint=out / "checkpoint",
+            inputs=int(record["inputs"]),
+            noise=tuple(NoiseInput(**n) for n in record["noise"]),
+            loss=record["loss"],
+            optimizer=record["optimizer"],
+            transposed=tuple(record["transposed"]),
+        )
+        missing = [p.name for p in (art.training_model, art.eval_model, art.optimizer_model, art.checkpoint)]
+        missing = [name for name in missing if not (out / name).exists()]
+        if missing:
+            raise ExportError(f"Artifacts.load: {out} lacks {', '.join(missing)}")
+        return art
 
 
 def _prepare(out_dir: Path) -> Path:
@@ -149,7 +201,7 @@ def export_training(
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         _generate(onnx, eval_graph, Path(tmp), optimizer=optimizer, **kw)
         shutil.copyfile(Path(tmp) / "eval_model.onnx", out / "eval_model.onnx")
-    return Artifacts(
+    art = Artifacts(
         directory=out,
         training_model=out / "training_model.onnx",
         eval_model=out / "eval_model.onnx",
@@ -161,6 +213,8 @@ def export_training(
         optimizer=optimizer,
         transposed=lowered.transposed,
     )
+    art.save()
+    return art
 
 
 def _present(onnx: ModuleType, graph: Path, names: list[str]) -> list[str]:
