@@ -40,16 +40,16 @@ Noise = Literal["draw", "input"]
 TRANSPOSED_SUFFIX = "__t"
 
 
-class ExportError(ApproxCompileError, RuntimeError):
-    """A graph could not be lowered, exported to ONNX or turned into ORT training artifacts."""
-
-
 TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
     ops.sampled_linear: estimators.export_linear,
     ops.sampled_matmul: estimators.export_matmul,
     ops.sampled_addmm: estimators.export_addmm,
     ops.sampled_conv: estimators.export_conv,
 }
+
+
+class ExportError(ApproxCompileError, RuntimeError):
+    """A graph could not be lowered, exported to ONNX or turned into ORT training artifacts."""
 
 
 @dataclass(frozen=True)

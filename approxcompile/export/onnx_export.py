@@ -114,14 +114,16 @@ def export_lowered(
             f"export: torch.onnx could not export the graph{where}: {first}. Replace the op with "
             "ones ONNX opset 17 has, or register a symbolic (torch.onnx.register_custom_op_symbolic)"
         ) from e
-    _prepare_for_ort(path)
+    _prepare_for_ort(path, set(gm.state_dict()))
     return path
 
 
-def _prepare_for_ort(path: Path) -> None:
+def _prepare_for_ort(path: Path, state: set[str]) -> None:
     """In place: undo initializer deduplication; give LayerNorms their statistics outputs.
 
     ``generate_artifacts`` builds a gradient graph for the eval graph too, so both need them.
+    Only an ``Identity`` whose output is named by a ``state_dict()`` key (``state``) is a
+    merged initializer; any other one (a ``clone()`` of a weight) carries a gradient and stays.
     """
     onnx = _onnx()
     data = path.read_bytes()
@@ -136,7 +138,8 @@ def _prepare_for_ort(path: Path) -> None:
             patched += 1
     held = {init.name: init for init in graph.initializer}
     for node in list(graph.node):
-        if node.op_type == "Identity" and node.input[0] in held and node.output[0] not in held:
+        merged = node.output[0] in state and node.output[0] not in held
+        if node.op_type == "Identity" and node.input[0] in held and merged:
             copy = onnx.TensorProto()
             copy.CopyFrom(held[node.input[0]])
             copy.name = node.output[0]
