@@ -101,6 +101,26 @@ def test_training_graph_gradients_equal_pytorch(case: Case, method: str, tmp_pat
 
 
 @needs_ort
+@pytest.mark.parametrize("case", [MLP, CNN, ENCODER], ids=lambda c: c.name)
+def test_any_batch_size_trains_and_evaluates(case: Case, tmp_path) -> None:
+    # exported at the example's batch, run at a smaller one (an epoch's last, partial batch)
+    _, fast, x, _ = Case(case.name, case.factory, case.shape, "crs").build()
+    art, lowered = export_with_noise(fast, x, tmp_path, optimizer="sgd")
+    g = torch.Generator().manual_seed(3)
+    small = (case.shape[0] - 3, *case.shape[1:])
+    x2, y2 = torch.randn(small, generator=g), torch.randint(0, 10, (small[0],), generator=g)
+    noise = lowered.noise_tensors(g)
+    lowered.module.eval()  # first: a training step below moves BatchNorm's running statistics
+    want = F.cross_entropy(lowered.module(x2, *noise), y2).item()  # eval: exact, noise unread
+    assert OrtTrainer(art).evaluate(x2, y2) == pytest.approx(want, rel=1e-5)
+    loss_pt, grads_pt = torch_gradients(lowered.module, x2, y2, noise)
+    loss_ort, grads_ort = ort_gradients(art, x2, y2, noise)
+    assert loss_ort == pytest.approx(loss_pt, rel=1e-5)
+    for name, grad in grads_pt.items():
+        np.testing.assert_allclose(grads_ort[name], grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@needs_ort
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [MLP, CNN], ids=lambda c: c.name)
 def test_sgd_parity_20_steps(case: Case, tmp_path) -> None:

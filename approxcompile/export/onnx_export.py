@@ -37,6 +37,7 @@ from approxcompile.export.quiet import quiet
 OPSET = 17
 INPUT_NAMES = "input"
 OUTPUT_NAME = "output"
+BATCH = "batch"  # the symbolic leading axis of every model input and of the output
 _UNSUPPORTED = re.compile(r"operator '?(?:aten::)?(\w+)'?", re.IGNORECASE)
 
 
@@ -105,6 +106,7 @@ def export_lowered(
                 keep_initializers_as_inputs=False,
                 input_names=names,
                 output_names=[OUTPUT_NAME],
+                dynamic_axes={name: {0: BATCH} for name in [*names[: len(example_inputs)], OUTPUT_NAME]},
             )
     except Exception as e:  # the exporter raises many types; all mean "this graph does not export"
         culprit = _culprit(gm, str(e))
@@ -114,16 +116,18 @@ def export_lowered(
             f"export: torch.onnx could not export the graph{where}: {first}. Replace the op with "
             "ones ONNX opset 17 has, or register a symbolic (torch.onnx.register_custom_op_symbolic)"
         ) from e
-    _prepare_for_ort(path, set(gm.state_dict()))
+    _prepare_for_ort(path, list(gm.state_dict()))
     return path
 
 
-def _prepare_for_ort(path: Path, state: set[str]) -> None:
+def _prepare_for_ort(path: Path, state: list[str]) -> None:
     """In place: undo initializer deduplication; give LayerNorms their statistics outputs.
 
     ``generate_artifacts`` builds a gradient graph for the eval graph too, so both need them.
     Only an ``Identity`` whose output is named by a ``state_dict()`` key (``state``) is a
     merged initializer; any other one (a ``clone()`` of a weight) carries a gradient and stays.
+    The initializers are then put in ``state`` order again: ORT's training API feeds the eval
+    graph's parameters in the training graph's order, which follows ``state_dict()``.
     """
     onnx = _onnx()
     data = path.read_bytes()
@@ -137,8 +141,10 @@ def _prepare_for_ort(path: Path, state: set[str]) -> None:
             node.output.extend([f"{node.output[0]}_mean", f"{node.output[0]}_inv_std_dev"])
             patched += 1
     held = {init.name: init for init in graph.initializer}
+    rank = {name: i for i, name in enumerate(state)}
+    restored = 0
     for node in list(graph.node):
-        merged = node.output[0] in state and node.output[0] not in held
+        merged = node.output[0] in rank and node.output[0] not in held
         if node.op_type == "Identity" and node.input[0] in held and merged:
             copy = onnx.TensorProto()
             copy.CopyFrom(held[node.input[0]])
@@ -146,8 +152,15 @@ def _prepare_for_ort(path: Path, state: set[str]) -> None:
             graph.initializer.append(copy)
             held[copy.name] = copy
             graph.node.remove(node)
-            patched += 1
-    if patched:
+            restored += 1
+    if restored:  # the copies went to the end: back into state_dict() order
+        ordered = sorted(graph.initializer, key=lambda init: rank.get(init.name, len(rank)))
+        kept = [onnx.TensorProto() for _ in ordered]
+        for new, old in zip(kept, ordered, strict=True):
+            new.CopyFrom(old)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    if patched or restored:
         onnx.save(model, str(path))
 
 
