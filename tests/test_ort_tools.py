@@ -31,7 +31,8 @@ def test_ort_train_learns_digits_and_round_trips(tmp_path: Path) -> None:
     argv = ["--data", "mnist_5k", "--models", "mlp", "--epochs", "1", "--json", str(out)]
     assert _tool("ort_train").main(argv) == 0
     exact, sampled = json.loads(out.read_text())
-    assert (exact["sampled_nodes"], exact["variant"]) == (0, "exact") and sampled["sampled_nodes"] > 0
+    assert (exact["engine"], exact["sampled_nodes"], exact["variant"]) == ("ort", 0, "exact")
+    assert sampled["sampled_nodes"] > 0
     # accuracy is measured in PyTorch after load_into: it is only above chance if the ORT-trained
     # weights came back (63 AdamW steps on 4000 digits)
     assert exact["test_accuracy"] > 0.5 and sampled["test_accuracy"] > 0.3, (exact, sampled)

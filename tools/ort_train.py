@@ -11,6 +11,9 @@ the last, smaller one included: the exported batch axis is symbolic), with a lin
 warm-up over the first epoch and a cosine decay set through ``set_learning_rate``. The
 trained weights then come back into a PyTorch copy of the model (``OrtTrainer.load_into``)
 and the test accuracy is computed there, in eval mode: the whole round trip is in the number.
+
+``--engine torch`` trains the same two rewritten modules in PyTorch instead (torch's AdamW
+or SGD with the same schedule and batches): the reference the ORT numbers should match.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from demo import accuracy, make_cnn, make_mlp  # tools/ is on sys.path when this runs as a script
 from torch import nn
 from tqdm import tqdm
@@ -41,6 +45,7 @@ LR = {"adamw": 1e-3, "sgd": 0.5}  # plain SGD: the demo's 0.1 with momentum 0.9 
 
 @dataclass(frozen=True)
 class Row:
+    engine: str
     model: str
     variant: str
     sampled_nodes: int
@@ -60,12 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optimizer", choices=list(LR), default="adamw")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: adamw 1e-3, sgd 0.5)")
+    p.add_argument("--engine", choices=["ort", "torch"], default="ort", help="where to train (default: ort)")
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's)")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     return p.parse_args(argv)
 
 
-def train(trainer: OrtTrainer, split: Split, args: argparse.Namespace, lr: float, desc: str) -> list[float]:
+Step = Callable[[torch.Tensor, torch.Tensor, float], float]  # (x, y, learning rate) -> loss
+
+
+def train(step_fn: Step, split: Split, args: argparse.Namespace, lr: float, desc: str) -> list[float]:
     n = len(split.x_train)
     per_epoch = math.ceil(n / args.batch)
     total, warmup = args.epochs * per_epoch, per_epoch
@@ -77,9 +86,8 @@ def train(trainer: OrtTrainer, split: Split, args: argparse.Namespace, lr: float
             for i in range(per_epoch):
                 step = len(losses)
                 rate = min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / total))
-                trainer.optimizer.set_learning_rate(lr * rate)
                 idx = perm[i * args.batch : (i + 1) * args.batch]  # the last batch is smaller
-                losses.append(trainer.step(split.x_train[idx], split.y_train[idx]))
+                losses.append(step_fn(split.x_train[idx], split.y_train[idx], lr * rate))
                 bar.update()
                 if bar.n % 20 == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
@@ -96,15 +104,20 @@ def run(name: str, split: Split, args: argparse.Namespace, workdir: Path) -> lis
         torch.manual_seed(args.seed + 1)
         fast = approxcompile.optimize(copy.deepcopy(initial), budget, example_inputs=(example,))
         sampled = len(approxcompile.report(fast).sampled)
-        art = export_training(fast, (example,), workdir / f"{name}-{budget}", optimizer=args.optimizer)
-        trainer = OrtTrainer(art, lr=lr, threads=args.threads, seed=args.seed)
+        if args.engine == "ort":
+            art = export_training(fast, (example,), workdir / f"{name}-{budget}", optimizer=args.optimizer)
+            trainer = OrtTrainer(art, lr=lr, threads=args.threads, seed=args.seed)
+            step_fn, finish = _ort_step(trainer), lambda t=trainer: t.load_into(copy.deepcopy(initial))
+        else:
+            step_fn, finish = _torch_step(fast, args.optimizer), lambda m=fast: m
         start = time.perf_counter()
-        losses = train(trainer, split, args, lr, f"{name} {variant}")
+        losses = train(step_fn, split, args, lr, f"{name} {variant} ({args.engine})")
         seconds = time.perf_counter() - start
-        trained = trainer.load_into(copy.deepcopy(initial))  # ORT -> PyTorch, then test there
+        trained = finish()  # ORT: the weights come back into a PyTorch copy, tested there
         tail = losses[-50:]
         rows.append(
             Row(
+                args.engine,
                 name,
                 variant,
                 sampled,
@@ -117,6 +130,31 @@ def run(name: str, split: Split, args: argparse.Namespace, workdir: Path) -> lis
     return rows
 
 
+def _ort_step(trainer: OrtTrainer) -> Step:
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        trainer.optimizer.set_learning_rate(lr)
+        return trainer.step(x, y)
+
+    return step
+
+
+def _torch_step(model: nn.Module, optimizer: str) -> Step:
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params) if optimizer == "adamw" else torch.optim.SGD(params, lr=0.0)
+    model.train()
+
+    def step(x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     split = load_mnist() if args.data == "mnist" else load_mnist_5k()
@@ -126,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run(name, split, args, Path(tmp))
     print(
         f"\n{split.name}: {len(split.x_train)} train / {len(split.x_test)} test, {args.epochs} epoch(s), "
-        f"batch {args.batch}, ORT {args.optimizer}"
+        f"batch {args.batch}, {args.engine} {args.optimizer}"
     )
     print("| model | variant | sampled nodes | test accuracy | loss (last 50 steps) | train s | ms/step |")
     print("|---|---|---|---|---|---|---|")
