@@ -76,6 +76,18 @@ class Artifacts:
     optimizer: str = "adamw"
     transposed: tuple[str, ...] = ()  # checkpoint names holding W.T (see lower_for_export)
 
+    @classmethod
+    def in_directory(cls, out: Path, **fields: Any) -> Artifacts:
+        """The record of ``out`` with the file names ``generate_artifacts`` writes."""
+        return cls(
+            directory=out,
+            training_model=out / "training_model.onnx",
+            eval_model=out / "eval_model.onnx",
+            optimizer_model=out / "optimizer_model.onnx",
+            checkpoint=out / "checkpoint",
+            **fields,
+        )
+
     def save(self) -> Path:
         """Write ``artifacts.json`` into the directory, so :meth:`load` can rebuild this record."""
         record = {
@@ -106,12 +118,8 @@ class Artifacts:
             ) from e
         if record.get("format") != MANIFEST_FORMAT:
             raise ExportError(f"Artifacts.load: {out / MANIFEST} has format {record.get('format')!r}")
-        art = cls(
-            directory=out,
-            training_model=out / "training_model.onnx",
-            eval_model=out / "eval_model.onnx",
-            optimizer_model=out / "optimizer_model.onnx",
-            checkpoint=out / "checkpoint",
+        art = cls.in_directory(
+            out,
             inputs=int(record["inputs"]),
             noise=tuple(NoiseInput(**n) for n in record["noise"]),
             loss=record["loss"],
@@ -201,12 +209,8 @@ def export_training(
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         _generate(onnx, eval_graph, Path(tmp), optimizer=optimizer, **kw)
         shutil.copyfile(Path(tmp) / "eval_model.onnx", out / "eval_model.onnx")
-    art = Artifacts(
-        directory=out,
-        training_model=out / "training_model.onnx",
-        eval_model=out / "eval_model.onnx",
-        optimizer_model=out / "optimizer_model.onnx",
-        checkpoint=out / "checkpoint",
+    art = Artifacts.in_directory(
+        out,
         inputs=len(example_inputs),
         noise=lowered.noise,
         loss=loss,
