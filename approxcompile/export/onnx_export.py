@@ -125,7 +125,7 @@ def _prepare_for_ort(path: Path, state: list[str]) -> None:
 
     ``generate_artifacts`` builds a gradient graph for the eval graph too, so both need them.
     Only an ``Identity`` whose output is named by a ``state_dict()`` key (``state``) is a
-    merged initializer; any other one (a ``clone()`` of a weight) carries a gradient and stays.
+    merged initializer; any other one is left alone (it may carry a weight's gradient).
     The initializers are then put in ``state`` order again: ORT's training API feeds the eval
     graph's parameters in the training graph's order, which follows ``state_dict()``.
     """
