@@ -84,6 +84,11 @@ SPECS = (
 )
 
 
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The learning rate at ``step`` over its peak: linear warm-up over ``warmup`` steps, cosine decay."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
 def train(model: nn.Module, split: Split, *, lr: float, epochs: int, seed: int, desc: str) -> float:
     """Train with SGD + momentum, one warm-up epoch and a cosine decay; return wall seconds.
 
@@ -99,10 +104,7 @@ def train(model: nn.Module, split: Split, *, lr: float, epochs: int, seed: int, 
     steps = epochs * (n // BATCH)
     warmup = n // BATCH
 
-    def rate(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, steps))
     order = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from demo import accuracy, make_cnn, make_mlp  # tools/ is on sys.path when this runs as a script
+from demo import accuracy, lr_factor, make_cnn, make_mlp  # tools/ is on sys.path when this runs as a script
 from torch import nn
 from tqdm import tqdm
 
@@ -85,7 +85,7 @@ def train(step_fn: Step, split: Split, args: argparse.Namespace, lr: float, desc
             perm = torch.randperm(n, generator=order)
             for i in range(per_epoch):
                 step = len(losses)
-                rate = min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                rate = lr_factor(step, warmup, total)
                 idx = perm[i * args.batch : (i + 1) * args.batch]  # the last batch is smaller
                 losses.append(step_fn(split.x_train[idx], split.y_train[idx], lr * rate))
                 bar.update()

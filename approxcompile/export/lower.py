@@ -114,7 +114,8 @@ def _transposable(graph: fx.Graph, module: fx.GraphModule) -> list[fx.Node]:
     """The weight ``get_attr`` nodes read only as the weight of sampled linears, and nowhere else.
 
     A weight that is tied to another name, read by a ``call_module`` or by any other node
-    keeps its layout: a transposed copy would untie it.
+    keeps its layout: a transposed copy would untie it. So does one whose ``<name>__t`` the
+    graph already reads.
     """
     names: dict[int, int] = {}
     for _, p in module.named_parameters(remove_duplicate=False):
@@ -146,6 +147,7 @@ def _transposable(graph: fx.Graph, module: fx.GraphModule) -> list[fx.Node]:
             and param.dim() == 2
             and names.get(id(param)) == 1
             and not any(target.startswith(m + ".") for m in modules)
+            and target + TRANSPOSED_SUFFIX not in reads
         ):
             found.append(node)
     return found
@@ -164,8 +166,7 @@ def _transpose_weights(lowered: fx.GraphModule, module: fx.GraphModule) -> tuple
         container = lowered.get_submodule(prefix)
         assert prefix == "" or container is not module.get_submodule(prefix), target  # a fresh holder
         new = field + TRANSPOSED_SUFFIX
-        if hasattr(container, new):
-            continue  # the name is taken: leave this weight as it is
+        assert not hasattr(container, new), target  # _transposable left out taken names
         weight = module.get_parameter(target)
         delattr(container, field)
         container.register_parameter(

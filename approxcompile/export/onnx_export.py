@@ -133,7 +133,7 @@ def _prepare_for_ort(path: Path, state: list[str]) -> None:
     data = path.read_bytes()
     if onnx is None or (b"Identity" not in data and b"LayerNormalization" not in data):
         return
-    model = onnx.load(str(path))
+    model = onnx.load_from_string(data)  # the bytes just read: no second read of a large file
     graph = model.graph
     patched = 0
     for node in graph.node:
