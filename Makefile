@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp
 
-.PHONY: venv demo test lint clean distclean
+.PHONY: venv demo test lint mutate clean distclean
 
 venv: $(STAMP)
 
@@ -35,8 +35,14 @@ lint: venv
 	$(VENV)/bin/mypy approxcompile
 	cd passes && ../$(VENV)/bin/mypy .
 
+# Mutation testing of one core module (docs/testing.md), e.g.
+#   make mutate MODULE=approxcompile/ops/sampling.py
+# Without MODULE it lists the modules it is configured for and their test selections.
+mutate: venv
+	$(PY) tools/mutate.py $(if $(MODULE),$(MODULE),--list) $(MUTATE_ARGS)
+
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis .mutate
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # clean, and the virtual environment too (the next `make venv` reinstalls everything).
