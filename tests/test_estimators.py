@@ -240,3 +240,25 @@ def test_bernoulli_is_unbiased_when_a_keep_probability_saturates(case: str) -> N
     assert sq_err < 3.0 * floor, (sq_err, floor)
     # and the estimate is not trivially exact: the other columns really are sampled
     assert floor > 0
+
+
+def test_a_nan_score_counts_as_zero() -> None:
+    # eps = 0: p = (0, 1, 0, 0), so crs draws pair 1 every time, scale 1/(3·1)
+    scores = torch.tensor([float("nan"), 1.0, 0.0, 0.0])
+    index, scale = sample_pairs(scores, 3, "crs", eps=0.0, generator=torch.Generator().manual_seed(0))
+    assert index.tolist() == [1, 1, 1]
+    torch.testing.assert_close(scale, torch.full((3,), 1 / 3))
+    index, scale = estimators.sample(scores, 3, "crs", eps=0.0, noise=torch.tensor([0.0, 0.5, 0.99]))
+    assert index.tolist() == [1, 1, 1]
+    # infinities too: +inf and -inf score 0, never a division by an infinite total
+    scores = torch.tensor([float("inf"), 1.0, float("-inf"), 0.0])
+    index, _ = sample_pairs(scores, 2, "crs", eps=0.0, generator=torch.Generator().manual_seed(0))
+    assert index.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("method", ["zzz", "variance", "Topk", ""])
+def test_unknown_methods_are_refused_by_both_samplers(method: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown sampling method '{method}'"):
+        sample_pairs(torch.ones(4), 2, method)
+    with pytest.raises(ValueError, match=f"unknown sampling method '{method}'"):
+        estimators.sample(torch.ones(4), 2, method)

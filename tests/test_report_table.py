@@ -168,3 +168,16 @@ def test_optimize_with_overrides_reports_each_row_by_its_decision() -> None:
     assert _cells(text, "layers.0")[-1] == "first candidate node (kept exact, as in the paper)"
     assert _cells(text, "layers.3")[-1] == "last candidate node (kept exact, as in the paper)"
     assert "sampled nodes             1 / 4 candidates" in text
+
+
+def test_from_dict_reads_a_file_written_before_mode_rows_timing_and_scores() -> None:
+    data = report(PLAN).to_dict()
+    for key in ("mode", "scores"):
+        del data[key]
+    for node in data["nodes"]:
+        for key in ("mode", "rows", "timing"):
+            del node[key]
+    again = Report.from_dict(data).plan
+    assert (again.mode, again.scores) == ("forward", "activations")
+    assert [(n.mode, n.rows, n.timing) for n in again.nodes] == [("forward", 0, ())] * 4
+    assert again == PLAN

@@ -9,20 +9,24 @@ itself is never modified and tests can run there meanwhile; the copy imports its
 ``slow`` ones left out). One mutant runs at a time, so two cores are enough.
 
 The session database lands in ``.mutate/<module>.sqlite``: a second run resumes where the
-first stopped (``--fresh`` starts over); ``cr-report .mutate/<module>.sqlite`` prints it again.
+first stopped (``--fresh`` starts over, ``--recheck`` runs the survivors again against the
+current tests); ``cr-report .mutate/<module>.sqlite`` prints it again.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PYTEST = "python -m pytest -x -q -p no:cacheprovider -m 'not slow'"
+PYTEST = "-x -q -p no:cacheprovider -m 'not slow'"
 
 # module -> the tests that exercise it, as pytest arguments. Fast ones: the statistical tests
 # (thousands of draws) and whole-model optimize() runs are left to `make test`, except where
@@ -64,14 +68,15 @@ EXCLUDED = [
 ]
 
 
-def config(module: str, timeout: float) -> str:
+def config(module: str, timeout: float, sock: Path) -> str:
     excluded = ", ".join(f"'{e}'" for e in EXCLUDED)
+    runner = f"{sys.executable} {ROOT / 'tools' / 'forkserver.py'} run {sock} --"
     return (
         "[cosmic-ray]\n"
         f'module-path = "{module}"\n'
         f"timeout = {timeout}\n"
         "excluded-modules = []\n"
-        f'test-command = "{PYTEST} {TESTS[module]}"\n\n'
+        f'test-command = "{runner} {PYTEST} {TESTS[module]}"\n\n'
         "[cosmic-ray.distributor]\n"
         'name = "local"\n\n'
         "[cosmic-ray.filters.operators-filter]\n"
@@ -111,6 +116,11 @@ def main() -> int:
     ap.add_argument(
         "--timeout", type=float, default=120.0, help="seconds per mutant before it counts as killed"
     )
+    ap.add_argument(
+        "--recheck",
+        action="store_true",
+        help="run the surviving mutants of the last session again (after adding tests)",
+    )
     ap.add_argument("--list", action="store_true", help="print the modules and their test selections")
     args = ap.parse_args()
     if args.list or not args.module:
@@ -127,18 +137,86 @@ def main() -> int:
     stem = args.module.replace("/", "_").removesuffix(".py")
     tree = _scratch_copy(work / f"{stem}.tree")  # one per module: sessions may run side by side
     cfg, session = work / f"{stem}.toml", work / f"{stem}.sqlite"
-    cfg.write_text(config(args.module, args.timeout))
+    sock = work / f"{stem}.sock"
+    cfg.write_text(config(args.module, args.timeout, sock))
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if args.fresh or not session.exists():
+    # pytest runs in forks of one process that imported torch once (tools/forkserver.py)
+    sock.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools" / "forkserver.py"), "serve", str(sock)], cwd=tree, env=env
+    )
+    try:
+        _wait_for(sock)
+        _session(args, tree, env, cfg, session, bin_dir)
+    finally:
+        server.terminate()
+        server.wait()
+    return 0
+
+
+def _annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) of every annotation, as (line, column) pairs."""
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        notes = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            notes += [x.annotation for x in [*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg] if x]
+            notes.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            notes.append(node.annotation)
+        for n in notes:
+            if n is not None and n.end_lineno is not None and n.end_col_offset is not None:
+                spans.append(((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)))
+    return spans
+
+
+def _skip_annotations(session: Path, module: Path) -> None:
+    """Mark mutants inside annotations as skipped: every core module starts with
+    ``from __future__ import annotations``, so annotations are strings nobody evaluates and
+    ``Tensor | None`` -> ``Tensor - None`` cannot change behaviour."""
+    source = module.read_text()
+    if "from __future__ import annotations" not in source:
+        return
+    spans = _annotation_spans(source)
+    with sqlite3.connect(session) as db:
+        rows = db.execute(
+            "SELECT s.job_id, s.start_pos_row, s.start_pos_col FROM mutation_specs s "
+            "WHERE s.job_id NOT IN (SELECT job_id FROM work_results)"
+        ).fetchall()
+        skipped = [(job,) for job, row, col in rows if any(a <= (row, col) < b for a, b in spans)]
+        db.executemany(
+            "INSERT INTO work_results (worker_outcome, output, test_outcome, diff, job_id) "
+            "VALUES ('SKIPPED', 'inside an annotation (never evaluated)', NULL, NULL, ?)",
+            skipped,
+        )
+    print(f"mutate: {len(skipped)} mutants inside annotations skipped", flush=True)
+
+
+def _wait_for(sock: Path) -> None:
+    for _ in range(600):
+        if sock.exists():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"mutate: the test server never opened {sock}")
+
+
+def _session(
+    args: argparse.Namespace, tree: Path, env: dict[str, str], cfg: Path, session: Path, bin_dir: Path
+) -> None:
+    if args.recheck and session.exists():
+        with sqlite3.connect(session) as db:  # survivors become pending work again
+            db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+    elif args.fresh or not session.exists():
         session.unlink(missing_ok=True)
         run(tree, env, str(bin_dir / "cosmic-ray"), "init", str(cfg), str(session))
         run(tree, env, str(bin_dir / "cr-filter-operators"), str(session), str(cfg))
+        _skip_annotations(session, tree / args.module)
         # the unmutated tests must pass, or every mutant would count as killed
         run(tree, env, str(bin_dir / "cosmic-ray"), "baseline", str(cfg))
     run(tree, env, str(bin_dir / "cosmic-ray"), "exec", str(cfg), str(session))
     run(tree, env, str(bin_dir / "cr-report"), "--show-pending", str(session))
-    return 0
 
 
 if __name__ == "__main__":
