@@ -27,7 +27,8 @@ def human_flops(n: float) -> str:
     for scale, unit in _UNITS:
         if abs(n) >= scale * 0.9995:  # 999_999 reads "1M", not "1e+03K"
             v = n / scale
-            return f"{v:.3g}{unit}" if v < 1000 else f"{v:.0f}{unit}"
+            # 999.5 and up would print as "1e+03" in three significant digits
+            return f"{v:.3g}{unit}" if v < 999.5 else f"{v:.0f}{unit}"
     return f"{n:.0f}"
 
 

@@ -262,3 +262,13 @@ def test_unknown_methods_are_refused_by_both_samplers(method: str) -> None:
         sample_pairs(torch.ones(4), 2, method)
     with pytest.raises(ValueError, match=f"unknown sampling method '{method}'"):
         estimators.sample(torch.ones(4), 2, method)
+
+
+def test_topk_ranks_a_nan_score_as_zero() -> None:
+    scores = torch.tensor([float("nan"), 0.5, 0.2, 0.1])
+    for sampler in (sample_pairs, estimators.sample):
+        index, scale = sampler(scores, 2, "topk")
+        assert index.tolist() == [1, 2] and scale is None
+    # +inf is the largest score there is
+    index, _ = sample_pairs(torch.tensor([0.5, float("inf"), 0.2]), 1, "topk")
+    assert index.tolist() == [1]

@@ -147,6 +147,8 @@ def test_totals() -> None:
         (4e15, "4000T"),
         (999_999, "1M"),
         (999.7, "1K"),
+        (999.4e12, "999T"),
+        (999.7e12, "1000T"),  # three significant digits would print 1e+03
         (-2500, "-2.5K"),
     ],
 )
