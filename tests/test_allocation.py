@@ -130,3 +130,37 @@ def test_a_node_the_budget_does_not_need_stays_exact_with_a_reason() -> None:
 def test_an_infeasible_budget_names_the_smallest_feasible_one() -> None:
     with pytest.raises(BudgetError, match=r"smallest feasible budget is 0\.250"):
         allocate(_graph(CONVEX), budget=0.1, other_flops=0)
+
+
+class Four(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (
+            nn.Linear(8, 32),
+            nn.Linear(32, 32),
+            nn.Linear(32, 32),
+            nn.Linear(32, 4),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+def test_every_exclusion_names_its_reason() -> None:
+    import approxcompile
+    from approxcompile import ApproxConfig, NodeOverride
+
+    config = (
+        ApproxConfig(exclude_first_last=False)
+        .set_module_name("b", NodeOverride(min_k=32))
+        .set_module_name("c", NodeOverride(keep=0.99))  # 0.99 x 32 = 31.68: k rounds to 32 = n
+        .set_module_name("d", NodeOverride(keep=0.5))
+    )
+    torch.manual_seed(0)
+    fast = approxcompile.optimize(Four(), 0.99, example_inputs=(torch.randn(16, 8),), config=config)
+    plans = {p.name: p for p in approxcompile.report(fast).nodes}
+    assert plans["a"].reason == "inner dimension 8 is too small to sample (min_inner=16)"
+    assert plans["b"].reason == "inner dimension 32 is not above min_k=32"
+    assert plans["c"].reason == "fixed keep rounds to k = n"
+    assert (plans["d"].keep, plans["d"].k, plans["d"].reason) == (0.5, 16, None)
+    assert plans["d"].settings_source == "module_name 'd'" and plans["a"].settings_source == "global"

@@ -45,8 +45,11 @@ TESTS = {
     "approxcompile/distributed.py": "tests/test_hook.py tests/test_distributed.py",
     "passes/cost.py": "tests/test_flops.py tests/test_report_table.py tests/test_optimize.py "
     "-k 'flop or override'",
-    "passes/select.py": "tests/test_allocation.py tests/test_select.py tests/test_report_table.py "
-    "tests/test_optimize.py -k 'allocation or leftover or override or default_budget'",
+    "passes/select.py": "tests/test_allocation.py "
+    "tests/test_select.py::test_leftover_goes_to_the_best_error_reduction_per_flop "
+    "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision "
+    "tests/test_optimize.py::test_overrides_follow_qconfigmapping_precedence "
+    "tests/test_optimize.py::test_default_budget_rewrites_middle_nodes_only tests/test_errors.py",
     "passes/rewrite.py": "tests/test_optimize.py",
 }
 
