@@ -149,6 +149,9 @@ def test_totals() -> None:
         (999.7, "1K"),
         (999.4e12, "999T"),
         (999.7e12, "1000T"),  # three significant digits would print 1e+03
+        (1e15, "1000T"),
+        (999_500, "1M"),  # the unit switches at 0.9995 of it, inclusive
+        (999_499, "999K"),
         (-2500, "-2.5K"),
     ],
 )
