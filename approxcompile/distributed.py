@@ -172,8 +172,8 @@ def register(ddp: DistributedDataParallel, *, process_group: Any = None) -> Comm
     """
     if not isinstance(ddp, DistributedDataParallel):
         raise DistributedError(
-            f"[distributed] register() takes the DistributedDataParallel wrapper, not a {type(ddp).__name__}: "
-            "call register(DistributedDataParallel(approxcompile.optimize(...)))"
+            "[distributed] register() takes the DistributedDataParallel wrapper, not a "
+            f"{type(ddp).__name__}: call register(DistributedDataParallel(approxcompile.optimize(...)))"
         )
     registered = getattr(ddp, _STATS_ATTR, None)
     if registered is not None:
