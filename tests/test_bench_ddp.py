@@ -85,3 +85,18 @@ def test_smoke_run_shapes_the_private_loopback(tmp_path: Path) -> None:
     # the host's own loopback was never shaped
     host = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True, text=True).stdout
     assert "200Mbit" not in host
+
+
+def test_scale_model_formula_and_measured_ratios(tmp_path: Path) -> None:
+    scale = _tool("scale_model")
+    # one ring of 2 ranks, no latency: compute + 2 * 1/2 * 8 B / R
+    assert scale.step_time(world=2, rate=8e9, grad_bytes=1e9, compute_s=0.5, buckets=4, alpha_s=0.0) == 1.5
+    assert scale.step_time(
+        world=4, rate=1e9, grad_bytes=0, compute_s=0.0, buckets=2, alpha_s=1e-3
+    ) == pytest.approx(0.012)
+    measured = {
+        "results": [{"world": 2, "bytes_per_step": {"exact": 400, "approx+hook": 166}}],
+        "fits": {"2": {"exact": [0.2, 1e9], "approx": [0.15, 1e9], "approx+hook": [0.15, 4e8]}},
+    }
+    (tmp_path / "m.json").write_text(json.dumps(measured))
+    assert scale.measured_ratios(tmp_path / "m.json") == pytest.approx((0.415, 0.75))
