@@ -204,6 +204,8 @@ class SampledReduceScatter:
         self.stats.calls += 1
         self.stats.dense_elements += input_tensor.numel()
         if sum(sizes) != chunks.shape[1]:  # not every parameter has a gradient: send it all
+            for position, fp in enumerate(self.fsdp_params):
+                self._columns(position, fp)  # drop this step's records, or they pile up
             self.stats.sent_elements += input_tensor.numel()
             dist.reduce_scatter_single(output_tensor, input_tensor, op=op, group=group)
             return
