@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from approxcompile.passes import measure_step_flops
 from torch.utils.flop_counter import FlopCounterMode
 
 import approxcompile
 from approxcompile import ApproxConfig, NodeOverride, ops
 from approxcompile.ops import backward as backward_mod
 from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
+from approxcompile.passes import measure_step_flops
 from approxcompile.plan import META_KEY, kept_count
 from tests.models import attention, cnn, mlp
 
@@ -146,12 +146,19 @@ def test_optimize_backward_mode_rewrites_linear_nodes_and_counts_flops() -> None
     assert calls, "backward mode must rewrite some linear node"
     plan = fast.meta[META_KEY]
     assert plan.mode == "backward" and "mode=backward" in str(approxcompile.report(fast))
+    # The first layer's input needs no gradient: no dX product to sample (0 dense, 0 planned).
+    assert plan.nodes[0].flops.input_grad == 0 and plan.nodes[0].approx_flops.input_grad == 0
     for node in plan.nodes:
         if node.sampled:
-            # forward exact; dX and dW shrink by keep (crs draws exactly k features / rows)
+            # forward exact; dX over k of p output features, dW over the kept rows (crs draws
+            # exactly k features / rows); 64 rows, so rows kept = round(64 k / p)
+            rows = round(64 * node.k / node.inner)
             assert node.approx_flops.forward == node.flops.forward
-            assert node.approx_flops.input_grad < node.flops.input_grad
-            assert node.approx_flops.weight_grad < node.flops.weight_grad
+            assert node.approx_flops.input_grad == node.flops.input_grad * node.k // node.inner
+            assert (
+                node.approx_flops.weight_grad == node.flops.weight_grad * rows // 64 < node.flops.weight_grad
+            )
+    assert any(n.sampled and n.flops.input_grad > 0 for n in plan.nodes), "a layer with a dX product"
     fast.train()
     assert plan.counted_flops == pytest.approx(measure_step_flops(fast, (x,)), rel=0.03)
     assert plan.fraction <= 0.7 + 1e-9

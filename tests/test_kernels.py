@@ -1,4 +1,4 @@
-"""The fast kernels compute what autograd through index_select computes, and reuse memory safely."""
+"""The fast kernels compute what a dense product over the kept pairs computes, and reuse memory safely."""
 
 from __future__ import annotations
 
@@ -8,11 +8,20 @@ import torch.nn.functional as F
 
 from approxcompile.ops import sampled_conv, sampled_linear
 from approxcompile.ops.kernels import column_norms, slice_norms
-from approxcompile.ops.sampled import _sample_slices
 from approxcompile.ops.workspace import WORKSPACE, Workspace
+from tests import reference
 
 METHODS = ("topk", "crs", "bernoulli", "uniform")
-TOL = {"rtol": 1e-4, "atol": 1e-4}  # crs repeats indices: summation order differs
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to float32 rounding relative to the tensor's largest entry.
+
+    The reference's scores (sums of squares) round differently from the kernel's, which moves
+    the crs/bernoulli scales by ~1e-7 relative, and the dense product sums over every channel:
+    an entry where large terms cancel can differ by 1e-5 of the largest one.
+    """
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("rows", [3, 300, 512, 513, 1100])
@@ -24,7 +33,7 @@ def test_column_norms_match_torch(rows: int) -> None:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("x_grad", [True, False])
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_fast_conv_matches_autograd_through_index_select(method: str, x_grad: bool, dims: int) -> None:
+def test_fast_conv_matches_a_dense_masked_convolution(method: str, x_grad: bool, dims: int) -> None:
     torch.manual_seed(0)
     spatial = (7,) * dims
     x = (torch.randn(2, 40, *spatial) * torch.linspace(0.2, 2, 40).view(1, -1, *[1] * dims)).requires_grad_(
@@ -48,16 +57,18 @@ def test_fast_conv_matches_autograd_through_index_select(method: str, x_grad: bo
     y.pow(2).sum().backward()
     got = (y.detach(), x.grad, w.grad.clone(), b.grad.clone())
     w.grad = b.grad = x.grad = None
-    xs, ws = _sample_slices(x, 1, w, 1, 12, method, 0.1, torch.Generator().manual_seed(5))
-    ref = conv(xs, ws, b, stride, padding, dilation)
+    ref = reference.conv(x, w, b, 12, method, 5, stride, padding, dilation)  # keep 0.3 of 40: k = 12
     ref.pow(2).sum().backward()
-    torch.testing.assert_close(got[0], ref.detach(), **TOL)
+    _close(got[0], ref.detach())
+    assert not torch.allclose(
+        got[0], conv(x, w, b, stride, padding, dilation).detach(), 1e-3, 1e-3
+    )  # sampled
     if x_grad:
-        torch.testing.assert_close(got[1], x.grad, **TOL)
+        _close(got[1], x.grad)
     else:
         assert got[1] is None
-    torch.testing.assert_close(got[2], w.grad, **TOL)
-    torch.testing.assert_close(got[3], b.grad, **TOL)
+    _close(got[2], w.grad)
+    _close(got[3], b.grad)
     assert (w.grad != 0).any(dim=(0, *range(2, 2 + dims))).sum() <= 20  # unsampled channels get 0
 
 
@@ -68,8 +79,7 @@ def _step(w: torch.Tensor, x: torch.Tensor, seed: int) -> None:
 
 def _reference_grad(w: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tensor:
     w2 = w.detach().clone().requires_grad_(True)
-    xs, ws = _sample_slices(x, -1, w2, 1, 16, "uniform", 0.1, torch.Generator().manual_seed(seed))
-    F.linear(xs, ws).sum().backward()
+    reference.linear(x, w2, None, 16, "uniform", seed).sum().backward()  # keep 0.25 of 64: k = 16
     assert w2.grad is not None
     return w2.grad
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from approxcompile.ops import sample_pairs, sampled_addmm, sampled_conv, sampled_linear, sampled_matmul
+from tests import reference
 
 METHODS = ("topk", "crs", "bernoulli", "uniform")
 UNBIASED = ("crs", "bernoulli", "uniform")
@@ -87,7 +88,7 @@ def test_the_unbiasedness_check_catches_a_biased_estimator(op: str) -> None:
 
 
 def test_crs_error_matches_the_variance_formula() -> None:
-    """E|AB - CR|_F^2 = (1/k)(sum a_i^2 / p_i - |AB|_F^2) for crs (design.md), within 10%."""
+    """E|AB - CR|_F^2 = (1/k)(sum a_i^2 / p_i - |AB|_F^2) for crs (Drineas et al. 2006), within 10%."""
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(16, 40, generator=g), torch.randn(8, 40, generator=g)
     k, eps = 10, 0.1
@@ -122,7 +123,7 @@ def test_degenerate_scores_never_divide_by_zero(method: str, scores: torch.Tenso
         assert bool(torch.isfinite(scale).all())
     x = torch.zeros(3, 10)  # a dead-ReLU activation: every score is zero
     y = sampled_linear(x, torch.randn(2, 10), keep=0.4, method=method)
-    assert bool(torch.isfinite(y).all())
+    assert torch.equal(y, torch.zeros(3, 2))  # finite, and the exact product (0)
 
 
 def test_bernoulli_keeps_k_in_expectation_at_most() -> None:
@@ -153,8 +154,10 @@ def test_random_shapes_keep_shapes_and_gradients(rows, n, p, keep, method, lead)
     x = torch.randn(*lead, rows, n, requires_grad=True)
     w = torch.randn(p, n, requires_grad=True)
     b = torch.randn(p, requires_grad=True)
-    y = sampled_linear(x, w, b, keep=keep, method=method)
-    assert y.shape == F.linear(x, w, b).shape
+    y = sampled_linear(x, w, b, keep=keep, method=method, generator=torch.Generator().manual_seed(7))
+    k = min(n, max(1, round(keep * n)))  # the kept count: keep·n rounded, within [1, n]
+    want = F.linear(x, w, b) if k == n else reference.linear(x, w, b, k, method, seed=7)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-6)
     y.sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
     a, m = torch.randn(*lead, rows, n), torch.randn(n, p)
@@ -183,10 +186,8 @@ def test_random_conv_shapes(c, o, size, keep, method, dims, stride) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("x_grad", [True, False])
-def test_fast_linear_matches_autograd_through_index_select(method: str, x_grad: bool) -> None:
-    """The custom backward of sampled_linear equals plain autograd through the same sample."""
-    from approxcompile.ops.sampled import _sample_slices
-
+def test_fast_linear_matches_a_dense_masked_product(method: str, x_grad: bool) -> None:
+    """The gather/scatter kernel of sampled_linear equals the dense product over a scaled mask."""
     torch.manual_seed(0)
     x = (torch.randn(3, 5, 48) * torch.linspace(0.2, 2, 48)).requires_grad_(x_grad)
     w, b = torch.randn(7, 48, requires_grad=True), torch.randn(7, requires_grad=True)
@@ -194,14 +195,16 @@ def test_fast_linear_matches_autograd_through_index_select(method: str, x_grad: 
     y.pow(2).sum().backward()
     got = (y.detach(), x.grad, w.grad.clone(), b.grad.clone())
     w.grad = b.grad = x.grad = None
-    xs, ws = _sample_slices(x, -1, w, 1, 14, method, 0.1, torch.Generator().manual_seed(5))
-    ref = F.linear(xs, ws, b)
+    ref = reference.linear(x, w, b, 14, method, seed=5)  # keep 0.3 of 48 is k = 14
     ref.pow(2).sum().backward()
     tol = {"rtol": 1e-4, "atol": 1e-4}  # crs repeats indices: summation order differs
     torch.testing.assert_close(got[0], ref.detach(), **tol)
+    assert not torch.allclose(got[0], F.linear(x, w, b).detach(), **tol)  # really sampled
     if x_grad:
         torch.testing.assert_close(got[1], x.grad, **tol)
     else:
         assert got[1] is None
     torch.testing.assert_close(got[2], w.grad, **tol)
     torch.testing.assert_close(got[3], b.grad, **tol)
+    kept = int((w.grad != 0).any(0).sum())
+    assert kept <= 14 if method != "bernoulli" else 0 < kept < 48

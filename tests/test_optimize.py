@@ -8,11 +8,11 @@ import textwrap
 
 import pytest
 import torch
-from approxcompile.passes import measure_step_flops
 from torch import nn
 
 import approxcompile
 from approxcompile import ApproxConfig, NodeOverride, ops
+from approxcompile.passes import measure_step_flops
 from approxcompile.plan import META_KEY
 from tests.models import attention, cnn, mlp
 
@@ -201,10 +201,20 @@ def test_rewrite_is_idempotent_and_reports_modified() -> None:
     assert passes.rewrite(unchanged, ApproxConfig()).modified is False
 
 
-def test_each_method_trains_without_error() -> None:
-    for method in ("topk", "crs", "bernoulli", "uniform"):
-        fast = approxcompile.optimize(attention(), 0.5, example_inputs=(X_ATT,), method=method)
-        assert {p.method for p in fast.meta[META_KEY].nodes if p.sampled} == {method}
-        fast.train()
-        fast(X_ATT).sum().backward()
-        assert all(p.grad is not None for p in fast.parameters())
+@pytest.mark.parametrize("method", ["topk", "crs", "bernoulli", "uniform"])
+def test_each_method_trains_only_the_kept_columns(method: str) -> None:
+    fast = approxcompile.optimize(attention(), 0.5, example_inputs=(X_ATT,), method=method)
+    sampled = [p for p in fast.meta[META_KEY].nodes if p.sampled]
+    assert sampled and {p.method for p in sampled} == {method}
+    fast.train()
+    fast(X_ATT).sum().backward()
+    assert all(p.grad is not None and bool(torch.isfinite(p.grad).all()) for p in fast.parameters())
+    # a sampled Linear's weight gradient is zero outside the input features kept this step
+    layers = [p for p in sampled if p.op == "Linear"]
+    assert layers, [p.name for p in sampled]
+    for node in layers:
+        touched = int((fast.get_parameter(f"{node.name}.weight").grad != 0).any(0).sum())
+        if method == "bernoulli":  # a random count, k in expectation
+            assert 0 < touched < node.inner, (node.name, touched)
+        else:  # exactly k (topk, uniform) or at most k distinct (crs) columns
+            assert 0 < touched <= node.k < node.inner, (node.name, touched, node.k)

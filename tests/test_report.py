@@ -87,10 +87,10 @@ def test_sampled_row_shows_keep_k_cost_and_error() -> None:
         "Linear",
         "64x128 @ 128x128 -> 64x128",
         "128",
-        human_flops(FC2.flops.total),
+        "6.29M",  # 3 x 2·64·128·128 = 6,291,456
         "0.35",
         "45/128",
-        human_flops(FC2.cost()),
+        "2.21M",  # 3 x (2,097,152·45 // 128) + 1000 + 10·45 = 2,213,290
         "3.1e-02",
     ]
 
@@ -117,11 +117,17 @@ def test_columns_are_aligned_and_long_reasons_do_not_widen_them() -> None:
     assert "x" * 300 in long_text
 
 
+# By hand: fc1 3 x 2·64·784·128 = 38,535,168; fc2 6,291,456 dense, 2,213,290 planned (with
+# overhead), 2,211,840 counted; fc3 3 x 2·64·128·10 = 491,520; 12,345 outside.
+DENSE, PLANNED, COUNTED = 45_330_489, 41_252_323, 41_250_873
+
+
 def test_totals() -> None:
     text = str(report(_planned()))
-    assert f"dense training FLOPs      {human_flops(PLAN.dense_flops)}" in text
-    assert f"{human_flops(PLAN.approx_flops)}  = {PLAN.fraction:.3f} of dense (budget 0.4)" in text
-    assert f"outside matmul/conv       {human_flops(12345)}" in text
+    assert "dense training FLOPs      45.3M\n" in text
+    assert "planned FLOPs (overhead)  41.3M  = 0.910 of dense (budget 0.4)\n" in text
+    assert "counted by FlopCounter    41.3M  (products, no overhead)\n" in text
+    assert "outside matmul/conv       12.3K\n" in text
     assert "sampled nodes             1 / 3 candidates" in text
     assert "note:" not in text
     noted = Plan(budget=1.0, method="topk", nodes=(), other_flops=10, note="no candidate nodes")
@@ -141,6 +147,11 @@ def test_totals() -> None:
         (4e15, "4000T"),
         (999_999, "1M"),
         (999.7, "1K"),
+        (999.4e12, "999T"),
+        (999.7e12, "1000T"),  # three significant digits would print 1e+03
+        (1e15, "1000T"),
+        (999_500, "1M"),  # the unit switches at 0.9995 of it, inclusive
+        (999_499, "999K"),
         (-2500, "-2.5K"),
     ],
 )
@@ -155,19 +166,22 @@ def test_conv_shapes_use_star() -> None:
     assert format_shapes(conv) == "8x3x32x32 * 16x3x3x3 -> 8x16x32x32"
 
 
-def test_json_round_trips_and_totals_match_the_plan() -> None:
+def test_json_round_trips_and_totals_are_the_hand_computed_ones() -> None:
     rep = report(_planned())
     data = json.loads(rep.to_json())
-    assert data == rep.to_dict()
+    assert data["schema"] == 1 and (data["budget"], data["method"], data["mode"]) == (0.4, "topk", "forward")
+    assert (data["scores"], data["note"]) == ("activations", None)
     assert data["totals"] == {
-        "dense_flops": PLAN.dense_flops,
-        "planned_flops": PLAN.approx_flops,
-        "counted_flops": PLAN.counted_flops,
+        "dense_flops": DENSE,
+        "planned_flops": PLANNED,
+        "counted_flops": COUNTED,
         "other_flops": 12345,
-        "fraction": PLAN.fraction,
+        "fraction": PLANNED / DENSE,
         "sampled": 1,
         "candidates": 3,
     }
+    assert [n["name"] for n in data["nodes"]] == ["fc1", "fc2", "fc3"]
+    assert json.loads(rep.to_json(indent=None)) == data and "\n" not in rep.to_json(indent=None)
     assert Report.from_dict(data).plan == PLAN
 
 
@@ -181,10 +195,28 @@ def test_json_node_fields() -> None:
         "overhead", "overhead_fixed", "overhead_per_kept", "cost", "sensitivity", "timing",
     }  # fmt: skip
     assert fc2["sampled"] is True and fc2["k"] == 45 and fc2["reason"] is None
-    assert fc2["dense_flops"]["total"] == FC2.flops.total == 3 * 2 * 64 * 128 * 128
-    assert fc2["approx_flops"]["forward"] == FC2.flops.forward * 45 // 128
+    assert fc2["dense_flops"] == {
+        "forward": 2_097_152,
+        "input_grad": 2_097_152,
+        "weight_grad": 2_097_152,
+        "total": 6_291_456,
+    }
+    assert fc2["approx_flops"] == {
+        "forward": 737_280,
+        "input_grad": 737_280,
+        "weight_grad": 737_280,
+        "total": 2_211_840,
+    }
     assert fc2["overhead"] == 1000 + 10 * 45
-    assert fc2["cost"] == fc2["approx_flops"]["total"] + fc2["overhead"] == FC2.cost()
+    assert fc2["cost"] == 2_213_290
+    assert (fc2["shapes"], fc2["out_shape"], fc2["inner"], fc2["keep"]) == (
+        [[64, 128], [128, 128]],
+        [64, 128],
+        128,
+        0.35,
+    )
+    assert (fc2["est_error"], fc2["method"], fc2["min_k"], fc2["fixed_keep"]) == (0.031, "topk", 1, None)
+    assert (fc2["settings_source"], fc2["mode"], fc2["rows"], fc2["timing"]) == ("global", "forward", 0, [])
     assert fc2["sensitivity"] == [[0.25, 0.05], [0.5, 0.02], [1.0, 0.0]]
     assert data["nodes"][0]["overhead"] == 0 and data["nodes"][0]["sampled"] is False
 
