@@ -36,6 +36,7 @@ def _check_matches_single_process(r: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # loading in one process
 def test_whole_model_matches_single_process_and_checkpoints_load_into_the_plain_model(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
