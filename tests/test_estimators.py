@@ -272,3 +272,25 @@ def test_topk_ranks_a_nan_score_as_zero() -> None:
     # +inf is the largest score there is
     index, _ = sample_pairs(torch.tensor([0.5, float("inf"), 0.2]), 1, "topk")
     assert index.tolist() == [1]
+
+
+def test_small_scores_are_proportional_too() -> None:
+    # (0.01, 0.03, 0, 0) sums to 0.04: still p = (0.25, 0.75, 0, 0) with eps = 0
+    scores = torch.tensor([0.01, 0.03, 0.0, 0.0])
+    index, scale = sample_pairs(scores, 4, "crs", eps=0.0, generator=torch.Generator().manual_seed(1))
+    assert set(index.tolist()) <= {0, 1}
+    want = {0: 1 / (4 * 0.25), 1: 1 / (4 * 0.75)}
+    torch.testing.assert_close(scale, torch.tensor([want[i] for i in index.tolist()]))
+
+
+def test_runtime_bernoulli_with_nothing_drawn_keeps_one_pair_scaled_by_zero() -> None:
+    # 1000 pairs at k·p = 0.001 each: nothing is drawn with probability 0.999^1000 = 0.37
+    scores = torch.ones(1000)
+    g = torch.Generator().manual_seed(0)
+    outcomes = [sample_pairs(scores, 1, "bernoulli", generator=g) for _ in range(20)]
+    empty = [(i, s) for i, s in outcomes if s is not None and bool((s == 0).all())]
+    assert empty, "20 draws at 0.37 each: some draw keeps nothing"
+    for index, scale in empty:
+        assert index.shape == (1,) and scale.tolist() == [0.0]
+    for index, scale in outcomes:
+        assert scale is not None and index.shape == scale.shape and index.numel() >= 1
