@@ -294,3 +294,19 @@ def test_runtime_bernoulli_with_nothing_drawn_keeps_one_pair_scaled_by_zero() ->
         assert index.shape == (1,) and scale.tolist() == [0.0]
     for index, scale in outcomes:
         assert scale is not None and index.shape == scale.shape and index.numel() >= 1
+
+
+def test_bernoulli_scale_is_one_over_the_keep_probability() -> None:
+    # k = 3: k·p_i = 0.03 for the nine small pairs, scale 1/0.03 = 33.33 (not an integer)
+    g = torch.Generator().manual_seed(0)
+    seen = 0
+    for _ in range(100):
+        index, scale = sample_pairs(DOMINANT, 3, "bernoulli", generator=g)
+        assert scale is not None and index[0] == 0 and scale[0] == 1.0
+        torch.testing.assert_close(scale[1:], torch.full_like(scale[1:], 1 / 0.03))
+        seen += index.numel() - 1
+    assert seen > 0
+    u = torch.tensor([0.5, 0.02, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    index, scale = estimators.sample(DOMINANT, 3, "bernoulli", noise=u)
+    assert index.tolist() == [0, 1]
+    torch.testing.assert_close(scale, torch.tensor([1.0, 1 / 0.03]))
