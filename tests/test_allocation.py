@@ -83,6 +83,16 @@ HULL_MATTERS = {
     "b": (1000, ((0.5, 0.30), (0.25, 0.35))),
 }
 
+# a: dense 3000; 0.5 -> 1500 (0.30), 0.25 -> 750 (0.35)
+# b: dense 3000; 0.5 -> 1500 (0.08), 0.25 -> 750 (0.15)
+# budget 0.375 of 6000 = 2250: a .25 + b .5 = 2250 (0.43) beats a .5 + b .25 = 2250 (0.45)
+# and a .25 + b .25 = 1500 (0.50). The hull walk ends at a .25 + b .25; of the two ways to
+# spend the 750 left, b back to 0.5 gains 0.07, a back to 0.5 only 0.05.
+LEFTOVER = {
+    "a": (1000, ((0.5, 0.30), (0.25, 0.35))),
+    "b": (1000, ((0.5, 0.08), (0.25, 0.15))),
+}
+
 
 def _brute_force(curves: dict, budget: float) -> tuple[float, dict[str, float]]:
     """The least summed error over every combination of options that fits (a second reference)."""
@@ -106,6 +116,7 @@ def _brute_force(curves: dict, budget: float) -> tuple[float, dict[str, float]]:
         (CONVEX, 0.75, {"a": (0.75, 75), "b": (0.75, 75)}, 0.75),  # 2250 + 4500 (0.12)
         (CONVEX, 0.25, {"a": (0.25, 25), "b": (0.25, 25)}, 0.25),  # the only fit
         (HULL_MATTERS, 0.625, {"a": (1.0, 100), "b": (0.25, 25)}, 0.625),
+        (LEFTOVER, 0.375, {"a": (0.25, 25), "b": (0.5, 50)}, 0.375),
     ],
 )
 def test_allocation_finds_the_least_summed_error(

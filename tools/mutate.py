@@ -36,7 +36,8 @@ _STATISTICAL = (
 )
 TESTS = {
     "approxcompile/ops/sampling.py": f"tests/test_estimators.py tests/test_ops.py {_STATISTICAL}",
-    "approxcompile/ops/kernels.py": f"tests/test_kernels.py tests/test_estimators.py {_STATISTICAL}",
+    "approxcompile/ops/kernels.py": f"tests/test_kernels.py tests/test_ops.py tests/test_estimators.py "
+    f"{_STATISTICAL}",
     "approxcompile/ops/sampled.py": f"tests/test_estimators.py tests/test_ops.py {_STATISTICAL}",
     "approxcompile/ops/shared.py": "tests/test_hook.py tests/test_distributed.py",
     "approxcompile/export/estimators.py": f"tests/test_estimators.py tests/test_export.py {_STATISTICAL}",
@@ -211,6 +212,7 @@ def _session(
     if args.recheck and session.exists():
         with sqlite3.connect(session) as db:  # survivors become pending work again
             db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+        _skip_annotations(session, tree / args.module)
     elif args.fresh or not session.exists():
         session.unlink(missing_ok=True)
         run(tree, env, str(bin_dir / "cosmic-ray"), "init", str(cfg), str(session))
