@@ -170,3 +170,11 @@ def test_conv_gradients_go_only_where_autograd_asks(frozen: str) -> None:
     assert all(g is not None for name, g in grads.items() if name != frozen)
     if frozen != "bias":  # d(sum y)/db = the number of output positions per channel
         torch.testing.assert_close(b.grad, torch.full((3,), 2.0 * 5 * 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_column_norms_of_half_precision_are_computed_in_float32(dtype: torch.dtype) -> None:
+    t = torch.full((600, 3), 300.0)  # 600 x 300^2 = 5.4e7: overflows float16 if squared there
+    got = column_norms(t.to(dtype))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.full((3,), 300.0 * 600**0.5))
