@@ -252,8 +252,11 @@ def test_a_nan_score_counts_as_zero() -> None:
     assert index.tolist() == [1, 1, 1]
     # infinities too: +inf and -inf score 0, never a division by an infinite total
     scores = torch.tensor([float("inf"), 1.0, float("-inf"), 0.0])
-    index, _ = sample_pairs(scores, 2, "crs", eps=0.0, generator=torch.Generator().manual_seed(0))
-    assert index.tolist() == [1, 1]
+    index, _ = sample_pairs(scores, 20, "crs", eps=0.0, generator=torch.Generator().manual_seed(0))
+    assert index.tolist() == [1] * 20
+    # and so do negative scores (norms never are, but a caller's scores might be)
+    index, _ = sample_pairs(torch.tensor([-1.0, 1.0, 0.0, 0.0]), 20, "crs", eps=0.0)
+    assert index.tolist() == [1] * 20
 
 
 @pytest.mark.parametrize("method", ["zzz", "variance", "Topk", ""])
