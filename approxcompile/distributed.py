@@ -51,6 +51,7 @@ from approxcompile.errors import ApproxCompileError
 from approxcompile.ops import shared
 from approxcompile.plan import META_KEY
 
+_STATS_ATTR = "_approxcompile_comm_stats"  # set on the DDP wrapper by register(), so a second call finds it
 _CHECK_MOD = 65521  # checksum values stay exact in float32 after a sum over up to 256 ranks
 
 
@@ -103,8 +104,8 @@ class _HookState:
 def compressible_weights(gm: fx.GraphModule) -> dict[str, nn.Parameter]:
     """Weights whose gradient is zero outside the slices their one sampled op records.
 
-    ``fc.weight`` qualifies when the graph reads it once, as the weight operand of a
-    ``sampled_linear`` / ``sampled_conv`` call with ``scores='weights'``.
+    ``fc.weight`` qualifies when it requires a gradient and the graph reads it once, as the
+    weight operand of a ``sampled_linear`` / ``sampled_conv`` call with ``scores='weights'``.
     """
     uses: dict[int, int] = {}
     candidates: dict[str, nn.Parameter] = {}
@@ -125,7 +126,8 @@ def compressible_weights(gm: fx.GraphModule) -> dict[str, nn.Parameter]:
                 and user.args[1] is node
             ):
                 candidates[node.target] = p
-    return {name: p for name, p in candidates.items() if uses[id(p)] == 1}
+    # A frozen weight has no gradient: DDP leaves it out of its buckets, so there is nothing to cut.
+    return {name: p for name, p in candidates.items() if uses[id(p)] == 1 and p.requires_grad}
 
 
 def _attr(gm: fx.GraphModule, target: str) -> Any:
@@ -165,8 +167,17 @@ def _check_same_plan(gm: fx.GraphModule, group: Any, rank: int, world: int) -> N
 def register(ddp: DistributedDataParallel, *, process_group: Any = None) -> CommStats:
     """Install the sampled all-reduce hook on ``ddp`` (which wraps an ``optimize()`` result).
 
-    Collective: every rank must call it. Returns the live :class:`CommStats`.
+    Collective: every rank must call it. Returns the live :class:`CommStats`. Calling it
+    again on the same ``ddp`` returns the same stats (DDP takes one hook per model).
     """
+    if not isinstance(ddp, DistributedDataParallel):
+        raise DistributedError(
+            "[distributed] register() takes the DistributedDataParallel wrapper, not a "
+            f"{type(ddp).__name__}: call register(DistributedDataParallel(approxcompile.optimize(...)))"
+        )
+    registered = getattr(ddp, _STATS_ATTR, None)
+    if registered is not None:
+        return registered
     gm = ddp.module
     if not isinstance(gm, fx.GraphModule) or META_KEY not in gm.meta:
         raise DistributedError(
@@ -181,7 +192,17 @@ def register(ddp: DistributedDataParallel, *, process_group: Any = None) -> Comm
         shared.watch(p)
     stats = CommStats(world_size=world, compressed=tuple(sorted(weights)))
     names = {id(p): name for name, p in weights.items()}
-    ddp.register_comm_hook(_HookState(group, world, rank, names, stats), sampled_allreduce_hook)
+    try:
+        ddp.register_comm_hook(_HookState(group, world, rank, names, stats), sampled_allreduce_hook)
+    except RuntimeError as e:  # DDP's reducer takes one hook: someone registered another
+        for p in weights.values():
+            shared.unwatch(p)
+        raise DistributedError(
+            f"[distributed] register(): this DistributedDataParallel already has a communication hook "
+            f"({e}); DDP takes one per model, so wrap the model in a fresh DistributedDataParallel or "
+            "drop the other hook"
+        ) from e
+    setattr(ddp, _STATS_ATTR, stats)
     return stats
 
 

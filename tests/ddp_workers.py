@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -65,12 +66,20 @@ def _main(rank: int, world: int, port: int, scenario: str, out: str, kw: dict) -
     try:
         timeout = datetime.timedelta(seconds=kw.pop("timeout_s", TIMEOUT_S))
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
-        result = SCENARIOS[scenario](rank, world, **kw)
+        result = _scenario(scenario)(rank, world, **kw)
     except Exception as e:
         result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     if dist.is_initialized() and "error" not in result:
         dist.destroy_process_group()
+
+
+def _scenario(name: str) -> Any:
+    """A scenario below, or ``module:function`` from another workers module (tests/fsdp_workers.py)."""
+    if ":" not in name:
+        return SCENARIOS[name]
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _model(budget: float = 0.4, method: str = "topk") -> torch.fx.GraphModule:

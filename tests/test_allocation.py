@@ -10,10 +10,10 @@ import itertools
 
 import pytest
 import torch
-from approxcompile.passes import allocate
 from torch import nn
 
 from approxcompile.errors import BudgetError
+from approxcompile.passes import allocate
 from approxcompile.plan import META_KEY, Flops, NodePlan
 
 

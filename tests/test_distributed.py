@@ -195,3 +195,62 @@ def test_export_refuses_weight_scores() -> None:
 
     with pytest.raises(ExportError, match="scores='weights', which has no export twin"):
         lower_for_export(_fast())
+
+
+# -- register(): wrong wrapper, second call, frozen weights (one in-process gloo rank) ---------
+
+
+@pytest.fixture
+def one_rank(tmp_path: Path):
+    """A world-size-1 gloo group in this process (a FileStore: no port to collide on)."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_register_refuses_a_module_that_is_not_ddp(one_rank: None) -> None:
+    from approxcompile.distributed import DistributedError, register
+
+    with pytest.raises(DistributedError, match="takes the DistributedDataParallel wrapper, not a "):
+        register(_fast())  # type: ignore[arg-type]  # forgot the DDP wrapper
+
+
+def test_register_twice_returns_the_same_stats(one_rank: None) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from approxcompile.distributed import register
+
+    ddp = DistributedDataParallel(_fast())
+    stats = register(ddp)
+    assert register(ddp) is stats
+    ddp(torch.randn(8, 64)).sum().backward()  # the one hook ran, once per step
+    assert stats.steps == 1 and stats.last_fraction < 1.0
+
+
+def test_register_after_another_hook_names_the_conflict(one_rank: None) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel
+
+    from approxcompile.distributed import DistributedError, register
+
+    ddp = DistributedDataParallel(_fast())
+    ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+    with pytest.raises(DistributedError, match="already has a communication hook"):
+        register(ddp)
+
+
+def test_frozen_weights_are_not_listed_as_compressed(one_rank: None) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from approxcompile.distributed import register
+
+    fast = _fast()
+    fast.get_parameter("layers.1.weight").requires_grad_(False)
+    assert sorted(compressible_weights(fast)) == ["layers.2.weight"]
+    stats = register(DistributedDataParallel(fast))
+    assert stats.compressed == ("layers.2.weight",)

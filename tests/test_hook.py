@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 import approxcompile
 from approxcompile import distributed
@@ -68,8 +69,11 @@ class _Bucket:
         return 0
 
 
-class _DDP:
+class _DDP(DistributedDataParallel):
+    """A DistributedDataParallel that skips DDP's own set-up (no process group is needed)."""
+
     def __init__(self, module: torch.nn.Module) -> None:
+        torch.nn.Module.__init__(self)
         self.module = module
         self.hook: Any = None
 

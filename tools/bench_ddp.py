@@ -17,8 +17,14 @@ with its all-reduce, optimizer step). Bytes: the payload each rank hands to all-
 step (the hook's own count for ``approx+hook``, the size of every gradient otherwise); a
 ring all-reduce sends about 2(W-1)/W times that over the wire per rank.
 
+``--link 1gbit,10gbit,unlimited`` runs the ranks inside a private network namespace whose
+loopback is rate-limited (tools/netns.py): within each round, every link speed in turn (the
+start rotates) and every variant at that speed, so one run compares them all under the same
+load. Without a namespace (not permitted here, ``tc`` missing) it exits 77 with the reason.
+
     .venv/bin/python tools/bench_ddp.py                          # 2 and 4 ranks, defaults
     .venv/bin/python tools/bench_ddp.py --world 2 --steps 3 --rounds 1 --sizes 784,512,512,10  # smoke
+    .venv/bin/python tools/bench_ddp.py --link unlimited,10gbit,1gbit  # bandwidth-limited
 """
 
 from __future__ import annotations
@@ -43,7 +49,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 ROOT = Path(__file__).resolve().parents[1]
+# tools/ is not a package: its scripts import each other from this directory (spawned ranks too).
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
+import netns  # noqa: E402
+
 VARIANTS = ("exact", "approx", "approx+hook")
+HOST = "host loopback"  # the label when --link is not given: no namespace, no shaping
 
 
 class MLP(nn.Module):
@@ -65,9 +76,10 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    from image_data import load_mnist_5k
+
     import approxcompile
     import approxcompile.distributed as adist
-    from approxcompile.data import load_mnist_5k
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -87,8 +99,20 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     stats = adist.register(ddps["approx+hook"])
     opts = {name: torch.optim.SGD(d.parameters(), lr=0.05) for name, d in ddps.items()}
     dense_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    links = args.link or [HOST]
+    times: dict[str, dict[str, list[float]]] = {link: {v: [] for v in VARIANTS} for link in links}
     losses: dict[str, float] = {}
+    qdiscs: dict[str, str] = {}  # what tc reported after shaping, per link
+
+    def shape(link: str) -> None:
+        if link == HOST:
+            return
+        dist.barrier()  # nobody is mid-step while the qdisc changes
+        if rank == 0:
+            netns.set_rate(netns.parse_rate(link))
+            qdiscs[link] = netns.qdisc()
+        dist.barrier()
+
     cursor = {v: 0 for v in VARIANTS}
 
     def step(name: str) -> float:
@@ -101,21 +125,29 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         opts[name].step()
         return float(loss.detach())
 
+    shape(links[0])
     for name in VARIANTS:
         for _ in range(args.warmup):
             step(name)
     for r in range(args.rounds):
-        for j in range(len(VARIANTS)):
-            name = VARIANTS[(r + j) % len(VARIANTS)]
-            for _ in range(args.steps):
-                dist.barrier()
-                t0 = time.perf_counter()
-                losses[name] = step(name)
-                times[name].append(time.perf_counter() - t0)
+        for i in range(len(links)):
+            link = links[(r + i) % len(links)]
+            shape(link)
+            for j in range(len(VARIANTS)):
+                name = VARIANTS[(r + j) % len(VARIANTS)]
+                for _ in range(args.steps):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    losses[name] = step(name)
+                    times[link][name].append(time.perf_counter() - t0)
     if rank == 0:
         result = {
             "world": world,
-            "step_ms": {v: 1000 * statistics.median(times[v]) for v in VARIANTS},
+            "links": links,
+            "qdisc": qdiscs,
+            "step_ms": {
+                link: {v: 1000 * statistics.median(times[link][v]) for v in VARIANTS} for link in links
+            },
             "bytes_per_step": {
                 "exact": dense_bytes,
                 "approx": dense_bytes,
@@ -124,7 +156,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             "hook_dense_bytes": stats.last_dense_bytes,
             "compressed": list(stats.compressed),
             "last_loss": losses,
-            "steps_timed": len(times["exact"]),
+            "steps_timed": len(times[links[0]]["exact"]),
         }
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -149,36 +181,110 @@ def _run(world: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def _table(results: list[dict[str, Any]]) -> str:
+    """One row per (ranks, link): median step times, and each variant's speedup over exact DDP."""
     lines = [
-        "| ranks | variant | MB reduced/step/rank | vs exact | step ms (median) | speedup | last loss |",
-        "|---|---|---|---|---|---|---|",
+        "| ranks | link | exact ms | approx ms | approx+hook ms | approx vs exact | hook vs exact "
+        "| hook vs approx |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        for link in r["links"]:
+            t = r["step_ms"][link]
+            lines.append(
+                f"| {r['world']} | {link} | {t['exact']:.1f} | {t['approx']:.1f} | {t['approx+hook']:.1f} | "
+                f"{t['exact'] / t['approx']:.2f}x | {t['exact'] / t['approx+hook']:.2f}x | "
+                f"{t['approx'] / t['approx+hook']:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
+def _bytes_table(results: list[dict[str, Any]]) -> str:
+    lines = ["| ranks | variant | MB reduced/step/rank | vs exact | last loss |", "|---|---|---|---|---|"]
+    for r in results:
         for v in VARIANTS:
-            b, t = r["bytes_per_step"][v], r["step_ms"][v]
+            b = r["bytes_per_step"][v]
             lines.append(
                 f"| {r['world']} | {v} | {b / 2**20:.2f} | {b / r['bytes_per_step']['exact']:.3f} | "
-                f"{t:.1f} | {r['step_ms']['exact'] / t:.2f}x | {r['last_loss'][v]:.3f} |"
+                f"{r['last_loss'][v]:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def fit_link_cost(result: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Per variant, least squares ``step_s = c + s / rate`` over the shaped links.
+
+    ``c`` (seconds) is what does not depend on the link (compute, latency), ``s`` (bits) what
+    the step pushes through the shared link. Needs two or more finite link speeds.
+    """
+    rated = [(netns.parse_rate(link), link) for link in result["links"] if link != HOST]
+    points = [(1.0 / rate, link) for rate, link in rated if rate is not None]
+    fits = {}
+    if len(points) < 2:
+        return fits
+    for v in VARIANTS:
+        xs = [x for x, _ in points]
+        ys = [result["step_ms"][link][v] / 1000 for _, link in points]
+        mx, my = statistics.fmean(xs), statistics.fmean(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+        fits[v] = (my - slope * mx, slope)
+    return fits
+
+
+def _crossover(results: list[dict[str, Any]]) -> str:
+    """Where communication stops mattering, from the fitted ``c + s / rate`` lines."""
+    lines = []
+    for r in results:
+        fits = fit_link_cost(r)
+        if not fits:
+            continue
+        (ce, se), (ca, sa), (ch, sh) = (fits[v] for v in VARIANTS)
+        lines.append(
+            f"{r['world']} ranks: fitted step = c + s/rate: "
+            + "; ".join(f"{v} c={c * 1e3:.0f} ms, s={s / 8 / 2**20:.1f} MB" for v, (c, s) in fits.items())
+        )
+        # exact DDP spends as long on the link as on everything else at rate s/c
+        lines.append(f"  exact DDP's link time equals its other time at {se / ce / 1e9:.2f} Gbit/s")
+        # the hook's gain over sampled+default all-reduce drops under 10% above this rate
+        if sa > sh and 0.9 * sa - sh > 0:
+            rate = (0.9 * sa - sh) / (0.1 * ca)
+            lines.append(
+                f"  the hook saves >= 10% over sampled + default all-reduce below {rate / 1e9:.2f} Gbit/s"
             )
     return "\n".join(lines)
 
 
 def _plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Step time against link speed, one panel per rank count; unlimited as dotted lines."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    width = 0.8 / len(VARIANTS)
-    for i, v in enumerate(VARIANTS):
-        xs = [j + i * width for j in range(len(results))]
-        axes[0].bar(xs, [r["bytes_per_step"][v] / 2**20 for r in results], width, label=v)
-        axes[1].bar(xs, [r["step_ms"][v] for r in results], width, label=v)
-    for ax, title in zip(axes, ("MB all-reduced per step per rank", "step time, ms (median)"), strict=True):
-        ax.set_xticks([j + width for j in range(len(results))], [f"{r['world']} ranks" for r in results])
-        ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.4), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        rated = sorted(
+            (netns.parse_rate(link), link) for link in r["links"] if link not in (HOST, "unlimited")
+        )
+        for i, v in enumerate(VARIANTS):
+            color = f"C{i}"
+            label = {"approx": "sampled", "approx+hook": "sampled + hook"}.get(v, "exact DDP")
+            ax.plot(
+                [rate / 1e9 for rate, _ in rated],
+                [r["step_ms"][link][v] for _, link in rated],
+                "o-",
+                color=color,
+                label=label,
+            )
+            if "unlimited" in r["links"]:
+                ax.axhline(r["step_ms"]["unlimited"][v], color=color, ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("link speed, Gbit/s (dotted: unlimited loopback)")
+        ax.set_ylabel("step time, ms (median)")
+        ax.set_title(f"{r['world']} ranks, one shared link", fontsize=10)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -191,31 +297,62 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=0.4)
     ap.add_argument("--method", default="topk")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant per round (and link)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--link",
+        type=lambda s: [part.strip() for part in s.split(",") if part.strip()],
+        help="comma-separated link speeds (e.g. unlimited,10gbit,1gbit): rate-limit a private loopback",
+    )
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a run is killed")
     ap.add_argument("--json", type=Path, help="write the results here")
-    ap.add_argument("--plot", type=Path, help="write a PNG bar chart here")
+    ap.add_argument("--plot", type=Path, help="write a PNG chart here")
     args = ap.parse_args(argv)
+    if args.link:
+        for link in args.link:
+            try:
+                netns.parse_rate(link)
+            except ValueError as e:
+                ap.error(str(e))
+        if not netns.inside():  # run this same command again inside a namespace of its own
+            return netns.reexec_in_netns(
+                [str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+            )
+        netns.bring_up_loopback()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_ddp_{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
+    load = [os.getloadavg()]
     results = []
     for world in args.world:
         print(f"running {world} ranks ...", file=sys.stderr, flush=True)
         results.append(_run(world, args, tmp))
+    load.append(os.getloadavg())
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     )
     print(
         f"machine: {machine}; MLP {args.sizes}, batch {args.batch}/rank, budget {args.budget}, {args.method}"
     )
+    print(f"load average (1/5/15 min) at start {load[0]}, at end {load[1]}")
     print(f"compressed weights: {', '.join(results[0]['compressed'])}")
+    print(_bytes_table(results))
+    print()
     print(_table(results))
+    crossover = _crossover(results)
+    if crossover:
+        print()
+        print(crossover)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps(
-                {"args": vars(args) | {"json": None, "plot": None}, "machine": machine, "results": results},
+                {
+                    "args": vars(args) | {"json": None, "plot": None},
+                    "machine": machine,
+                    "load_average": load,
+                    "fits": {r["world"]: fit_link_cost(r) for r in results},
+                    "results": results,
+                },
                 indent=2,
             )
         )
@@ -226,5 +363,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     raise SystemExit(main())
