@@ -73,6 +73,26 @@ OFF_HULL = {
     "b": (1000, ((0.5, 0.30), (0.25, 0.35))),
 }
 
+# a: dense 3000; 0.5 -> 1500 (0.20), 0.25 -> 750 (0.70)
+# b: dense 3000; 0.5 -> 1500 (0.30), 0.25 -> 750 (0.35): b's 0.5 is off its convex hull
+# budget 0.625 of 6000 = 3750. By hand: a 1 + b .25 = 3750 (0.35) beats a .5 + b .5 = 3000
+# (0.50), a .5 + b .25 = 2250 (0.55) and a .25 + b 1 = 3750 (0.70). Walking b through its
+# off-hull 0.5 would stop at a .5 + b .5, and the 750 left could not undo it.
+HULL_MATTERS = {
+    "a": (1000, ((0.5, 0.20), (0.25, 0.70))),
+    "b": (1000, ((0.5, 0.30), (0.25, 0.35))),
+}
+
+# a: dense 3000; 0.5 -> 1500 (0.30), 0.25 -> 750 (0.35)
+# b: dense 3000; 0.5 -> 1500 (0.08), 0.25 -> 750 (0.15)
+# budget 0.375 of 6000 = 2250: a .25 + b .5 = 2250 (0.43) beats a .5 + b .25 = 2250 (0.45)
+# and a .25 + b .25 = 1500 (0.50). The hull walk ends at a .25 + b .25; of the two ways to
+# spend the 750 left, b back to 0.5 gains 0.07, a back to 0.5 only 0.05.
+LEFTOVER = {
+    "a": (1000, ((0.5, 0.30), (0.25, 0.35))),
+    "b": (1000, ((0.5, 0.08), (0.25, 0.15))),
+}
+
 
 def _brute_force(curves: dict, budget: float) -> tuple[float, dict[str, float]]:
     """The least summed error over every combination of options that fits (a second reference)."""
@@ -95,6 +115,8 @@ def _brute_force(curves: dict, budget: float) -> tuple[float, dict[str, float]]:
         (OFF_HULL, 0.5, {"a": (0.5, 50), "b": (0.5, 50)}, 0.5),
         (CONVEX, 0.75, {"a": (0.75, 75), "b": (0.75, 75)}, 0.75),  # 2250 + 4500 (0.12)
         (CONVEX, 0.25, {"a": (0.25, 25), "b": (0.25, 25)}, 0.25),  # the only fit
+        (HULL_MATTERS, 0.625, {"a": (1.0, 100), "b": (0.25, 25)}, 0.625),
+        (LEFTOVER, 0.375, {"a": (0.25, 25), "b": (0.5, 50)}, 0.375),
     ],
 )
 def test_allocation_finds_the_least_summed_error(
@@ -104,7 +126,7 @@ def test_allocation_finds_the_least_summed_error(
     result = allocate(gm, budget=budget, other_flops=0)
     assert _decided(gm) == want
     assert result.stats["fraction"] == pytest.approx(fraction)
-    assert result.stats["sampled"] == 2
+    assert result.stats["sampled"] == sum(k < 1.0 for k, _ in want.values())
     assert _brute_force(curves, budget)[1] == {n: k for n, (k, _) in want.items()}
 
 
@@ -164,3 +186,15 @@ def test_every_exclusion_names_its_reason() -> None:
     assert plans["c"].reason == "fixed keep rounds to k = n"
     assert (plans["d"].keep, plans["d"].k, plans["d"].reason) == (0.5, 16, None)
     assert plans["d"].settings_source == "module_name 'd'" and plans["a"].settings_source == "global"
+
+
+def test_a_keep_ratio_measured_slower_than_dense_is_never_chosen() -> None:
+    # a's only option (0.5, error 0.05) measured 2 ms against 1 ms dense: a stays exact, and
+    # the budget (3750 of 6000) is met by b alone at 0.25
+    gm = _graph({"a": (1000, ((0.5, 0.05),)), "b": (1000, ((0.5, 0.30), (0.25, 0.50)))})
+    a = next(n for n in gm.graph.nodes if n.target == "a")
+    a.meta[META_KEY] = a.meta[META_KEY].with_(timing=((1.0, 1e-3), (0.5, 2e-3)))
+    allocate(gm, budget=0.625, other_flops=0)
+    plans = {n.target: n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta}
+    assert plans["a"].reason == "sampling measured no faster than the dense op (1.00 ms) at any keep ratio"
+    assert (plans["b"].keep, plans["b"].k) == (0.25, 25)

@@ -252,8 +252,11 @@ def test_a_nan_score_counts_as_zero() -> None:
     assert index.tolist() == [1, 1, 1]
     # infinities too: +inf and -inf score 0, never a division by an infinite total
     scores = torch.tensor([float("inf"), 1.0, float("-inf"), 0.0])
-    index, _ = sample_pairs(scores, 2, "crs", eps=0.0, generator=torch.Generator().manual_seed(0))
-    assert index.tolist() == [1, 1]
+    index, _ = sample_pairs(scores, 20, "crs", eps=0.0, generator=torch.Generator().manual_seed(0))
+    assert index.tolist() == [1] * 20
+    # and so do negative scores (norms never are, but a caller's scores might be)
+    index, _ = sample_pairs(torch.tensor([-1.0, 1.0, 0.0, 0.0]), 20, "crs", eps=0.0)
+    assert index.tolist() == [1] * 20
 
 
 @pytest.mark.parametrize("method", ["zzz", "variance", "Topk", ""])
@@ -272,3 +275,41 @@ def test_topk_ranks_a_nan_score_as_zero() -> None:
     # +inf is the largest score there is
     index, _ = sample_pairs(torch.tensor([0.5, float("inf"), 0.2]), 1, "topk")
     assert index.tolist() == [1]
+
+
+def test_small_scores_are_proportional_too() -> None:
+    # (0.01, 0.03, 0, 0) sums to 0.04: still p = (0.25, 0.75, 0, 0) with eps = 0
+    scores = torch.tensor([0.01, 0.03, 0.0, 0.0])
+    index, scale = sample_pairs(scores, 4, "crs", eps=0.0, generator=torch.Generator().manual_seed(1))
+    assert set(index.tolist()) <= {0, 1}
+    want = {0: 1 / (4 * 0.25), 1: 1 / (4 * 0.75)}
+    torch.testing.assert_close(scale, torch.tensor([want[i] for i in index.tolist()]))
+
+
+def test_runtime_bernoulli_with_nothing_drawn_keeps_one_pair_scaled_by_zero() -> None:
+    # 1000 pairs at k·p = 0.001 each: nothing is drawn with probability 0.999^1000 = 0.37
+    scores = torch.ones(1000)
+    g = torch.Generator().manual_seed(0)
+    outcomes = [sample_pairs(scores, 1, "bernoulli", generator=g) for _ in range(20)]
+    empty = [(i, s) for i, s in outcomes if s is not None and bool((s == 0).all())]
+    assert empty, "20 draws at 0.37 each: some draw keeps nothing"
+    for index, scale in empty:
+        assert index.shape == (1,) and scale.tolist() == [0.0]
+    for index, scale in outcomes:
+        assert scale is not None and index.shape == scale.shape and index.numel() >= 1
+
+
+def test_bernoulli_scale_is_one_over_the_keep_probability() -> None:
+    # k = 3: k·p_i = 0.03 for the nine small pairs, scale 1/0.03 = 33.33 (not an integer)
+    g = torch.Generator().manual_seed(0)
+    seen = 0
+    for _ in range(100):
+        index, scale = sample_pairs(DOMINANT, 3, "bernoulli", generator=g)
+        assert scale is not None and index[0] == 0 and scale[0] == 1.0
+        torch.testing.assert_close(scale[1:], torch.full_like(scale[1:], 1 / 0.03))
+        seen += index.numel() - 1
+    assert seen > 0
+    u = torch.tensor([0.5, 0.02, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    index, scale = estimators.sample(DOMINANT, 3, "bernoulli", noise=u)
+    assert index.tolist() == [0, 1]
+    torch.testing.assert_close(scale, torch.tensor([1.0, 1 / 0.03]))

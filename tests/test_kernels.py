@@ -155,3 +155,26 @@ def test_slice_norms_match_one_reduction(shape: tuple[int, ...], dim: int) -> No
     if dim == 1:  # a non-contiguous input takes the general path
         tc = t.transpose(0, 1).contiguous().transpose(0, 1)
         torch.testing.assert_close(slice_norms(tc, dim), torch.linalg.vector_norm(t, dim=others))
+
+
+@pytest.mark.parametrize("frozen", ["bias", "weight", "input"])
+def test_conv_gradients_go_only_where_autograd_asks(frozen: str) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(2, 20, 5, 5, requires_grad=frozen != "input")
+    w = torch.randn(3, 20, 3, 3, requires_grad=frozen != "weight")
+    b = torch.randn(3, requires_grad=frozen != "bias")
+    y = sampled_conv(x, w, b, 1, 1, 1, keep=0.5, method="topk")
+    y.sum().backward()
+    grads = {"input": x.grad, "weight": w.grad, "bias": b.grad}
+    assert grads[frozen] is None
+    assert all(g is not None for name, g in grads.items() if name != frozen)
+    if frozen != "bias":  # d(sum y)/db = the number of output positions per channel
+        torch.testing.assert_close(b.grad, torch.full((3,), 2.0 * 5 * 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_column_norms_of_half_precision_are_computed_in_float32(dtype: torch.dtype) -> None:
+    t = torch.full((600, 3), 300.0)  # 600 x 300^2 = 5.4e7: overflows float16 if squared there
+    got = column_norms(t.to(dtype))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.full((3,), 300.0 * 600**0.5))

@@ -148,7 +148,8 @@ def test_totals() -> None:
         (999_999, "1M"),
         (999.7, "1K"),
         (999.4e12, "999T"),
-        (999.7e12, "1000T"),  # three significant digits would print 1e+03
+        (999.5e12, "1000T"),  # three significant digits would print 1e+03
+        (999.7e12, "1000T"),
         (1e15, "1000T"),
         (999_500, "1M"),  # the unit switches at 0.9995 of it, inclusive
         (999_499, "999K"),

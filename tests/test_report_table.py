@@ -181,3 +181,9 @@ def test_from_dict_reads_a_file_written_before_mode_rows_timing_and_scores() -> 
     assert (again.mode, again.scores) == ("forward", "activations")
     assert [(n.mode, n.rows, n.timing) for n in again.nodes] == [("forward", 0, ())] * 4
     assert again == PLAN
+
+
+def test_to_json_indents_two_spaces_by_default() -> None:
+    lines = report(PLAN).to_json().splitlines()
+    assert lines[0] == "{" and lines[1] == '  "schema": 1,'
+    assert report(PLAN).to_json(indent=None).startswith('{"schema": 1, "budget": 0.95, "method": "crs"')

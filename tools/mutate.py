@@ -35,8 +35,11 @@ _STATISTICAL = (
     "-k 'not unbiased and not random_shapes and not random_conv and not crs_error and not catches_a_biased'"
 )
 TESTS = {
+    "approxcompile/ops/estimator.py": "tests/test_estimators.py tests/test_estimator_core.py "
+    f"tests/test_ops.py {_STATISTICAL}",
     "approxcompile/ops/sampling.py": f"tests/test_estimators.py tests/test_ops.py {_STATISTICAL}",
-    "approxcompile/ops/kernels.py": f"tests/test_kernels.py tests/test_estimators.py {_STATISTICAL}",
+    "approxcompile/ops/kernels.py": f"tests/test_kernels.py tests/test_ops.py tests/test_estimators.py "
+    f"{_STATISTICAL}",
     "approxcompile/ops/sampled.py": f"tests/test_estimators.py tests/test_ops.py {_STATISTICAL}",
     "approxcompile/ops/shared.py": "tests/test_hook.py tests/test_distributed.py",
     "approxcompile/export/estimators.py": f"tests/test_estimators.py tests/test_export.py {_STATISTICAL}",
@@ -45,8 +48,9 @@ TESTS = {
     "approxcompile/distributed.py": "tests/test_hook.py tests/test_distributed.py",
     "passes/cost.py": "tests/test_flops.py tests/test_report_table.py tests/test_optimize.py "
     "-k 'flop or override'",
-    "passes/select.py": "tests/test_allocation.py "
-    "tests/test_select.py::test_leftover_goes_to_the_best_error_reduction_per_flop "
+    "passes/allocation.py": "tests/test_allocation.py tests/test_select.py "
+    "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision",
+    "passes/exclusions.py": "tests/test_allocation.py::test_every_exclusion_names_its_reason "
     "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision "
     "tests/test_optimize.py::test_overrides_follow_qconfigmapping_precedence "
     "tests/test_optimize.py::test_default_budget_rewrites_middle_nodes_only tests/test_errors.py",
@@ -211,6 +215,7 @@ def _session(
     if args.recheck and session.exists():
         with sqlite3.connect(session) as db:  # survivors become pending work again
             db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+        _skip_annotations(session, tree / args.module)
     elif args.fresh or not session.exists():
         session.unlink(missing_ok=True)
         run(tree, env, str(bin_dir / "cosmic-ray"), "init", str(cfg), str(session))
