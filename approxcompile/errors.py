@@ -21,3 +21,7 @@ class ExampleInputError(ApproxCompileError, RuntimeError):
 
 class VerificationError(ApproxCompileError, RuntimeError):
     """The rewritten graph is malformed or differs from the original in eval mode."""
+
+
+class NonFiniteError(ApproxCompileError, ValueError):
+    """A parameter, buffer or example input holds NaN or Inf."""
