@@ -65,6 +65,7 @@ def example_inputs(model: nn.Module, given: Any) -> ExampleInputs:
     if given is None:
         raise ExampleInputError(f"[inputs] optimize() needs example inputs to measure the model; {_USAGE}")
     kwargs: dict[str, Any] = {}
+    args: tuple[Any, ...] = ()
     if isinstance(given, torch.Tensor):
         # Iterating would split the batch into rows; say what was meant instead.
         raise ExampleInputError(
@@ -72,13 +73,13 @@ def example_inputs(model: nn.Module, given: Any) -> ExampleInputs:
             "pass example_inputs=(x,)"
         )
     if isinstance(given, Mapping):
-        args, kwargs = (), dict(given)
+        kwargs = dict(given)
         if not all(isinstance(k, str) for k in kwargs):
             raise ExampleInputError(
                 f"[inputs] the keys of a dict of example inputs must be argument names, got {list(kwargs)}"
             )
     elif isinstance(given, (tuple, list)):
-        args: tuple[Any, ...] = tuple(given)
+        args = tuple(given)
     elif isinstance(given, Iterable) and not isinstance(given, (str, bytes)):
         args = tuple(given)
     else:
@@ -176,5 +177,27 @@ def warn_unmatched_overrides(config: ApproxConfig, names: set[str], modules: Ite
             warnings.warn(
                 f"[select] module_name override {name!r} matched no matmul / linear / conv node "
                 f"(closest names: {closest(name)})",
+                stacklevel=3,
+            )
+
+
+def warn_hooks_on_sampled(model: nn.Module, nodes: Iterable[Any]) -> None:
+    """A sampled layer runs as a function call in the rewritten graph: its module hooks cannot fire."""
+    modules = dict(model.named_modules())
+    for plan in nodes:
+        m = modules.get(plan.name)
+        if not plan.sampled or m is None:
+            continue
+        kinds = [
+            k
+            for k in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+            if getattr(m, k, None)
+        ]
+        if kinds:
+            names = ", ".join(k.strip("_") for k in kinds)
+            warnings.warn(
+                f"[rewrite] {plan.name} has hooks ({names}) that will not fire in the "
+                "rewritten module: the sampled layer runs as a function call. Keep it exact "
+                f"(ApproxConfig().set_module_name({plan.name!r}, NodeOverride(exact=True))) if they must run",
                 stacklevel=3,
             )

@@ -147,7 +147,7 @@ class ApproxModule(fx.GraphModule):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ApproxModule:
         fn, args = self.__reduce__()
-        return fn(*copy.deepcopy(args, memo))  # type: ignore[no-any-return]
+        return fn(*copy.deepcopy(args, memo))
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,8 @@ def _picklable(value: Any) -> bool:
 def _pack_meta(value: Any) -> Any:
     """``torch.memory_format`` does not pickle: shape metadata keeps it by name."""
     if isinstance(value, TensorMetadata) and isinstance(value.memory_format, torch.memory_format):
-        return value._replace(memory_format=str(value.memory_format).removeprefix("torch."))
+        name: Any = str(value.memory_format).removeprefix("torch.")
+        return value._replace(memory_format=name)
     return value
 
 
@@ -205,8 +206,8 @@ def _graph_from_spec(spec: tuple[Any, list[tuple[Any, ...]]]) -> fx.Graph:
         node = graph.create_node(
             op,
             target,
-            fx.node.map_aggregate(args, load),  # type: ignore[arg-type]
-            fx.node.map_aggregate(kwargs, load),  # type: ignore[arg-type]
+            fx.node.map_aggregate(args, load),
+            fx.node.map_aggregate(kwargs, load),
             name=name,
             type_expr=type_expr,
         )

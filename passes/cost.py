@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import Site, match
+from approxcompile.passes.match import Site, match, operand_tensor
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -33,7 +33,7 @@ from approxcompile.plan import META_KEY, Flops, NodePlan
 def _shape_grad(gm: fx.GraphModule, operand: Any) -> tuple[tuple[int, ...], bool] | None:
     """Shape and requires_grad of a site operand, ``None`` when unknown."""
     if isinstance(operand, str):
-        p = gm.get_parameter(operand)
+        p = operand_tensor(gm, operand)
         return tuple(p.shape), p.requires_grad
     if isinstance(operand, fx.Node) and "tensor_meta" in operand.meta:
         tm = operand.meta["tensor_meta"]

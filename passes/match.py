@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from approxcompile import ops
 
@@ -71,21 +72,40 @@ def _args(node: fx.Node, names: tuple[str, ...], defaults: tuple[Any, ...]) -> l
     return out
 
 
+def operand_tensor(gm: fx.GraphModule, qualname: str) -> Any:
+    """The tensor a module operand names: a parameter, or a weight a hook or parametrization computes."""
+    owner, _, attr = qualname.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr)
+
+
+def _computed_weight(mod: nn.Module) -> str | None:
+    """Why ``mod.weight`` is not a plain parameter the sampled op could read, if it is not."""
+    if parametrize.is_parametrized(mod, "weight"):
+        return "its weight is parametrized (torch.nn.utils.parametrize, e.g. weight_norm / spectral_norm)"
+    if "weight" not in mod._parameters:
+        return "its weight is computed by a forward pre-hook (weight_norm / spectral_norm / pruning)"
+    return None
+
+
 def _module_site(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     mod = gm.get_submodule(str(node.target))
     name = str(node.target)
     x = node.args[0] if node.args else node.kwargs.get("input")
     params = (f"{name}.weight", f"{name}.bias" if getattr(mod, "bias", None) is not None else None)
-    if type(mod) is nn.Linear:
-        return Site("linear", "Linear", name, name, (x, *params))
-    if type(mod) in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    base = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
+    computed = _computed_weight(mod) if base in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) else None
+    if computed is not None:
+        computed += "; the layer is left exact"
+    if base is nn.Linear:
+        return Site("linear", "Linear", name, name, (x, *params), unsupported=computed)
+    if base in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         conv = (mod.stride, mod.padding, mod.dilation)
-        why = None
+        why = computed
         if mod.groups != 1:
             why = f"grouped convolution (groups={mod.groups}) is left exact"
         elif mod.padding_mode != "zeros":
             why = f"padding_mode={mod.padding_mode!r} is not sampled"
-        return Site("conv", type(mod).__name__, name, name, (x, *params), conv, mod.groups, why)  # type: ignore[arg-type]
+        return Site("conv", base.__name__, name, name, (x, *params), conv, mod.groups, why)  # type: ignore[arg-type]
     return None
 
 
