@@ -36,3 +36,7 @@ class VerificationError(ApproxCompileError, RuntimeError):
 
 class NonFiniteError(ApproxCompileError, ValueError):
     """A parameter, buffer or example input holds NaN or Inf."""
+
+
+class DoubleBackwardError(ApproxCompileError, RuntimeError):
+    """A sampled op was differentiated twice (``create_graph=True``)."""

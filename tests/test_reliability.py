@@ -20,9 +20,8 @@ from torch.nn.utils import parametrizations, prune
 
 import approxcompile
 from approxcompile import ApproxConfig, NodeOverride
-from approxcompile.errors import BudgetError, ExampleInputError, NonFiniteError
+from approxcompile.errors import BudgetError, DoubleBackwardError, ExampleInputError, NonFiniteError
 from approxcompile.module import ApproxModule
-from approxcompile.ops.amp import DoubleBackwardError
 from tests.models import CNN, MLP
 
 X = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
@@ -190,6 +189,21 @@ def test_cpu_bf16_autocast_trains_with_pytorchs_dtype_rules(mode: str, make, x) 
     y.float().square().mean().backward()
     for name, p in fast.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_cuda_fp16_autocast_takes_the_same_path(mode: str) -> None:
+    model, x = small_cnn().cuda(), XC.cuda()
+    method = "bernoulli" if mode == "backward" else "topk"
+    fast = approxcompile.optimize(
+        model, 0.7, example_inputs=(x,), config=ApproxConfig(method=method, mode=mode)
+    )
+    with torch.autocast("cuda", torch.float16):
+        y = fast.train()(x)
+    assert y.dtype == torch.float16
+    y.float().square().mean().backward()
+    assert all(p.grad.dtype == torch.float32 for p in fast.parameters())
 
 
 # -- 7. zero-size batch: 'cannot reshape tensor of 0 elements', ZeroDivisionError -------------

@@ -14,11 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from approxcompile.errors import ApproxCompileError
-
-
-class DoubleBackwardError(ApproxCompileError, RuntimeError):
-    """A sampled op was differentiated twice (``create_graph=True``)."""
+from approxcompile.errors import DoubleBackwardError
 
 
 def autocast_dtype(t: Tensor) -> torch.dtype | None:
