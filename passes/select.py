@@ -15,7 +15,7 @@ import math
 
 import torch.fx as fx
 from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import match
+from approxcompile.passes.match import site_of
 
 from approxcompile.config import ApproxConfig
 from approxcompile.errors import BudgetError
@@ -34,8 +34,7 @@ def apply_exclusions(gm: fx.GraphModule, config: ApproxConfig) -> PassResult:
     excluded = 0
     for node in nodes:
         plan: NodePlan = node.meta[META_KEY]
-        site = match(gm, node)
-        assert site is not None
+        site = site_of(gm, node, plan)
         s = config.resolve(kind=plan.kind, names=(plan.name, site.owner) if site.owner else (plan.name,))
         reason = plan.reason
         if reason is None and s.exact:
