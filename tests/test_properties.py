@@ -11,8 +11,8 @@ returns a module for which
 - ``FlopCounterMode`` measures a training step within the budget (3% for what it cannot see),
 - ``torch.save`` -> ``torch.load`` -> one more training step matches the unsaved module exactly.
 
-The CI runs a fixed, derandomised set of examples (``APPROXCOMPILE_FUZZ_EXAMPLES``, default 4, plus two fixed examples);
-``make fuzz`` runs many more with fresh randomness.
+The CI runs two fixed examples and a derandomised draw of ``APPROXCOMPILE_FUZZ_EXAMPLES``
+more (default 4); ``make fuzz`` runs many more with fresh randomness.
 """
 
 from __future__ import annotations
