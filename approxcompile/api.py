@@ -86,10 +86,10 @@ def _plan(
     isolate(gm)  # every forward below writes cloned buffers and fresh input copies only
     example = inputs.positional(gm)
     # shapes: every node's shape / requires_grad, and the operands of each product
-    captured = passes.propagate_shapes(gm, clone_inputs(example)).stats["captured"]
+    captured = passes.propagate_shapes(gm, clone_inputs(example)).captured
     # cost: dense forward / input-grad / weight-grad FLOPs and sampling overhead per node
     passes.annotate_costs(gm, method=config.method, mode=config.mode)
-    other_flops = passes.measure_other_flops(gm, clone_inputs(example))
+    other_flops = passes.measure_other_flops(gm, clone_inputs(example)).other
     # exclusions: overrides, first/last node, unsupported forms, small inner dimensions
     passes.apply_exclusions(gm, config)
     checks.warn_unmatched_overrides(config, _candidate_names(gm), (n for n, _ in model.named_modules()))

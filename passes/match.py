@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch.fx as fx
+from torch import nn
 
 from approxcompile import kinds
 from approxcompile.plan import NodePlan
@@ -20,7 +21,7 @@ from approxcompile.site import Site
 __all__ = ["Site", "match", "operand_tensor", "site_of"]
 
 
-def operand_tensor(gm: fx.GraphModule, qualname: str) -> Any:
+def operand_tensor(gm: nn.Module, qualname: str) -> Any:
     """The tensor a module operand names: a parameter, or a weight a hook or parametrization computes."""
     owner, _, attr = qualname.rpartition(".")
     return getattr(gm.get_submodule(owner), attr)

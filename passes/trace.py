@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
 from torch import nn
 
 from approxcompile.errors import TraceError
+from approxcompile.passes.base import TraceResult
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -85,7 +85,7 @@ def trace(
     *,
     leaf_modules: tuple[type[nn.Module], ...] = (),
     concrete_args: dict[str, Any] | None = None,
-) -> PassResult:
+) -> TraceResult:
     """``model`` -> ``GraphModule`` (a new module; ``model`` is not mutated).
 
     ``concrete_args`` fixes arguments to values (``{"mask": None}``), as ``torch.fx`` does.
@@ -116,4 +116,4 @@ def trace(
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _adopt_tree(gm, root)
     gm.train(model.training)
-    return PassResult(gm, modified=True, stats={"nodes": len(gm.graph.nodes)})
+    return TraceResult(graph_module=gm, modified=True, nodes=len(gm.graph.nodes))

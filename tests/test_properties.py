@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from approxcompile.passes import measure_step_flops
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import approxcompile
 from approxcompile.errors import BudgetError
+from approxcompile.passes import measure_step_flops
 
 EXAMPLES = int(os.environ.get("APPROXCOMPILE_FUZZ_EXAMPLES", "4"))
 FUZZ = "APPROXCOMPILE_FUZZ_EXAMPLES" in os.environ
