@@ -179,7 +179,7 @@ def sampled_baddbmm(
     """``torch.baddbmm(bias, a, b)`` over a sample of the contracted dimension, one for the whole batch."""
     n = a.shape[-1]
     k = kept_count(keep, n)
-    if not training or k >= n:
+    if not training or k >= n or a.numel() == 0 or b.numel() == 0:
         return torch.baddbmm(bias, a, b)
     a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator, noise=noise)
     return torch.baddbmm(bias, a_s, b_s)
