@@ -14,11 +14,14 @@ from approxcompile.errors import (
     ApproxCompileError,
     BudgetError,
     ExampleInputError,
+    PlanError,
+    PlanWarning,
     TraceError,
     VerificationError,
 )
 from approxcompile.ops import sampled_addmm, sampled_conv, sampled_linear, sampled_matmul
 from approxcompile.report import Report, report
+from approxcompile.saving import SavedPlan, load_plan, save_plan
 
 __version__ = "0.1.0"
 
@@ -42,15 +45,20 @@ __all__ = [
     "ExampleInputError",
     "NodeOverride",
     "OrtTrainer",
+    "PlanError",
+    "PlanWarning",
     "Report",
+    "SavedPlan",
     "TraceError",
     "VerificationError",
     "export_onnx",
     "export_training",
+    "load_plan",
     "optimize",
     "report",
     "sampled_addmm",
     "sampled_conv",
     "sampled_linear",
     "sampled_matmul",
+    "save_plan",
 ]

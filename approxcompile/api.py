@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,9 +14,13 @@ import torch.fx as fx
 from torch import nn
 
 import approxcompile.passes as passes
+from approxcompile import guards
 from approxcompile.config import ApproxConfig, check_method
-from approxcompile.errors import BudgetError
+from approxcompile.errors import BudgetError, PlanError, PlanWarning
 from approxcompile.plan import META_KEY, Plan
+from approxcompile.progress import enabled as progress_enabled
+from approxcompile.progress import logger
+from approxcompile.saving import CONFIG_META_KEY, SavedPlan, load_plan
 
 
 def _check_budget(budget: float) -> float:
@@ -28,25 +35,80 @@ def _check_budget(budget: float) -> float:
 
 def optimize(
     model: nn.Module,
-    budget: float = 0.4,
+    budget: float | None = None,
     *,
     example_inputs: Sequence[Any],
     method: str | None = None,
     config: ApproxConfig | None = None,
+    plan: SavedPlan | dict[str, Any] | str | os.PathLike[str] | fx.GraphModule | None = None,
+    progress: bool | None = None,
 ) -> fx.GraphModule:
     """Return ``model`` rewritten so one training step costs at most ``budget`` of its FLOPs.
 
     The result shares parameters with ``model`` (which is not mutated), has the same
     ``state_dict()`` keys and tensors, samples in ``train()`` mode and is exact in
-    ``eval()``. ``method`` overrides ``config.method``. ``approxcompile.report(result)``
-    shows what was sampled and why the rest was not.
+    ``eval()``. ``budget`` defaults to 0.4. ``method`` overrides ``config.method``.
+    ``approxcompile.report(result)`` shows what was sampled and why the rest was not.
+
+    ``plan``: a plan saved with ``approxcompile.save_plan`` (a path, its dict, or a module
+    ``optimize`` returned) to re-apply as it is: the same nodes at the same keep ratios with
+    the same methods, without measuring again; its config and budget apply (``config`` and
+    ``budget``, when given, must equal them). ``progress``: draw a progress bar on stderr
+    while measuring (``None``: only on a terminal, for slow passes). Plans that look wrong
+    (a node's error above 0.5, exact nodes eating the budget) raise a ``PlanWarning`` naming
+    the fix.
 
     >>> fast = optimize(model, budget=0.4, example_inputs=(torch.randn(64, 784),))
     """
-    budget = _check_budget(budget)
+    start = time.perf_counter()
+    saved = load_plan(plan) if plan is not None else None
+    if saved is not None:
+        budget, config = _check_against_plan(saved, budget, method, config)
     config = config or ApproxConfig()
     if method is not None:
         config = dataclasses.replace(config, method=check_method(method))
+    with progress_enabled(progress):
+        gm = _optimize(model, 0.4 if budget is None else budget, example_inputs, config, saved)
+    result: Plan = gm.meta[META_KEY]
+    logger.info(
+        "optimize: %d/%d nodes sampled, %.3f of the dense FLOPs, %.2fs",
+        sum(n.sampled for n in result.nodes),
+        len(result.nodes),
+        result.fraction,
+        time.perf_counter() - start,
+    )
+    for guard in guards.check(result):
+        warnings.warn(str(guard), PlanWarning, stacklevel=2)
+    return gm
+
+
+def _check_against_plan(
+    saved: SavedPlan, budget: float | None, method: str | None, config: ApproxConfig | None
+) -> tuple[float, ApproxConfig]:
+    """The saved plan's budget and config, after checking the caller asked for nothing else."""
+    if budget is not None and budget != saved.plan.budget:
+        raise PlanError(
+            f"budget={budget!r} differs from the saved plan's budget {saved.plan.budget!r}; drop budget= "
+            "to re-apply the plan, or drop plan= to make a new one"
+        )
+    if config is not None and config != saved.config:
+        raise PlanError(
+            f"config differs from the one the plan was saved with ({saved.config!r}); drop config= to "
+            "re-apply the plan, or drop plan= to make a new one"
+        )
+    if method is not None and method != saved.config.method:
+        raise PlanError(f"method={method!r} differs from the saved plan's {saved.config.method!r}; drop method=")
+    return saved.plan.budget, saved.config
+
+
+def _optimize(
+    model: nn.Module,
+    budget: float,
+    example_inputs: Sequence[Any],
+    config: ApproxConfig,
+    saved: SavedPlan | None,
+) -> fx.GraphModule:
+    budget = _check_budget(budget)
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else example_inputs
 
     # trace: a GraphModule over new module objects that share the user's tensors
@@ -55,17 +117,22 @@ def optimize(
     captured = passes.propagate_shapes(gm, example_inputs).stats["captured"]
     # cost: dense forward / input-grad / weight-grad FLOPs and sampling overhead per node
     passes.annotate_costs(gm, method=config.method, mode=config.mode)
-    other_flops = passes.measure_other_flops(gm, example_inputs)
-    # exclusions: overrides, first/last node, unsupported forms, small inner dimensions
-    passes.apply_exclusions(gm, config)
-    # sensitivity: measured output error of each node at each keep ratio
-    passes.measure_sensitivity(gm, captured, config)
-    if config.measure_time:
-        # timing: measured seconds per keep ratio, so no sampled node is slower than exact
-        passes.measure_timing(gm, captured, config)
+    if saved is not None:
+        # replay: every node's decision from the saved plan, nothing measured again
+        other_flops = saved.plan.other_flops
+        passes.apply_plan(gm, saved.plan)
+    else:
+        other_flops = passes.measure_other_flops(gm, example_inputs)
+        # exclusions: overrides, first/last node, unsupported forms, small inner dimensions
+        passes.apply_exclusions(gm, config)
+        # sensitivity: measured output error of each node at each keep ratio
+        passes.measure_sensitivity(gm, captured, config)
+        if config.measure_time:
+            # timing: measured seconds per keep ratio, so no sampled node is slower than exact
+            passes.measure_timing(gm, captured, config)
+        # selection: keep ratios minimising the summed error within the budget
+        passes.allocate(gm, budget=budget, other_flops=other_flops)
     del captured
-    # selection: keep ratios minimising the summed error within the budget
-    passes.allocate(gm, budget=budget, other_flops=other_flops)
     # rewrite: sampled nodes become calls to approxcompile.ops
     passes.rewrite(gm, config)
     # verify: well-formed graph, eval outputs equal the original's
@@ -82,4 +149,5 @@ def optimize(
         mode=config.mode,
         scores=config.scores,
     )
+    gm.meta[CONFIG_META_KEY] = config  # for save_plan
     return gm

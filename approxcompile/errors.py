@@ -21,3 +21,14 @@ class ExampleInputError(ApproxCompileError, RuntimeError):
 
 class VerificationError(ApproxCompileError, RuntimeError):
     """The rewritten graph is malformed or differs from the original in eval mode."""
+
+
+class PlanError(ApproxCompileError, ValueError):
+    """A saved plan does not fit the model it is applied to."""
+
+
+class PlanWarning(UserWarning):
+    """A legal plan that is probably not what was wanted (high error, budget eaten by exact nodes).
+
+    Silence it with ``warnings.filterwarnings("ignore", category=approxcompile.PlanWarning)``.
+    """

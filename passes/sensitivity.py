@@ -22,6 +22,7 @@ from approxcompile.config import ApproxConfig
 from approxcompile.ops import sampled_conv, sampled_linear, sampled_matmul
 from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
 from approxcompile.plan import META_KEY, aligned_count
+from approxcompile.progress import Bar
 
 _CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
@@ -89,12 +90,19 @@ def _curve(
     return tuple(curve)
 
 
+def _count(gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]]) -> int:
+    """Nodes the pass will measure, for the progress bar."""
+    plans = ((n.name, n.meta.get(META_KEY)) for n in gm.graph.nodes)
+    return sum(p is not None and p.reason is None and name in captured for name, p in plans)
+
+
 def measure_sensitivity(
     gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]], config: ApproxConfig
 ) -> PassResult:
     """Fill ``sensitivity`` of every node not already excluded (a fixed keep is measured alone)."""
     generator = torch.Generator().manual_seed(config.seed)
     measured = 0
+    bar = Bar("sensitivity", _count(gm, captured))
     with torch.no_grad():
         for node in gm.graph.nodes:
             plan = node.meta.get(META_KEY)
@@ -113,4 +121,6 @@ def measure_sensitivity(
             curve = _curve(product, plan.inner, grid, plan.method, config, generator)
             node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1
+            bar.update()
+    bar.close()
     return PassResult(gm, modified=False, stats={"measured": measured})

@@ -29,6 +29,7 @@ from approxcompile.passes.sensitivity import product_fn
 
 from approxcompile.config import ApproxConfig
 from approxcompile.plan import META_KEY, NodePlan
+from approxcompile.progress import Bar
 
 
 def _median_seconds(run: Callable[[], None], repeats: int) -> float:
@@ -79,6 +80,8 @@ def measure_timing(
 ) -> PassResult:
     """Fill ``timing`` of every node that has a sensitivity curve (graph unchanged)."""
     measured = 0
+    plans = [(n.name, n.meta.get(META_KEY)) for n in gm.graph.nodes]
+    bar = Bar("timing", sum(p is not None and p.reason is None and bool(p.sensitivity) and n in captured for n, p in plans))
     for node in gm.graph.nodes:
         plan = node.meta.get(META_KEY)
         if plan is None or plan.reason is not None or not plan.sensitivity or node.name not in captured:
@@ -92,4 +95,6 @@ def measure_timing(
         timing = _node_timing(plan, site.kind, operands, site.conv, config)
         node.meta[META_KEY] = plan.with_(timing=timing)
         measured += 1
+        bar.update()
+    bar.close()
     return PassResult(gm, modified=False, stats={"timed": measured})
