@@ -177,7 +177,8 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         "--config",
         metavar="FILE",
         help="JSON file of ApproxConfig fields (ApproxConfig.to_dict(); missing keys take their "
-        "defaults); --method, --mode and --scores override it",
+        "defaults); "
+        + ("--method, --mode and --scores override it" if p.prog.endswith("inspect") else "--method overrides it"),
     )
     p.add_argument(
         "--plan",
