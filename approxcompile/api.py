@@ -97,7 +97,9 @@ def _check_against_plan(
             "re-apply the plan, or drop plan= to make a new one"
         )
     if method is not None and method != saved.config.method:
-        raise PlanError(f"method={method!r} differs from the saved plan's {saved.config.method!r}; drop method=")
+        raise PlanError(
+            f"method={method!r} differs from the saved plan's {saved.config.method!r}; drop method="
+        )
     return saved.plan.budget, saved.config
 
 

@@ -178,7 +178,11 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="JSON file of ApproxConfig fields (ApproxConfig.to_dict(); missing keys take their "
         "defaults); "
-        + ("--method, --mode and --scores override it" if p.prog.endswith("inspect") else "--method overrides it"),
+        + (
+            "--method, --mode and --scores override it"
+            if p.prog.endswith("inspect")
+            else "--method overrides it"
+        ),
     )
     p.add_argument(
         "--plan",
@@ -189,9 +193,7 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar and no plan warnings on stderr"
     )
-    p.add_argument(
-        "-v", "--verbose", action="store_true", help="log each pass and its duration on stderr"
-    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log each pass and its duration on stderr")
     p.add_argument(
         "--seed", type=int, default=0, help="seed for example inputs and sampling (default: %(default)s)"
     )
@@ -305,7 +307,9 @@ def _read_json(path: str, what: str) -> Any:
 
 def _config(args: argparse.Namespace) -> ApproxConfig:
     """``--config`` (or the defaults) with ``--method`` / ``--mode`` / ``--scores`` applied on top."""
-    config = ApproxConfig.from_dict(_read_json(args.config, "--config file")) if args.config else ApproxConfig()
+    config = (
+        ApproxConfig.from_dict(_read_json(args.config, "--config file")) if args.config else ApproxConfig()
+    )
     # --mode / --scores exist for `inspect` only (export keeps forward sampling).
     changes = {k: v for k in ("mode", "scores") if (v := getattr(args, k, None)) is not None}
     if args.method is not None:

@@ -152,9 +152,9 @@ def check(plan: Plan, points: Sequence[SweepPoint] | None = None) -> tuple[Guard
             Guard(
                 check="exact-share",
                 nodes=tuple(n.name for n in pre_exact),
-                message=f"nodes exact whatever the budget take {share:.0%} of budget {plan.budget:g}: {listed}",
+                message=f"nodes exact whatever the budget take {share:.0%} of budget {plan.budget:g}: "
+                f"{listed}",
                 fix="; or ".join(fixes),
             )
         )
     return tuple(guards)
-

@@ -34,9 +34,7 @@ def require_matplotlib() -> Any:
     try:
         return importlib.import_module("matplotlib.figure")
     except ImportError as e:
-        raise PlotUnavailable(
-            "drawing a plan needs matplotlib: pip install 'approxcompile[plot]'"
-        ) from e
+        raise PlotUnavailable("drawing a plan needs matplotlib: pip install 'approxcompile[plot]'") from e
 
 
 def _plan_of(source: Any) -> Plan:
@@ -86,7 +84,7 @@ def _error_curve(ax: Any, plan: Plan) -> None:
 
 
 def _graph(ax: Any, gm: Any) -> None:
-    """fx nodes by topological depth (left to right); products coloured by decision, others small dots."""
+    """The fx nodes by topological depth (left to right); products coloured by decision, others small dots."""
     from approxcompile.dot import to_networkx
 
     g = to_networkx(gm)
@@ -129,7 +127,8 @@ def plot_plan(source: Any, path: str | os.PathLike[str]) -> Path:
         _graph(fig.add_subplot(grid[1, :]), source)
     fig.suptitle(
         f"approxcompile plan: method={plan.method}, budget={plan.budget:g}, "
-        f"planned {plan.fraction:.3f} of dense, {sum(n.sampled for n in plan.nodes)}/{len(plan.nodes)} sampled",
+        f"planned {plan.fraction:.3f} of dense, "
+        f"{sum(n.sampled for n in plan.nodes)}/{len(plan.nodes)} sampled",
         fontsize=10,
     )
     path = Path(path)

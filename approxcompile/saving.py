@@ -70,7 +70,9 @@ def _plain(value: Any) -> Any:
 
 
 def _override_dict(o: NodeOverride) -> dict[str, Any]:
-    return {f.name: _plain(getattr(o, f.name)) for f in dataclasses.fields(o) if getattr(o, f.name) is not None}
+    return {
+        f.name: _plain(getattr(o, f.name)) for f in dataclasses.fields(o) if getattr(o, f.name) is not None
+    }
 
 
 def config_to_dict(config: ApproxConfig) -> dict[str, Any]:
@@ -132,7 +134,7 @@ class SavedPlan:
     plan: Plan
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON types: ``format``, ``version``, ``approxcompile`` (the writer's version), ``config``, ``plan``."""
+        """JSON types: ``format``, ``version``, ``approxcompile`` (writer's version), ``config``, ``plan``."""
         from approxcompile import __version__
         from approxcompile.report import Report
 
@@ -150,7 +152,7 @@ class SavedPlan:
 
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise ValueError(
-                f"not an approxcompile plan (expected \"format\": {PLAN_FORMAT!r}); write one with "
+                f'not an approxcompile plan (expected "format": {PLAN_FORMAT!r}); write one with '
                 "approxcompile.save_plan(fast, path) or `approxcompile inspect ... --save-plan FILE`"
             )
         if data.get("version") != PLAN_VERSION:

@@ -81,7 +81,10 @@ def measure_timing(
     """Fill ``timing`` of every node that has a sensitivity curve (graph unchanged)."""
     measured = 0
     plans = [(n.name, n.meta.get(META_KEY)) for n in gm.graph.nodes]
-    bar = Bar("timing", sum(p is not None and p.reason is None and bool(p.sensitivity) and n in captured for n, p in plans))
+    bar = Bar(
+        "timing",
+        sum(p is not None and p.reason is None and bool(p.sensitivity) and n in captured for n, p in plans),
+    )
     for node in gm.graph.nodes:
         plan = node.meta.get(META_KEY)
         if plan is None or plan.reason is not None or not plan.sensitivity or node.name not in captured:

@@ -74,7 +74,9 @@ def test_a_comfortable_plan_has_no_warnings() -> None:
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("error", PlanWarning)
-        fast = approxcompile.optimize(mlp(), 0.9, example_inputs=(x,), config=ApproxConfig(exclude_first_last=False))
+        fast = approxcompile.optimize(
+            mlp(), 0.9, example_inputs=(x,), config=ApproxConfig(exclude_first_last=False)
+        )
     assert check(approxcompile.report(fast).plan) == ()
     assert "warning:" not in str(approxcompile.report(fast))
 
@@ -108,7 +110,16 @@ def test_progress_bar_draws_only_when_asked_or_on_a_terminal() -> None:
 def test_cli_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "plan.png"
-    args = ["inspect", "tests.models:cnn", "--input-shape", "16,1,12,12", "--budget", "0.5", "--plot", str(out)]
+    args = [
+        "inspect",
+        "tests.models:cnn",
+        "--input-shape",
+        "16,1,12,12",
+        "--budget",
+        "0.5",
+        "--plot",
+        str(out),
+    ]
     assert main(args) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
     assert f"approxcompile: wrote {out}" in capsys.readouterr().err

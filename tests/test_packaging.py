@@ -50,7 +50,9 @@ def _imports(paths: list[Path]) -> dict[str, set[str]]:
 
 def _declared() -> tuple[set[str], dict[str, set[str]]]:
     core = {Requirement(r).name.lower() for r in PYPROJECT["dependencies"]}
-    extras = {k: {Requirement(r).name.lower() for r in v} for k, v in PYPROJECT["optional-dependencies"].items()}
+    extras = {
+        k: {Requirement(r).name.lower() for r in v} for k, v in PYPROJECT["optional-dependencies"].items()
+    }
     return core, extras
 
 
