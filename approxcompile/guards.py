@@ -15,7 +15,6 @@ sensitivities ``optimize`` already measured (no model run).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -80,7 +79,7 @@ def sweep(plan: Plan, budgets: Sequence[float] = BUDGETS) -> tuple[SweepPoint, .
             if node.name in base:
                 node.meta[META_KEY] = base[node.name]
         try:
-            stats = allocate(gm, budget=budget, other_flops=plan.other_flops).stats
+            fraction = allocate(gm, budget=budget, other_flops=plan.other_flops).fraction
         except BudgetError:
             continue
         chosen = [n.meta[META_KEY] for n in gm.graph.nodes if n.name in base]
@@ -90,7 +89,7 @@ def sweep(plan: Plan, budgets: Sequence[float] = BUDGETS) -> tuple[SweepPoint, .
                 budget=budget,
                 total_error=sum(errors),
                 max_error=max(errors, default=0.0),
-                fraction=float(stats.get("fraction", math.nan)),
+                fraction=fraction,
                 sampled=len(errors),
             )
         )

@@ -2,22 +2,35 @@
 
 trace -> propagate_shapes -> annotate_costs -> apply_exclusions -> measure_sensitivity
 -> [measure_timing] -> allocate -> rewrite -> verify; with a saved plan, ``apply_plan`` replaces
-apply_exclusions ... allocate. Each takes a ``GraphModule`` and returns a
-:class:`PassResult`; only ``trace`` (new module) and ``rewrite`` (in place) change graphs.
+apply_exclusions ... allocate. Each takes a ``GraphModule`` and returns a :class:`PassResult`
+subclass with its typed results; only ``trace`` (new module) and ``rewrite`` (in place) change
+graphs.
 """
 
-from approxcompile.passes.base import PassResult
+from approxcompile.passes.allocation import allocate
+from approxcompile.passes.base import (
+    AllocationResult,
+    CostResult,
+    ExclusionResult,
+    PassResult,
+    RewriteResult,
+    SensitivityResult,
+    ShapeResult,
+    StepFlops,
+    TimingResult,
+    TraceResult,
+    VerifyResult,
+)
 from approxcompile.passes.cost import annotate_costs, measure_other_flops, measure_step_flops
+from approxcompile.passes.exclusions import apply_exclusions
 from approxcompile.passes.match import Site, match
 from approxcompile.passes.replay import apply_plan
 from approxcompile.passes.rewrite import rewrite
-from approxcompile.passes.select import allocate, apply_exclusions
 from approxcompile.passes.sensitivity import measure_sensitivity
 from approxcompile.passes.shapes import propagate_shapes
 from approxcompile.passes.timing import measure_timing
 from approxcompile.passes.trace import share_parameters, trace
 from approxcompile.passes.verify import verify
-
 from approxcompile.progress import logged
 
 # Each pass as optimize() calls it logs its name, time and statistics on the "approxcompile"
@@ -35,8 +48,18 @@ rewrite = logged("rewrite", rewrite)
 verify = logged("verify", verify)
 
 __all__ = [
+    "AllocationResult",
+    "CostResult",
+    "ExclusionResult",
     "PassResult",
+    "RewriteResult",
+    "SensitivityResult",
+    "ShapeResult",
     "Site",
+    "StepFlops",
+    "TimingResult",
+    "TraceResult",
+    "VerifyResult",
     "allocate",
     "annotate_costs",
     "apply_plan",

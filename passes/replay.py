@@ -12,10 +12,12 @@ The costs stay the ones measured now, so the report shows the plan's cost on thi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
 
 from approxcompile.errors import PlanError
+from approxcompile.passes.base import PassResult
 from approxcompile.plan import META_KEY, NodePlan, Plan
 
 # The fields a plan decides; everything else (shapes, FLOPs, overheads) is measured again.
@@ -33,6 +35,12 @@ _DECIDED = (
 )
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReplayResult(PassResult):
+    replayed: int  # nodes whose decision came from the saved plan
+    sampled: int  # of them, the ones the plan samples
+
+
 def _mismatch(now: NodePlan, saved: NodePlan) -> str | None:
     for field in ("kind", "inner", "shapes", "mode"):
         a, b = getattr(now, field), getattr(saved, field)
@@ -41,7 +49,7 @@ def _mismatch(now: NodePlan, saved: NodePlan) -> str | None:
     return None
 
 
-def apply_plan(gm: fx.GraphModule, saved: Plan) -> PassResult:
+def apply_plan(gm: fx.GraphModule, saved: Plan) -> ReplayResult:
     """Copy each candidate node's decision from ``saved`` (matched by name); graph unchanged."""
     nodes = [n for n in gm.graph.nodes if META_KEY in n.meta]
     by_name = {p.name: p for p in saved.nodes}
@@ -66,4 +74,4 @@ def apply_plan(gm: fx.GraphModule, saved: Plan) -> PassResult:
             )
         node.meta[META_KEY] = now.with_(**{f: getattr(old, f) for f in _DECIDED})
         sampled += old.sampled
-    return PassResult(gm, modified=False, stats={"sampled": sampled, "replayed": len(nodes)})
+    return ReplayResult(graph_module=gm, modified=False, replayed=len(nodes), sampled=sampled)
