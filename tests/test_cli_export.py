@@ -43,7 +43,7 @@ def test_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     names = {p.name for p in tmp_path.iterdir()}
     assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"} <= names
     # every file it writes is listed, and nothing else
-    listed = {Path(line.removeprefix("wrote ")).name for line in out.splitlines() if line.startswith("wrote ")}
+    listed = {Path(line[6:]).name for line in out.splitlines() if line.startswith("wrote ")}
     assert listed == names and len(listed) == 7
     # another process picks the directory up: train a step, then bring the weights home
     art = Artifacts.load(tmp_path)
