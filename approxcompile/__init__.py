@@ -13,12 +13,15 @@ from approxcompile.config import ApproxConfig, NodeOverride
 from approxcompile.errors import (
     ApproxCompileError,
     BudgetError,
+    DoubleBackwardError,
     ExampleInputError,
+    NonFiniteError,
     PlanError,
     PlanWarning,
     TraceError,
     VerificationError,
 )
+from approxcompile.module import ApproxModule
 from approxcompile.ops import sampled_addmm, sampled_conv, sampled_linear, sampled_matmul
 from approxcompile.report import Report, report
 from approxcompile.saving import SavedPlan, load_plan, save_plan
@@ -41,9 +44,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ApproxCompileError",
     "ApproxConfig",
+    "ApproxModule",
     "BudgetError",
+    "DoubleBackwardError",
     "ExampleInputError",
     "NodeOverride",
+    "NonFiniteError",
     "OrtTrainer",
     "PlanError",
     "PlanWarning",

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import time
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 import approxcompile.passes as passes
-from approxcompile import guards
+from approxcompile import checks, guards
 from approxcompile.config import ApproxConfig, check_method
 from approxcompile.errors import BudgetError, PlanError, PlanWarning
+from approxcompile.module import ApproxModule, clone_inputs, finalize, isolate, planning_view
 from approxcompile.plan import META_KEY, Plan
 from approxcompile.progress import enabled as progress_enabled
 from approxcompile.progress import logger
@@ -24,30 +26,44 @@ from approxcompile.saving import CONFIG_META_KEY, SavedPlan, load_plan
 
 
 def _check_budget(budget: float) -> float:
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+    # numbers.Real admits numpy floats (np.float32(0.4)); bool is an int but never a budget.
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise BudgetError(f"budget must be a number in (0, 1], got {budget!r}")
+    budget = float(budget)
     if math.isnan(budget) or not 0.0 < budget <= 1.0:
         raise BudgetError(
             f"budget must be in (0, 1] (the fraction of the dense training FLOPs to spend), got {budget!r}"
         )
-    return float(budget)
+    return budget
+
+
+def _candidate_names(gm: fx.GraphModule) -> set[str]:
+    """What module-name overrides are matched against: node names and their owning modules."""
+    names: set[str] = set()
+    for node in gm.graph.nodes:
+        if META_KEY in node.meta:
+            site = passes.match(gm, node)
+            names |= {node.meta[META_KEY].name, *([site.owner] if site is not None and site.owner else [])}
+    return names
 
 
 def optimize(
     model: nn.Module,
     budget: float | None = None,
     *,
-    example_inputs: Sequence[Any],
+    example_inputs: Any,
     method: str | None = None,
     config: ApproxConfig | None = None,
     plan: SavedPlan | dict[str, Any] | str | os.PathLike[str] | fx.GraphModule | None = None,
     progress: bool | None = None,
-) -> fx.GraphModule:
+) -> ApproxModule:
     """Return ``model`` rewritten so one training step costs at most ``budget`` of its FLOPs.
 
-    The result shares parameters with ``model`` (which is not mutated), has the same
-    ``state_dict()`` keys and tensors, samples in ``train()`` mode and is exact in
-    ``eval()``. ``budget`` defaults to 0.4. ``method`` overrides ``config.method``.
+    The result shares parameters and buffers with ``model`` (which is not mutated; see
+    ``approxcompile.module``), has the same ``state_dict()`` keys and tensors, samples in
+    ``train()`` mode and is exact in ``eval()``. ``example_inputs`` is a tuple of
+    ``forward``'s positional inputs (or a dict of keyword inputs); it is not modified.
+    ``budget`` defaults to 0.4. ``method`` overrides ``config.method``.
     ``approxcompile.report(result)`` shows what was sampled and why the rest was not.
 
     ``plan``: a plan saved with ``approxcompile.save_plan`` (a path, its dict, or a module
@@ -61,15 +77,24 @@ def optimize(
     >>> fast = optimize(model, budget=0.4, example_inputs=(torch.randn(64, 784),))
     """
     start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
     saved = load_plan(plan) if plan is not None else None
     if saved is not None:
         budget, config = _check_against_plan(saved, budget, method, config)
+    budget = _check_budget(0.4 if budget is None else budget)
+    if config is not None and not isinstance(config, ApproxConfig):
+        raise TypeError(f"config must be an ApproxConfig, got {type(config).__name__}")
     config = config or ApproxConfig()
     if method is not None:
         config = dataclasses.replace(config, method=check_method(method))
-    with progress_enabled(progress):
-        gm = _optimize(model, 0.4 if budget is None else budget, example_inputs, config, saved)
-    result: Plan = gm.meta[META_KEY]
+    inputs = checks.example_inputs(model, example_inputs)
+    checks.check_values(model, inputs)
+    # Planning runs forward about four times; the global RNG stream stays as it was.
+    with torch.random.fork_rng(devices=[]), progress_enabled(progress):
+        gm = _plan(model, budget, inputs, config, saved)
+    fast = finalize(gm, model)
+    result: Plan = fast.meta[META_KEY]
     logger.info(
         "optimize: %d/%d nodes sampled, %.3f of the dense FLOPs, %.2fs",
         sum(n.sampled for n in result.nodes),
@@ -79,7 +104,7 @@ def optimize(
     )
     for guard in guards.check(result):
         warnings.warn(str(guard), PlanWarning, stacklevel=2)
-    return gm
+    return fast
 
 
 def _check_against_plan(
@@ -103,20 +128,21 @@ def _check_against_plan(
     return saved.plan.budget, saved.config
 
 
-def _optimize(
+def _plan(
     model: nn.Module,
     budget: float,
-    example_inputs: Sequence[Any],
+    inputs: checks.ExampleInputs,
     config: ApproxConfig,
-    saved: SavedPlan | None,
+    saved: SavedPlan | None = None,
 ) -> fx.GraphModule:
-    budget = _check_budget(budget)
-    example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else example_inputs
-
+    """The planned and rewritten graph, over a copy of ``model`` (no hooks, cloned buffers)."""
+    concrete = dict.fromkeys(inputs.fixed_none)
     # trace: a GraphModule over new module objects that share the user's tensors
-    gm = passes.trace(model, leaf_modules=config.leaf_modules).graph_module
+    gm = passes.trace(model, leaf_modules=config.leaf_modules, concrete_args=concrete).graph_module
+    isolate(gm)  # every forward below writes cloned buffers and fresh input copies only
+    example = inputs.positional(gm)
     # shapes: every node's shape / requires_grad, and the operands of each product
-    captured = passes.propagate_shapes(gm, example_inputs).captured
+    captured = passes.propagate_shapes(gm, clone_inputs(example)).captured
     # cost: dense forward / input-grad / weight-grad FLOPs and sampling overhead per node
     passes.annotate_costs(gm, method=config.method, mode=config.mode)
     if saved is not None:
@@ -124,9 +150,10 @@ def _optimize(
         other_flops = saved.plan.other_flops
         passes.apply_plan(gm, saved.plan)
     else:
-        other_flops = passes.measure_other_flops(gm, example_inputs).other
+        other_flops = passes.measure_other_flops(gm, clone_inputs(example)).other
         # exclusions: overrides, first/last node, unsupported forms, small inner dimensions
         passes.apply_exclusions(gm, config)
+        checks.warn_unmatched_overrides(config, _candidate_names(gm), (n for n, _ in model.named_modules()))
         # sensitivity: measured output error of each node at each keep ratio
         passes.measure_sensitivity(gm, captured, config)
         if config.measure_time:
@@ -137,8 +164,12 @@ def _optimize(
     del captured
     # rewrite: sampled nodes become calls to approxcompile.ops
     passes.rewrite(gm, config)
+    checks.warn_hooks_on_sampled(model, (n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta))
     # verify: well-formed graph, eval outputs equal the original's
-    passes.verify(gm, model, example_inputs)
+    original = planning_view(model)
+    passes.verify(
+        gm, original, clone_inputs(example), original_inputs=clone_inputs((inputs.args, dict(inputs.kwargs)))
+    )
 
     nodes = tuple(n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta)
     note = None if nodes else "no matmul / linear / conv nodes found: the model is returned unchanged"

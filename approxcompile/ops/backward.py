@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from approxcompile.choices import ROW_SCORES, UNBIASED_METHODS
+from approxcompile.ops import amp
+from approxcompile.ops.amp import refuse_double_backward
 from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
 from approxcompile.ops.kernels import column_norms, slice_norms
 from approxcompile.ops.sampling import sample_pairs
@@ -82,6 +84,7 @@ class BackwardSampledLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("backward_sampled_linear")
         saved_x, weight = ctx.saved_tensors
         x_shape, n, p = ctx.shapes
         keep, method, eps, generator = ctx.sample
@@ -160,6 +163,7 @@ class BackwardSampledConvFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("backward_sampled_conv")
         saved_x, weight = ctx.saved_tensors
         keep, method, eps, generator = ctx.sample
         dx = dw = db = None
@@ -214,14 +218,21 @@ def backward_sampled_linear(
     if row_scores not in ROW_SCORES:
         raise ValueError(f"row_scores must be one of {ROW_SCORES}, got {row_scores!r}")
     rows = x.numel() // max(weight.shape[-1], 1)
-    exact = kept_count(keep, weight.shape[0]) >= weight.shape[0] and kept_count(keep, rows) >= rows
+    exact = rows == 0 or (
+        kept_count(keep, weight.shape[0]) >= weight.shape[0] and kept_count(keep, rows) >= rows
+    )
     # An exporter traces through the Function's forward only, and ONNX Runtime then builds
     # the exact gradient of that forward: sampling here would change nothing exported.
     if not training or exact or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return F.linear(x, weight, bias)  # nothing will be differentiated: nothing to sample
-    return BackwardSampledLinearFn.apply(x, weight, bias, keep, method, eps, row_scores, generator)
+    dtype = amp.autocast_dtype(x)
+    if dtype is None:
+        return BackwardSampledLinearFn.apply(x, weight, bias, keep, method, eps, row_scores, generator)
+    with torch.autocast(x.device.type, enabled=False):
+        x, weight, bias = amp.cast(dtype, x, weight, bias)  # type: ignore[assignment]
+        return BackwardSampledLinearFn.apply(x, weight, bias, keep, method, eps, row_scores, generator)
 
 
 def backward_sampled_conv(
@@ -250,7 +261,7 @@ def backward_sampled_conv(
     d = weight.dim() - 2
     conv = CONV[d]
     o, batch = weight.shape[0], x.shape[0]
-    exact = kept_count(keep, o) >= o and kept_count(keep, batch) >= batch
+    exact = x.numel() == 0 or (kept_count(keep, o) >= o and kept_count(keep, batch) >= batch)
     if (
         not training
         or exact
@@ -263,7 +274,12 @@ def backward_sampled_conv(
     ):
         return conv(x, weight, bias, stride, padding, dilation)
     args = tuple(list(_ntuple(d)(a)) for a in (stride, padding, dilation))
-    return BackwardSampledConvFn.apply(x, weight, bias, args, keep, method, eps, row_scores, generator)
+    dtype = amp.autocast_dtype(x)
+    if dtype is None:
+        return BackwardSampledConvFn.apply(x, weight, bias, args, keep, method, eps, row_scores, generator)
+    with torch.autocast(x.device.type, enabled=False):
+        x, weight, bias = amp.cast(dtype, x, weight, bias)  # type: ignore[assignment]
+        return BackwardSampledConvFn.apply(x, weight, bias, args, keep, method, eps, row_scores, generator)
 
 
 def _ntuple(d: int) -> Callable[[int | Sequence[int]], tuple[int, ...]]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from approxcompile.ops.amp import refuse_double_backward
 from approxcompile.ops.workspace import WORKSPACE
 
 _ACC_ROWS = 256  # rows per accumulator block: 256 x 4096 fp32 is 4 MB, read once per chunk
@@ -112,6 +113,7 @@ class SampledLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("sampled_linear")
         xs, ws, index, scale = ctx.saved_tensors
         p, n = ws.shape[0], ctx.weight.shape[1]
         dy2 = dy.reshape(-1, p)
@@ -169,6 +171,7 @@ class SampledConvFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        refuse_double_backward("sampled_conv")
         xs, ws, index, scale = ctx.saved_tensors
         stride, padding, dilation = ctx.conv
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

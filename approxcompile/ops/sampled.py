@@ -20,12 +20,14 @@ exportable twin in plain tensor ops (``approxcompile/export/estimators.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from approxcompile.ops import shared
+from approxcompile.ops import amp, shared
 from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
 from approxcompile.ops.kernels import SampledConvFn, SampledLinearFn, column_norms, slice_norms
 from approxcompile.ops.sampling import sample_pairs
@@ -93,16 +95,25 @@ def sampled_linear(
     """
     n = weight.shape[-1]
     k = kept_count(keep, n)
-    if not training or k >= n:
+    if not training or k >= n or x.numel() == 0:
         return F.linear(x, weight, bias)
     by_weights = _check_scores(scores)
     generator = shared.stream(weight, seed) if by_weights and generator is None else generator
-    with torch.no_grad():
-        w_norms = column_norms(weight)
-        a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
-        index, scale = sample_pairs(a, k, method, eps=eps, generator=generator, noise=noise)
-    shared.record(weight, index)
-    return SampledLinearFn.apply(x, weight, bias, index, scale, method != "crs")
+    owner, dtype = weight, amp.autocast_dtype(x)
+    with _autocast_off(x, dtype):
+        if dtype is not None:
+            x, weight, bias = amp.cast(dtype, x, weight, bias)  # type: ignore[assignment]
+        with torch.no_grad():
+            w_norms = column_norms(weight)
+            a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
+            index, scale = sample_pairs(a, k, method, eps=eps, generator=generator, noise=noise)
+        shared.record(owner, index)
+        return SampledLinearFn.apply(x, weight, bias, index, scale, method != "crs")
+
+
+def _autocast_off(x: Tensor, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """Autocast off around a sampled Function whose operands were cast already (ops/amp.py)."""
+    return torch.autocast(x.device.type, enabled=False) if dtype is not None else nullcontext()
 
 
 def sampled_matmul(
@@ -121,7 +132,7 @@ def sampled_matmul(
     One set of indices serves every batch entry (scores sum over the batch dims), so
     ``(B, m, n) @ (B, n, p)`` gathers ``(B, m, k) @ (B, k, p)``.
     """
-    if a.dim() < 2 or b.dim() < 2:
+    if a.dim() < 2 or b.dim() < 2 or a.numel() == 0 or b.numel() == 0:
         return torch.matmul(a, b)
     n = a.shape[-1]
     k = kept_count(keep, n)
@@ -146,7 +157,7 @@ def sampled_addmm(
     """``torch.addmm(bias, a, b)`` over a sample of the contracted dimension."""
     n = a.shape[-1]
     k = kept_count(keep, n)
-    if not training or k >= n:
+    if not training or k >= n or a.numel() == 0 or b.numel() == 0:
         return torch.addmm(bias, a, b)
     a_s, b_s = _sample_slices(a, -1, b, 0, k, method, eps, generator, noise=noise)
     return torch.addmm(bias, a_s, b_s)
@@ -178,18 +189,41 @@ def sampled_conv(
     conv = CONV[weight.dim() - 2]
     n = weight.shape[1]
     k = kept_count(keep, n)
-    if not training or k >= n or x.dim() != weight.dim():
+    if not training or k >= n or x.dim() != weight.dim() or x.numel() == 0:
         return conv(x, weight, bias, stride, padding, dilation)
     by_weights = _check_scores(scores)
     generator = shared.stream(weight, seed) if by_weights and generator is None else generator
     if isinstance(padding, str):  # 'same' / 'valid': let F.conv resolve the padding
         xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights, noise)
         return conv(xs, ws, bias, stride, padding, dilation)
+    owner, dtype = weight, amp.autocast_dtype(x)
+    with _autocast_off(x, dtype):
+        if dtype is not None:
+            x, weight, bias = amp.cast(dtype, x, weight, bias)  # type: ignore[assignment]
+        return _sampled_conv_fn(
+            x, weight, bias, owner, k, (stride, padding, dilation), method, eps, generator, by_weights, noise
+        )
+
+
+def _sampled_conv_fn(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    owner: Tensor,
+    k: int,
+    conv: tuple[Any, Any, Any],
+    method: str,
+    eps: float,
+    generator: torch.Generator | None,
+    by_weights: bool,
+    noise: Tensor | None,
+) -> Tensor:
+    stride, padding, dilation = conv
     with torch.no_grad():
         w_norms = slice_norms(weight, 1)
         a = w_norms if by_weights else slice_norms(x, 1) * w_norms
         index, scale = sample_pairs(a, k, method, eps=eps, generator=generator, noise=noise)
-    shared.record(weight, index)
+    shared.record(owner, index)
     d = weight.dim() - 2
     return SampledConvFn.apply(
         x,
