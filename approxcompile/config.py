@@ -118,6 +118,10 @@ class NodeOverride:
     method: Method | None = None
     min_k: int | None = None
 
+    def __repr__(self) -> str:
+        set_fields = (f for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+        return f"NodeOverride({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in set_fields)})"
+
     def __post_init__(self) -> None:
         _check_bool("NodeOverride.exact", self.exact, optional=True)
         if self.keep is not None:
@@ -309,3 +313,32 @@ class ApproxConfig:
             method = o.method if o.method is not None else method
             min_k = o.min_k if o.min_k is not None else min_k
         return NodeSettings(exact=exact, keep=keep, method=method, min_k=min_k, source=source)
+
+    # -- persistence and display ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON types plus ``"version"``; overrides included, leaf modules by import path.
+
+        >>> ApproxConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+        True
+        """
+        from approxcompile.saving import config_to_dict
+
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ApproxConfig:
+        """The config :meth:`to_dict` wrote; missing keys take their defaults, unknown keys fail."""
+        from approxcompile.saving import config_from_dict
+
+        return config_from_dict(data)
+
+    def __repr__(self) -> str:
+        # Only what differs from the defaults, overrides included: the full field list hid them
+        # behind a dozen defaults (and left them out entirely).
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if value != default:
+                parts.append(f"{f.name}={value!r}")
+        return f"ApproxConfig({', '.join(parts)})"

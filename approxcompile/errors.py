@@ -40,3 +40,14 @@ class NonFiniteError(ApproxCompileError, ValueError):
 
 class DoubleBackwardError(ApproxCompileError, RuntimeError):
     """A sampled op was differentiated twice (``create_graph=True``)."""
+
+
+class PlanError(ApproxCompileError, ValueError):
+    """A saved plan does not fit the model it is applied to."""
+
+
+class PlanWarning(UserWarning):
+    """A legal plan that is probably not what was wanted (high error, budget eaten by exact nodes).
+
+    Silence it with ``warnings.filterwarnings("ignore", category=approxcompile.PlanWarning)``.
+    """

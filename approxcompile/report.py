@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from approxcompile import kinds
+from approxcompile.guards import Guard, check
 from approxcompile.plan import META_KEY, Flops, NodePlan, Plan
 
 # Bumped when a key of to_dict() is renamed or removed (adding keys keeps the version).
@@ -41,6 +42,16 @@ def format_shapes(node: NodePlan) -> str:
     return f"{operands} -> {'x'.join(map(str, node.out_shape)) or '()'}"
 
 
+def decided_by(n: NodePlan) -> str:
+    """Which step decided the node's keep ratio: an override, the exclusions, the timing or the allocation."""
+    if n.settings_source != "global" and (n.fixed_keep is not None or not n.sampled):
+        return n.settings_source
+    if n.sampled or n.sensitivity or n.reason is None:
+        measured_slower = n.reason is not None and n.reason.startswith("sampling measured")
+        return "timing" if measured_slower else "allocation"
+    return "exclusions"
+
+
 def report(module: Any) -> Report:
     """The :class:`Report` of a module returned by ``approxcompile.optimize`` (or of a bare ``Plan``).
 
@@ -64,6 +75,7 @@ class Report:
 
     def __init__(self, plan: Plan) -> None:
         self._plan = plan
+        self._warnings: tuple[Guard, ...] | None = None
 
     @property
     def plan(self) -> Plan:
@@ -77,6 +89,13 @@ class Report:
     @property
     def sampled(self) -> tuple[NodePlan, ...]:
         return tuple(n for n in self._plan.nodes if n.sampled)
+
+    @property
+    def warnings(self) -> tuple[Guard, ...]:
+        """What looks wrong with the plan, each with its fix (``approxcompile.guards``)."""
+        if self._warnings is None:
+            self._warnings = check(self._plan)
+        return self._warnings
 
     def __repr__(self) -> str:
         p = self._plan
@@ -101,6 +120,8 @@ class Report:
                     f"{n.k}/{n.inner}",
                     human_flops(n.cost()),
                     f"{n.est_error:.1e}" if n.sampled else "-",
+                    n.method if n.sampled else "-",
+                    decided_by(n),
                     "" if n.sampled else (n.reason or "kept exact by the allocation"),
                 ]
             )
@@ -108,7 +129,10 @@ class Report:
 
     def __str__(self) -> str:
         p = self._plan
-        header = ["node", "op", "shapes", "n", "dense", "keep", "k/n", "approx", "err", "exact because"]
+        header = [
+            "node", "op", "shapes", "n", "dense", "keep", "k/n", "approx", "err", "method", "decided by",
+            "exact because",
+        ]  # fmt: skip
         rows = self._rows()
         # The last column (the reason) is left unpadded so a long reason runs past the edge
         # instead of widening every row.
@@ -139,6 +163,7 @@ class Report:
         ]
         if p.note:
             out.append(f"note: {p.note}")
+        out += [f"warning: {g}" for g in self.warnings]
         return "\n".join(out)
 
     # -- machine-readable --------------------------------------------------------------------
@@ -166,6 +191,8 @@ class Report:
           the dense op, empty when not measured); and what follows from them: ``sampled``,
           ``approx_flops`` (FLOPs as ``dense_flops``: ``forward``/``input_grad``/``weight_grad``/
           ``total``), ``overhead`` and ``cost`` (approx total plus overhead).
+        - ``warnings``: the guard-rail warnings (``approxcompile.guards``), each with ``check``
+          (``high-error``/``exact-share``), ``nodes``, ``message`` and ``fix``.
         """
         p = self._plan
         fields = dataclasses.fields(p)
@@ -183,6 +210,10 @@ class Report:
                 "candidates": len(p.nodes),
             },
             "nodes": [_node_dict(n) for n in p.nodes],
+            "warnings": [
+                {"check": g.check, "nodes": list(g.nodes), "message": g.message, "fix": g.fix}
+                for g in self.warnings
+            ],
         }
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -1,9 +1,10 @@
 """Graph passes of approxcompile, in pipeline order.
 
 trace -> propagate_shapes -> annotate_costs -> apply_exclusions -> measure_sensitivity
--> [measure_timing] -> allocate -> rewrite -> verify. Each takes a ``GraphModule`` and returns a
-:class:`PassResult` subclass with its typed results; only ``trace`` (new module) and ``rewrite``
-(in place) change graphs.
+-> [measure_timing] -> allocate -> rewrite -> verify; with a saved plan, ``apply_plan`` replaces
+apply_exclusions ... allocate. Each takes a ``GraphModule`` and returns a :class:`PassResult`
+subclass with its typed results; only ``trace`` (new module) and ``rewrite`` (in place) change
+graphs.
 """
 
 from approxcompile.passes.allocation import allocate
@@ -23,12 +24,28 @@ from approxcompile.passes.base import (
 from approxcompile.passes.cost import annotate_costs, measure_other_flops, measure_step_flops
 from approxcompile.passes.exclusions import apply_exclusions
 from approxcompile.passes.match import Site, match
+from approxcompile.passes.replay import apply_plan
 from approxcompile.passes.rewrite import rewrite
 from approxcompile.passes.sensitivity import measure_sensitivity
 from approxcompile.passes.shapes import propagate_shapes
 from approxcompile.passes.timing import measure_timing
 from approxcompile.passes.trace import share_parameters, trace
 from approxcompile.passes.verify import verify
+from approxcompile.progress import logged
+
+# Each pass as optimize() calls it logs its name, time and statistics on the "approxcompile"
+# logger; the modules keep the unwrapped functions.
+trace = logged("trace", trace)
+propagate_shapes = logged("shapes", propagate_shapes)
+annotate_costs = logged("cost", annotate_costs)
+measure_other_flops = logged("other-flops", measure_other_flops)
+apply_exclusions = logged("exclusions", apply_exclusions)
+measure_sensitivity = logged("sensitivity", measure_sensitivity)
+measure_timing = logged("timing", measure_timing)
+allocate = logged("selection", allocate)
+apply_plan = logged("replay", apply_plan)
+rewrite = logged("rewrite", rewrite)
+verify = logged("verify", verify)
 
 __all__ = [
     "AllocationResult",
@@ -45,6 +62,7 @@ __all__ = [
     "VerifyResult",
     "allocate",
     "annotate_costs",
+    "apply_plan",
     "apply_exclusions",
     "match",
     "measure_other_flops",

@@ -21,6 +21,7 @@ from approxcompile.config import ApproxConfig
 from approxcompile.passes.base import SensitivityResult
 from approxcompile.passes.match import site_of
 from approxcompile.plan import META_KEY, aligned_count
+from approxcompile.progress import Bar
 
 
 def product_fn(
@@ -73,12 +74,19 @@ def _curve(
     return tuple(curve)
 
 
+def _count(gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]]) -> int:
+    """Nodes the pass will measure, for the progress bar."""
+    plans = ((n.name, n.meta.get(META_KEY)) for n in gm.graph.nodes)
+    return sum(p is not None and p.reason is None and name in captured for name, p in plans)
+
+
 def measure_sensitivity(
     gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]], config: ApproxConfig
 ) -> SensitivityResult:
     """Fill ``sensitivity of every node not already excluded (a fixed keep is measured alone)."""
     generator = torch.Generator().manual_seed(config.seed)
     measured = 0
+    bar = Bar("sensitivity", _count(gm, captured))
     with torch.no_grad():
         for node in gm.graph.nodes:
             plan = node.meta.get(META_KEY)
@@ -96,4 +104,6 @@ def measure_sensitivity(
             curve = _curve(product, plan.inner, grid, plan.method, config, generator)
             node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1
+            bar.update()
+    bar.close()
     return SensitivityResult(graph_module=gm, modified=False, measured=measured)

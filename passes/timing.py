@@ -30,6 +30,7 @@ from approxcompile.passes.base import TimingResult
 from approxcompile.passes.match import site_of
 from approxcompile.passes.sensitivity import product_fn
 from approxcompile.plan import META_KEY, NodePlan
+from approxcompile.progress import Bar
 
 
 def _median_seconds(run: Callable[[], None], repeats: int) -> float:
@@ -80,6 +81,11 @@ def measure_timing(
 ) -> TimingResult:
     """Fill ``timing of every node that has a sensitivity curve (graph unchanged)."""
     measured = 0
+    plans = [(n.name, n.meta.get(META_KEY)) for n in gm.graph.nodes]
+    bar = Bar(
+        "timing",
+        sum(p is not None and p.reason is None and bool(p.sensitivity) and n in captured for n, p in plans),
+    )
     for node in gm.graph.nodes:
         plan = node.meta.get(META_KEY)
         if plan is None or plan.reason is not None or not plan.sensitivity or node.name not in captured:
@@ -95,4 +101,6 @@ def measure_timing(
         timing = _node_timing(plan, site.kind, operands, site.conv, config)
         node.meta[META_KEY] = plan.with_(timing=timing)
         measured += 1
+        bar.update()
+    bar.close()
     return TimingResult(graph_module=gm, modified=False, timed=measured)

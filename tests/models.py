@@ -89,3 +89,9 @@ def encoder() -> nn.Module:
 def attention() -> nn.Module:
     torch.manual_seed(0)
     return Attention()
+
+
+def guide_mlp() -> nn.Module:
+    """The user guide's quick-start model, 784-512-512-512-10 (docs/guide.md runs it)."""
+    torch.manual_seed(0)
+    return MLP((784, 512, 512, 512, 10))

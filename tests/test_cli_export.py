@@ -38,9 +38,13 @@ def test_artifacts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["export", "tests.models:cnn", "--input-shape", "8,1,8,8", "--out", str(tmp_path),
             "--optimizer", "sgd", "--method", "crs"]  # fmt: skip
     assert main(argv) == 0
-    assert "Traceback" not in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
     names = {p.name for p in tmp_path.iterdir()}
     assert {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"} <= names
+    # every file it writes is listed, and nothing else
+    listed = {Path(line[6:]).name for line in out.splitlines() if line.startswith("wrote ")}
+    assert listed == names and len(listed) == 7
     # another process picks the directory up: train a step, then bring the weights home
     art = Artifacts.load(tmp_path)
     assert (art.optimizer, art.loss, art.inputs) == ("sgd", "cross_entropy", 1)
@@ -59,8 +63,8 @@ def test_artifacts_load_says_what_is_missing(tmp_path: Path) -> None:
 
 def test_unwritable_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "f").write_text("")
-    argv = ["export", "tests.models:mlp", "--input-shape", "16,64", "--out", str(tmp_path / "f" / "x")]
-    assert main(argv) == 2
+    argv = ["export", "tests.models:mlp", "--input-shape", "16,64", "--out", str(tmp_path / "f" / "x"), "-q"]
+    assert main(argv) == 2  # -q: no plan warnings, so the error is the only line
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("approxcompile: error: ") and "cannot write" in err[0]
 

@@ -92,13 +92,15 @@ def test_sampled_row_shows_keep_k_cost_and_error() -> None:
         "45/128",
         "2.21M",  # 3 x (2,097,152·45 // 128) + 1000 + 10·45 = 2,213,290
         "3.1e-02",
+        "topk",
+        "allocation",
     ]
 
 
 def test_exact_rows_show_their_reason_and_no_error() -> None:
     rows = _rows(str(report(_planned())))
-    assert rows["fc1"][-2:] == ["-", "first candidate node (kept exact, as in the paper)"]
-    assert rows["fc3"][-2:] == ["-", "last candidate node (kept exact, as in the paper)"]
+    assert rows["fc1"][-4:] == ["-", "-", "exclusions", "first candidate node (kept exact, as in the paper)"]
+    assert rows["fc3"][-4:] == ["-", "-", "exclusions", "last candidate node (kept exact, as in the paper)"]
     assert rows["fc3"][5:7] == ["1", "128/128"]
 
 
@@ -188,7 +190,17 @@ def test_json_round_trips_and_totals_are_the_hand_computed_ones() -> None:
 
 def test_json_node_fields() -> None:
     data = report(_planned()).to_dict()
-    assert set(data) == {"schema", "budget", "method", "mode", "scores", "note", "totals", "nodes"}
+    assert set(data) == {
+        "schema",
+        "budget",
+        "method",
+        "mode",
+        "scores",
+        "note",
+        "totals",
+        "nodes",
+        "warnings",
+    }
     fc2 = data["nodes"][1]
     assert set(fc2) == {
         "name", "kind", "op", "shapes", "out_shape", "inner", "keep", "k", "sampled", "method", "min_k",

@@ -4,10 +4,12 @@ Each model is trained twice from the *same* initial weights and on the same
 batch order: once as written, once as ``approxcompile.optimize(model, budget)``.
 The table at the end shows what sampling costs in test accuracy and what it
 saves in training FLOPs (measured with ``FlopCounterMode`` on one real training
-step, not taken from the cost model) and in wall time.
+step, not taken from the cost model) and in wall time; then the wall-clock speedup
+and the accuracy difference with its uncertainty, the test accuracy after every
+epoch, and a picture of the curves (``--plot``, default build/demo.png).
 
-    .venv/bin/python tools/demo.py              # ~80 s on 2 idle cores
-    .venv/bin/python tools/demo.py --quick      # a few seconds, for smoke tests
+    .venv/bin/python tools/demo.py              # 3 min on 2 cores when filed; minutes more under load
+    .venv/bin/python tools/demo.py --quick      # 1 epoch on 512 images, for smoke tests
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class Result:
     flops_per_step: int
     optimize_seconds: float
     train_seconds: float
+    epoch_accuracy: tuple[float, ...] = ()  # test accuracy after each epoch
+    losses: tuple[float, ...] = ()  # training loss per step
 
 
 SPECS = (
@@ -89,8 +93,13 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
-def train(model: nn.Module, split: Split, *, lr: float, epochs: int, seed: int, desc: str) -> float:
-    """Train with SGD + momentum, one warm-up epoch and a cosine decay; return wall seconds.
+def train(
+    model: nn.Module, split: Split, *, lr: float, epochs: int, seed: int, desc: str
+) -> tuple[float, list[float], list[float]]:
+    """Train with SGD + momentum, one warm-up epoch and a cosine decay.
+
+    Returns the wall seconds spent training (the per-epoch test evaluations excluded), the test
+    accuracy after each epoch and the loss of every step.
 
     Both variants get the same schedule. The warm-up matters for the sampled
     CNN: at the full rate from step 0 its biased top-k gradients can kill the
@@ -106,10 +115,11 @@ def train(model: nn.Module, split: Split, *, lr: float, epochs: int, seed: int, 
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup, steps))
     order = torch.Generator().manual_seed(seed)
-    model.train()
-    start = time.perf_counter()
+    seconds, accuracies, losses = 0.0, [], []
     with tqdm(total=steps, desc=desc, unit="step", leave=True, dynamic_ncols=True) as bar:
         for _ in range(epochs):
+            model.train()
+            start = time.perf_counter()
             perm = torch.randperm(n, generator=order)
             for i in range(n // BATCH):  # drop the ragged last batch: one shape for the rewritten graph
                 idx = perm[i * BATCH : (i + 1) * BATCH]
@@ -119,9 +129,12 @@ def train(model: nn.Module, split: Split, *, lr: float, epochs: int, seed: int, 
                 opt.step()
                 schedule.step()
                 bar.update()
+                losses.append(loss.item())
                 if bar.n % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-    return time.perf_counter() - start
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            seconds += time.perf_counter() - start
+            accuracies.append(accuracy(model, split))
+    return seconds, accuracies, losses
 
 
 @torch.no_grad()
@@ -165,10 +178,88 @@ def run(spec: Spec, split: Split, *, budget: float, epochs: int, seed: int) -> l
             compile_seconds = time.perf_counter() - start
             print(f"\n--- {spec.name}: approximation report ---")
             print(approxcompile.report(model))
-        seconds = train(model, split, lr=spec.lr, epochs=epochs, seed=seed, desc=f"{spec.name} {variant}")
+        seconds, per_epoch, losses = train(
+            model, split, lr=spec.lr, epochs=epochs, seed=seed, desc=f"{spec.name} {variant}"
+        )
         flops = training_flops(model, xb, yb)
-        results.append(Result(spec.name, variant, accuracy(model, split), flops, compile_seconds, seconds))
+        results.append(
+            Result(
+                spec.name,
+                variant,
+                per_epoch[-1],
+                flops,
+                compile_seconds,
+                seconds,
+                tuple(per_epoch),
+                tuple(losses),
+            )
+        )
     return results
+
+
+def summary(results: list[Result], n_test: int) -> str:
+    """Speedup and accuracy difference per model, with the test set's sampling uncertainty."""
+    lines = []
+    exact = {r.model: r for r in results if r.variant == "exact"}
+    for r in results:
+        if r.variant == "exact":
+            continue
+        base = exact[r.model]
+        diff = r.accuracy - base.accuracy
+        # Binomial standard error of each accuracy on n_test images, combined as if independent.
+        se = math.sqrt((r.accuracy * (1 - r.accuracy) + base.accuracy * (1 - base.accuracy)) / n_test)
+        lines.append(
+            f"{r.model}: {base.train_seconds / r.train_seconds:.2f}x wall-clock training speedup "
+            f"({base.train_seconds:.1f} s -> {r.train_seconds:.1f} s), test accuracy "
+            f"{diff * 100:+.2f} points ({base.accuracy:.2%} -> {r.accuracy:.2%}, +-{2 * se * 100:.2f} points "
+            f"at two standard errors of a {n_test:,}-image test set)"
+        )
+    lines.append(
+        "One seed and one run each: the accuracy difference also moves with the seed by about as much "
+        "as the test-set error (docs/results.md has 3 seeds), and wall times on a shared machine move "
+        "with its load."
+    )
+    return "\n".join(lines)
+
+
+def epoch_table(results: list[Result]) -> str:
+    """Test accuracy after every epoch, one column per (model, variant)."""
+    epochs = max(len(r.epoch_accuracy) for r in results)
+    names = [f"{r.model} {r.variant}" for r in results]
+    widths = [max(len(n), 6) for n in names]
+    lines = ["epoch  " + "  ".join(n.rjust(w) for n, w in zip(names, widths, strict=True))]
+    for e in range(epochs):
+        cells = [
+            (f"{r.epoch_accuracy[e]:.2%}" if e < len(r.epoch_accuracy) else "").rjust(w)
+            for r, w in zip(results, widths, strict=True)
+        ]
+        lines.append(f"{e + 1:>5}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[Result], path: str) -> None:
+    """Test accuracy per epoch and training loss per step, exact against sampled, one column per model."""
+    from matplotlib.figure import Figure
+
+    models = list(dict.fromkeys(r.model for r in results))
+    fig = Figure(figsize=(5 * len(models), 6.5), layout="constrained")
+    axes = fig.subplots(2, len(models), squeeze=False)
+    for col, model in enumerate(models):
+        for r in (r for r in results if r.model == model):
+            epochs = range(1, len(r.epoch_accuracy) + 1)
+            axes[0][col].plot(epochs, [a * 100 for a in r.epoch_accuracy], marker="o", label=r.variant)
+            window = max(1, len(r.losses) // 50)
+            smooth = [
+                sum(r.losses[i : i + window]) / window for i in range(0, len(r.losses) - window + 1, window)
+            ]
+            axes[1][col].plot([i * window for i in range(len(smooth))], smooth, label=r.variant)
+        axes[0][col].set(title=f"{model}: test accuracy", xlabel="epoch", ylabel="%")
+        axes[1][col].set(title=f"{model}: training loss", xlabel="step", ylabel="cross-entropy")
+        axes[1][col].set_yscale("log")
+        for ax in axes[:, col]:
+            ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
 
 
 def format_table(results: list[Result]) -> str:
@@ -206,6 +297,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--models", nargs="+", choices=names, default=names)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="1 epoch on 512 images: a smoke test only")
+    parser.add_argument("--plot", default="build/demo.png", help="PNG of the curves (default: %(default)s)")
     args = parser.parse_args(argv)
 
     # Use every core this process may run on; the default can be fewer, which would skew wall times.
@@ -223,6 +315,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
             results += run(spec, split, budget=args.budget, epochs=epochs, seed=args.seed)
     print()
     print(format_table(results))
+    print()
+    print(summary(results, len(split.x_test)))
+    print()
+    print(epoch_table(results))
+    plot_curves(results, args.plot)
+    print(f"\ncurves: {args.plot}")
     return results
 
 

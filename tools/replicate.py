@@ -14,7 +14,7 @@ and the plots are written from the cache, so ``--report-only`` redraws them at a
     .venv/bin/python tools/replicate.py                                    # the grid (hours)
     .venv/bin/python tools/replicate.py --models mlp --epochs 3            # one model's grid
     .venv/bin/python tools/replicate.py --report-only                      # table + plots
-    .venv/bin/python tools/replicate.py --quick                            # smoke test (seconds)
+    .venv/bin/python tools/replicate.py --quick                            # smoke test (~4-5 min idle)
 """
 
 from __future__ import annotations

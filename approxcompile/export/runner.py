@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from approxcompile.export.artifacts import Artifacts, require_ort
 from approxcompile.export.lower import ExportError, restore_layout
@@ -107,6 +106,8 @@ class OrtTrainer:
         """Train over ``batches`` ``epochs`` times; returns every step's loss."""
         batches = list(batches)
         losses: list[float] = []
+        from tqdm.auto import tqdm  # the [ort] extra's; export_onnx works without it
+
         with tqdm(total=epochs * len(batches), desc="ORT training", disable=not progress) as bar:
             for _ in range(epochs):
                 for inputs, labels in batches:
