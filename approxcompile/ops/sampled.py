@@ -15,6 +15,15 @@ the op is the exact one.
 
 These are the runtime ops; ``approxcompile.export_onnx`` first lowers every call to an
 exportable twin in plain tensor ops (``approxcompile/export/estimators.py``).
+
+Under ``torch.compile`` these functions are traced like any Python: the scores become
+Inductor code, the draw and the linear / conv products are custom ops (``draw.py``,
+``kernels.py``), so a rewritten model compiles as one graph (``fullgraph=True``).
+
+Mixed precision: under ``torch.autocast`` a sampled op computes in the autocast dtype, as
+the exact op it replaces does (``F.linear``, ``F.conv2d``, ``torch.matmul`` and
+``torch.addmm`` are on autocast's lower-precision list): floating inputs other than float64
+are cast first, and gradients come back in each input's own dtype.
 """
 
 from __future__ import annotations
@@ -25,9 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from approxcompile.ops import shared
-from approxcompile.ops.kernels import SampledConvFn, SampledLinearFn, column_norms, scale_along, slice_norms
-from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
+from approxcompile.ops.draw import draw_pairs
+from approxcompile.ops.kernels import (
+    autocast_inputs,
+    column_norms,
+    sampled_conv_product,
+    sampled_linear_product,
+    scale_along,
+    slice_norms,
+)
+from approxcompile.ops.sampling import DEFAULT_EPS
 from approxcompile.plan import kept_count
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -50,6 +66,7 @@ def _sample_slices(
     eps: float,
     generator: torch.Generator | None,
     by_b: bool = False,
+    seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gather the sampled slices of ``a`` (along ``a_dim``) and ``b`` (along ``b_dim``).
 
@@ -59,8 +76,7 @@ def _sample_slices(
     """
     with torch.no_grad():
         scores = slice_norms(b, b_dim) if by_b else slice_norms(a, a_dim) * slice_norms(b, b_dim)
-        index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator)
-    shared.record(b, index)
+    index, scale = draw_pairs(scores, b, k, method, eps=eps, seed=seed, generator=generator)
     a_s = a.index_select(a_dim, index)
     b_s = b.index_select(b_dim, index)
     if a_s.numel() <= b_s.numel():
@@ -93,13 +109,13 @@ def sampled_linear(
     if not training or k >= n:
         return F.linear(x, weight, bias)
     by_weights = _check_scores(scores)
-    generator = shared.stream(weight, seed) if by_weights and generator is None else generator
     with torch.no_grad():
         w_norms = column_norms(weight)
         a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
-        index, scale = sample_pairs(a, k, method, eps=eps, generator=generator)
-    shared.record(weight, index)
-    return SampledLinearFn.apply(x, weight, bias, index, scale, method != "crs")
+    seed = seed if by_weights else None
+    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator)
+    x, w, b = autocast_inputs(x, weight, bias)
+    return sampled_linear_product(x, w, b, index, scale, method != "crs")[0]
 
 
 def sampled_matmul(
@@ -175,27 +191,20 @@ def sampled_conv(
     if not training or k >= n or x.dim() != weight.dim():
         return conv(x, weight, bias, stride, padding, dilation)
     by_weights = _check_scores(scores)
-    generator = shared.stream(weight, seed) if by_weights and generator is None else generator
+    seed = seed if by_weights else None
     if isinstance(padding, str):  # 'same' / 'valid': let F.conv resolve the padding
-        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights)
+        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights, seed)
         return conv(xs, ws, bias, stride, padding, dilation)
     with torch.no_grad():
         w_norms = slice_norms(weight, 1)
         a = w_norms if by_weights else slice_norms(x, 1) * w_norms
-        index, scale = sample_pairs(a, k, method, eps=eps, generator=generator)
-    shared.record(weight, index)
+    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator)
     d = weight.dim() - 2
-    return SampledConvFn.apply(
-        x,
-        weight,
-        bias,
-        index,
-        scale,
-        method != "crs",
-        _ints(stride, d),
-        _ints(padding, d),
-        _ints(dilation, d),
-    )
+    x, w, b = autocast_inputs(x, weight, bias)
+    unique = method != "crs"
+    return sampled_conv_product(
+        x, w, b, index, scale, unique, _ints(stride, d), _ints(padding, d), _ints(dilation, d)
+    )[0]
 
 
 def _ints(v: int | Sequence[int], d: int) -> list[int]:
