@@ -52,10 +52,10 @@ def optimize(
     # trace: a GraphModule over new module objects that share the user's tensors
     gm = passes.trace(model, leaf_modules=config.leaf_modules).graph_module
     # shapes: every node's shape / requires_grad, and the operands of each product
-    captured = passes.propagate_shapes(gm, example_inputs).stats["captured"]
+    captured = passes.propagate_shapes(gm, example_inputs).captured
     # cost: dense forward / input-grad / weight-grad FLOPs and sampling overhead per node
     passes.annotate_costs(gm, method=config.method, mode=config.mode)
-    other_flops = passes.measure_other_flops(gm, example_inputs)
+    other_flops = passes.measure_other_flops(gm, example_inputs).other
     # exclusions: overrides, first/last node, unsupported forms, small inner dimensions
     passes.apply_exclusions(gm, config)
     # sensitivity: measured output error of each node at each keep ratio

@@ -14,38 +14,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("topk", "crs", "bernoulli", "uniform")
-OP_KINDS = ("linear", "matmul", "conv")
-MODES = ("forward", "backward")  # design.md, "Modes"
-SCORES = ("activations", "weights")
-ROW_SCORES = ("x_dy", "x")
+from approxcompile import kinds
+from approxcompile.choices import (
+    METHODS,
+    MODES,
+    OP_TYPES,
+    ROW_SCORES,
+    SCORES,
+    Method,
+    Mode,
+    OpType,
+    RowScores,
+    Scores,
+)
 
-# Python objects a user may name instead of an op kind string.
-_OP_ALIASES: dict[Any, str] = {
-    nn.Linear: "linear",
-    F.linear: "linear",
-    torch.addmm: "linear",
-    torch.matmul: "matmul",
-    operator.matmul: "matmul",
-    torch.bmm: "matmul",
-    torch.mm: "matmul",
-    nn.Conv1d: "conv",
-    nn.Conv2d: "conv",
-    nn.Conv3d: "conv",
-    F.conv1d: "conv",
-    F.conv2d: "conv",
-    F.conv3d: "conv",
-}
+OP_KINDS = OP_TYPES  # the op types overrides are keyed by
+
+# Python objects a user may name instead of an op kind string: every matcher's target.
+_OP_ALIASES: dict[Any, OpType] = kinds.aliases()
 
 
 def op_kind(op: str | type | Callable[..., Any]) -> str:
@@ -63,10 +56,10 @@ def op_kind(op: str | type | Callable[..., Any]) -> str:
         ) from None
 
 
-def check_method(method: str) -> str:
+def check_method(method: str) -> Method:
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; expected one of {METHODS}")
-    return method
+    return cast(Method, method)
 
 
 def check_keep(keep: float, what: str = "keep") -> float:
@@ -87,7 +80,7 @@ class NodeOverride:
 
     exact: bool | None = None
     keep: float | None = None
-    method: str | None = None
+    method: Method | None = None
     min_k: int | None = None
 
     def __post_init__(self) -> None:
@@ -105,7 +98,7 @@ class NodeSettings:
 
     exact: bool
     keep: float | None
-    method: str
+    method: Method
     min_k: int
     source: str  # which override level decided `exact`/`keep`, for the report
 
@@ -141,7 +134,7 @@ class ApproxConfig:
         saves only the sampled rows).
     """
 
-    method: str = "topk"
+    method: Method = "topk"
     exclude_first_last: bool = True
     min_inner: int = 16
     min_k: int = 4
@@ -153,9 +146,9 @@ class ApproxConfig:
     leaf_modules: tuple[type[nn.Module], ...] = ()
     measure_time: bool = False
     time_repeats: int = 3
-    mode: str = "forward"
-    scores: str = "activations"
-    row_scores: str = "x_dy"
+    mode: Mode = "forward"
+    scores: Scores = "activations"
+    row_scores: RowScores = "x_dy"
     op_type_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_regex_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)

@@ -2,14 +2,28 @@
 
 trace -> propagate_shapes -> annotate_costs -> apply_exclusions -> measure_sensitivity
 -> [measure_timing] -> allocate -> rewrite -> verify. Each takes a ``GraphModule`` and returns a
-:class:`PassResult`; only ``trace`` (new module) and ``rewrite`` (in place) change graphs.
+:class:`PassResult` subclass with its typed results; only ``trace`` (new module) and ``rewrite``
+(in place) change graphs.
 """
 
-from approxcompile.passes.base import PassResult
+from approxcompile.passes.allocation import allocate
+from approxcompile.passes.base import (
+    AllocationResult,
+    CostResult,
+    ExclusionResult,
+    PassResult,
+    RewriteResult,
+    SensitivityResult,
+    ShapeResult,
+    StepFlops,
+    TimingResult,
+    TraceResult,
+    VerifyResult,
+)
 from approxcompile.passes.cost import annotate_costs, measure_other_flops, measure_step_flops
+from approxcompile.passes.exclusions import apply_exclusions
 from approxcompile.passes.match import Site, match
 from approxcompile.passes.rewrite import rewrite
-from approxcompile.passes.select import allocate, apply_exclusions
 from approxcompile.passes.sensitivity import measure_sensitivity
 from approxcompile.passes.shapes import propagate_shapes
 from approxcompile.passes.timing import measure_timing
@@ -17,8 +31,18 @@ from approxcompile.passes.trace import share_parameters, trace
 from approxcompile.passes.verify import verify
 
 __all__ = [
+    "AllocationResult",
+    "CostResult",
+    "ExclusionResult",
     "PassResult",
+    "RewriteResult",
+    "SensitivityResult",
+    "ShapeResult",
     "Site",
+    "StepFlops",
+    "TimingResult",
+    "TraceResult",
+    "VerifyResult",
     "allocate",
     "annotate_costs",
     "apply_exclusions",

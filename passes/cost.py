@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import Site, match
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from approxcompile import kinds
+from approxcompile.choices import Method, Mode
+from approxcompile.passes.base import CostResult, StepFlops
+from approxcompile.passes.match import Site, match
 from approxcompile.plan import META_KEY, Flops, NodePlan
 
 
@@ -42,34 +44,18 @@ def _shape_grad(gm: fx.GraphModule, operand: Any) -> tuple[tuple[int, ...], bool
 
 
 def _products(site: Site, gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | str:
-    """(shapes, inner, forward FLOPs, x needs grad, w needs grad, overhead_fixed, per_kept) or a reason."""
-    operands = site.operands[1:] if site.kind == "addmm" else site.operands[:2]
-    known = [_shape_grad(gm, o) for o in operands]
+    """(operand shapes, out shape, products, x needs grad, w needs grad) or why the shapes are unknown."""
+    kind = kinds.KINDS[site.kind]
+    known = [_shape_grad(gm, site.operands[i]) for i in kind.factors]
     out = node.meta.get("tensor_meta")
     if any(k is None for k in known) or out is None:
         return "unknown shape (not a tensor in shape propagation)"
     (xs, xg), (ws, wg) = known  # type: ignore[misc]
     out_shape = tuple(out.shape)
-    if site.kind == "linear":
-        n, p = ws[-1], ws[0]
-        rows = math.prod(xs) // n
-        fwd = 2 * rows * n * p
-        return (xs, ws), out_shape, n, fwd, xg, wg, 2 * n * (rows + p) + 2 * n, 2 * (rows + p)
-    if site.kind in ("matmul", "addmm"):
-        if len(xs) < 2 or len(ws) < 2:
-            return "matmul with a vector operand is left exact"
-        batch = math.prod(torch.broadcast_shapes(xs[:-2], ws[:-2]))
-        m, n, p = xs[-2], xs[-1], ws[-1]
-        fwd = 2 * batch * m * n * p
-        numel = math.prod(xs) + math.prod(ws)
-        return (xs, ws), out_shape, n, fwd, xg, wg, 2 * numel + 2 * n, 2 * numel // n
-    # conv: x (N, C, *in), w (O, C/groups, *k), out (N, O, *out)
-    if len(xs) != len(ws):
-        return "unbatched convolution input is left exact"
-    n = xs[1]
-    fwd = 2 * xs[0] * ws[0] * ws[1] * math.prod(ws[2:]) * math.prod(out_shape[2:])
-    numel = math.prod(xs) + math.prod(ws)
-    return (xs, ws), out_shape, n, fwd, xg, wg, 2 * numel + 2 * n, 2 * numel // n
+    products = kind.products(xs, ws, out_shape)
+    if isinstance(products, str):
+        return products
+    return (xs, ws), out_shape, products, xg, wg
 
 
 def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
@@ -82,20 +68,24 @@ def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
     plan = plan.with_(mode="backward")
     if plan.reason is not None:
         return plan
-    if site.kind not in ("linear", "conv"):
-        return plan.with_(reason="backward mode samples linear and conv nodes only (not matmul / addmm)")
-    if site.kind == "conv" and site.conv is not None and isinstance(site.conv[1], str):
-        return plan.with_(reason=f"padding={site.conv[1]!r} is left exact in backward mode (use integers)")
+    kind = kinds.KINDS[site.kind]
+    if kind.backward_op is None or kind.backward_rows is None:
+        return plan.with_(reason=kinds.backward_only_message())
+    why = kind.backward_unsupported(site)
+    if why is not None:
+        return plan.with_(reason=why)
     (xs, ws), out = plan.shapes, plan.out_shape
     x_numel, w_numel, y_numel = math.prod(xs), math.prod(ws), math.prod(out)
     p = ws[0]
-    rows = x_numel // ws[-1] if site.kind == "linear" else xs[0]
+    rows = kind.backward_rows(xs, ws)
     fixed = 2 * (w_numel + 2 * y_numel + x_numel)
     per_kept = y_numel // p + w_numel // p + (x_numel + y_numel) // p
     return plan.with_(inner=p, k=p, rows=rows, overhead_fixed=fixed, overhead_per_kept=per_kept)
 
 
-def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: str = "forward") -> NodePlan:
+def plan_for(
+    site: Site, gm: fx.GraphModule, node: fx.Node, method: Method, mode: Mode = "forward"
+) -> NodePlan:
     """The dense cost record of one node (nothing decided yet)."""
     if mode == "backward":
         return _backward_costs(plan_for(site, gm, node, method), site)
@@ -104,7 +94,7 @@ def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: s
         out = node.meta.get("tensor_meta")
         return NodePlan(
             name=site.name,
-            kind=site.config_kind,
+            kind=kinds.KINDS[site.kind].op_type,
             op=site.op,
             shapes=(),
             out_shape=tuple(out.shape) if out is not None else (),
@@ -112,24 +102,27 @@ def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: s
             flops=Flops(0, 0, 0),
             method=method,
             reason=facts,
+            site=site,
         )
-    shapes, out_shape, n, fwd, xg, wg, fixed, per_kept = facts
+    shapes, out_shape, products, xg, wg = facts
+    fwd = products.forward
     return NodePlan(
         name=site.name,
-        kind=site.config_kind,
+        kind=kinds.KINDS[site.kind].op_type,
         op=site.op,
         shapes=shapes,
         out_shape=out_shape,
-        inner=n,
+        inner=products.inner,
         flops=Flops(fwd, fwd if xg else 0, fwd if wg else 0),
-        overhead_fixed=fixed,
-        overhead_per_kept=per_kept,
+        overhead_fixed=products.overhead_fixed,
+        overhead_per_kept=products.overhead_per_kept,
         method=method,
         reason=site.unsupported,
+        site=site,
     )
 
 
-def annotate_costs(gm: fx.GraphModule, *, method: str, mode: str = "forward") -> PassResult:
+def annotate_costs(gm: fx.GraphModule, *, method: Method, mode: Mode = "forward") -> CostResult:
     """Write a dense :class:`NodePlan` to every matched node's meta (graph unchanged).
 
     ``mode="backward"`` costs linear and conv nodes for backward sampling and gives every other
@@ -141,7 +134,7 @@ def annotate_costs(gm: fx.GraphModule, *, method: str, mode: str = "forward") ->
         if site is not None:
             node.meta[META_KEY] = plan_for(site, gm, node, method, mode)
             count += 1
-    return PassResult(gm, modified=False, stats={"candidates": count})
+    return CostResult(graph_module=gm, modified=False, candidates=count)
 
 
 def measure_step_flops(module: torch.nn.Module, example_inputs: Sequence[Any]) -> int:
@@ -159,8 +152,11 @@ def measure_step_flops(module: torch.nn.Module, example_inputs: Sequence[Any]) -
     return int(counter.get_total_flops())
 
 
-def measure_other_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
-    """FLOPs of a dense training step that fall outside the matched nodes."""
+def measure_other_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> StepFlops:
+    """A dense training step's FLOPs as ``FlopCounterMode`` counts them, against the planned nodes'.
+
+    ``.other`` is what falls outside the matched nodes (0 when the step could not be counted).
+    """
     matched = sum(n.meta[META_KEY].flops.total for n in gm.graph.nodes if META_KEY in n.meta)
     was_training = gm.training
     gm.eval()  # same products, and BatchNorm statistics stay untouched
@@ -172,7 +168,7 @@ def measure_other_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> in
             "FLOPs outside matmul/linear/conv nodes are taken as 0",
             stacklevel=2,
         )
-        return 0
+        return StepFlops(step=0, matched=matched, counted=False)
     finally:
         gm.train(was_training)
-    return max(0, total - matched)
+    return StepFlops(step=total, matched=matched, counted=True)

@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import match
-from approxcompile.passes.sensitivity import product_fn
 
+from approxcompile import kinds
 from approxcompile.config import ApproxConfig
+from approxcompile.passes.base import TimingResult
+from approxcompile.passes.match import site_of
+from approxcompile.passes.sensitivity import product_fn
 from approxcompile.plan import META_KEY, NodePlan
 
 
@@ -76,20 +77,22 @@ def _time_step(step: Callable[[float, bool], None], keep: float, training: bool,
 
 def measure_timing(
     gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]], config: ApproxConfig
-) -> PassResult:
-    """Fill ``timing`` of every node that has a sensitivity curve (graph unchanged)."""
+) -> TimingResult:
+    """Fill ``timing of every node that has a sensitivity curve (graph unchanged)."""
     measured = 0
     for node in gm.graph.nodes:
         plan = node.meta.get(META_KEY)
         if plan is None or plan.reason is not None or not plan.sensitivity or node.name not in captured:
             continue
-        site = match(gm, node)
-        assert site is not None
-        needs: tuple[bool, ...] = (plan.flops.input_grad > 0, plan.flops.weight_grad > 0)
-        if site.kind == "addmm":
-            needs = (False, *needs)
+        site = site_of(gm, node, plan)
+        # requires_grad of each operand: the two factors' as the graph's, the rest (bias) none
+        x_at, w_at = kinds.KINDS[site.kind].factors
+        needs = tuple(
+            (i == x_at and plan.flops.input_grad > 0) or (i == w_at and plan.flops.weight_grad > 0)
+            for i in range(max(x_at, w_at) + 1)
+        )
         operands = _leaves(captured[node.name], needs)
         timing = _node_timing(plan, site.kind, operands, site.conv, config)
         node.meta[META_KEY] = plan.with_(timing=timing)
         measured += 1
-    return PassResult(gm, modified=False, stats={"timed": measured})
+    return TimingResult(graph_module=gm, modified=False, timed=measured)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import replicate as R
 import torch
-
-from approxcompile.data import load_mnist
+from image_data import load_mnist
 
 CACHE = Path("docs/replicate-rerun")
 BUDGETS = (0.4, 0.6)

@@ -66,16 +66,18 @@ def draw(
     seed: int | None,
     generator: int | None,
     record: bool,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``sample_pairs(scores, k, method)`` -> ``(index, scale)``; ``scale`` is empty for ``topk``.
 
     ``seed`` picks ``weight``'s own stream (:func:`approxcompile.ops.shared.stream`) unless
-    ``generator`` names one; ``record`` files the indices for the data-parallel hook.
+    ``generator`` names one; ``record`` files the indices for the data-parallel hook;
+    ``noise``: the uniform draws to use instead of drawing (``estimator.noise_size``).
     """
     gen = lookup(generator)
     if gen is None and seed is not None:
         gen = shared.stream(weight, seed, enabled=True)
-    index, scale = sample_pairs(scores, k, method, eps=eps, generator=gen)
+    index, scale = sample_pairs(scores, k, method, eps=eps, generator=gen, noise=noise)
     if record:
         shared.record(weight, index, enabled=True)
     return index, scores.new_empty(0, dtype=torch.float32) if scale is None else scale
@@ -91,6 +93,7 @@ def _draw_fake(
     seed: int | None,
     generator: int | None,
     record: bool,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     n: int | torch.SymInt = k
     if method == "bernoulli":
@@ -108,6 +111,7 @@ def draw_pairs(
     eps: float,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """What the sampled ops call: the draw, with ``scale=None`` for ``topk``.
 
@@ -125,5 +129,6 @@ def draw_pairs(
             seed if grad else None,
             generator_handle(generator),
             grad,
+            noise,
         )
     return index, None if method == "topk" else scale

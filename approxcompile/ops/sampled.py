@@ -35,18 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from approxcompile.ops.draw import draw_pairs
+from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
 from approxcompile.ops.kernels import (
     autocast_inputs,
     column_norms,
     sampled_conv_product,
     sampled_linear_product,
-    scale_along,
     slice_norms,
 )
-from approxcompile.ops.sampling import DEFAULT_EPS
 from approxcompile.plan import kept_count
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _check_scores(scores: str) -> bool:
@@ -66,6 +63,7 @@ def _sample_slices(
     eps: float,
     generator: torch.Generator | None,
     by_b: bool = False,
+    noise: Tensor | None = None,
     seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gather the sampled slices of ``a`` (along ``a_dim``) and ``b`` (along ``b_dim``).
@@ -76,7 +74,7 @@ def _sample_slices(
     """
     with torch.no_grad():
         scores = slice_norms(b, b_dim) if by_b else slice_norms(a, a_dim) * slice_norms(b, b_dim)
-    index, scale = draw_pairs(scores, b, k, method, eps=eps, seed=seed, generator=generator)
+    index, scale = draw_pairs(scores, b, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
     a_s = a.index_select(a_dim, index)
     b_s = b.index_select(b_dim, index)
     if a_s.numel() <= b_s.numel():
@@ -96,11 +94,14 @@ def sampled_linear(
     generator: torch.Generator | None = None,
     scores: str = "activations",
     seed: int | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``F.linear(x, weight, bias)`` over a sample of the input features.
 
     ``scores="weights"`` scores feature i by ``|W[:, i]|`` alone and draws from the weight's
     own stream seeded with ``seed`` (``approxcompile.ops.shared``), so data-parallel ranks agree.
+    ``noise`` (every op here): uniform draws to use instead of drawing (``estimator.noise_size``
+    of them); the export twin fed the same draws keeps the same pairs.
 
     >>> y = sampled_linear(torch.randn(8, 64), torch.randn(32, 64), keep=0.25)  # k = 16 of 64
     """
@@ -113,7 +114,7 @@ def sampled_linear(
         w_norms = column_norms(weight)
         a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
     seed = seed if by_weights else None
-    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator)
+    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
     x, w, b = autocast_inputs(x, weight, bias)
     return sampled_linear_product(x, w, b, index, scale, method != "crs")[0]
 
@@ -127,6 +128,7 @@ def sampled_matmul(
     training: bool = True,
     eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``torch.matmul(a, b)`` over a sample of the contracted dimension.
 
@@ -139,7 +141,7 @@ def sampled_matmul(
     k = kept_count(keep, n)
     if not training or k >= n:
         return torch.matmul(a, b)
-    a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator)
+    a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator, noise=noise)
     return torch.matmul(a_s, b_s)
 
 
@@ -153,13 +155,14 @@ def sampled_addmm(
     training: bool = True,
     eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``torch.addmm(bias, a, b)`` over a sample of the contracted dimension."""
     n = a.shape[-1]
     k = kept_count(keep, n)
     if not training or k >= n:
         return torch.addmm(bias, a, b)
-    a_s, b_s = _sample_slices(a, -1, b, 0, k, method, eps, generator)
+    a_s, b_s = _sample_slices(a, -1, b, 0, k, method, eps, generator, noise=noise)
     return torch.addmm(bias, a_s, b_s)
 
 
@@ -178,6 +181,7 @@ def sampled_conv(
     generator: torch.Generator | None = None,
     scores: str = "activations",
     seed: int | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation)`` over a sample of input channels.
 
@@ -185,7 +189,7 @@ def sampled_conv(
     ``|x[:, c]|_F * |W[:, c]|_F`` (``|W[:, c]|_F`` alone with ``scores="weights"``, as
     :func:`sampled_linear`).
     """
-    conv = _CONV[weight.dim() - 2]
+    conv = CONV[weight.dim() - 2]
     n = weight.shape[1]
     k = kept_count(keep, n)
     if not training or k >= n or x.dim() != weight.dim():
@@ -193,12 +197,12 @@ def sampled_conv(
     by_weights = _check_scores(scores)
     seed = seed if by_weights else None
     if isinstance(padding, str):  # 'same' / 'valid': let F.conv resolve the padding
-        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights, seed)
+        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights, noise, seed)
         return conv(xs, ws, bias, stride, padding, dilation)
     with torch.no_grad():
         w_norms = slice_norms(weight, 1)
         a = w_norms if by_weights else slice_norms(x, 1) * w_norms
-    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator)
+    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
     d = weight.dim() - 2
     x, w, b = autocast_inputs(x, weight, bias)
     unique = method != "crs"
