@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp
 
-.PHONY: venv demo test lint clean distclean FORCE
+.PHONY: venv demo test fuzz lint clean distclean FORCE
 
 MODULES := $(sort $(wildcard approxcompile/*.py approxcompile/*/*.py passes/*.py))
 
@@ -40,6 +40,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The property-based suite with many fresh random models (the CI runs a fixed few in `make test`).
+FUZZ_EXAMPLES ?= 300
+fuzz: venv
+	APPROXCOMPILE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_properties.py --hypothesis-show-statistics
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -13,10 +13,13 @@ from approxcompile.config import ApproxConfig, NodeOverride
 from approxcompile.errors import (
     ApproxCompileError,
     BudgetError,
+    DoubleBackwardError,
     ExampleInputError,
+    NonFiniteError,
     TraceError,
     VerificationError,
 )
+from approxcompile.module import ApproxModule
 from approxcompile.ops import sampled_addmm, sampled_conv, sampled_linear, sampled_matmul
 from approxcompile.report import Report, report
 
@@ -38,9 +41,12 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ApproxCompileError",
     "ApproxConfig",
+    "ApproxModule",
     "BudgetError",
+    "DoubleBackwardError",
     "ExampleInputError",
     "NodeOverride",
+    "NonFiniteError",
     "OrtTrainer",
     "Report",
     "TraceError",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from approxcompile.errors import ApproxCompileError
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "long": torch.long}
 _EXIT_ERROR = 2
+_MAX_ELEMENTS = 2**34  # 64 GiB of float32: beyond any example batch, and beyond this machine
 
 
 class CliError(Exception):
@@ -50,9 +52,26 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"bad shape {text!r}: expected comma-separated integers, e.g. 64,784"
         ) from None
-    if any(d < 0 for d in shape):
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}: dimensions must be >= 0")
+    if any(d < 1 for d in shape):
+        # A zero dimension is an empty batch: nothing to measure a plan on.
+        raise argparse.ArgumentTypeError(f"bad shape {text!r}: dimensions must be >= 1")
+    if math.prod(shape) > _MAX_ELEMENTS:
+        raise argparse.ArgumentTypeError(
+            f"shape {text!r} has {math.prod(shape):.3g} elements, more than the {_MAX_ELEMENTS:.3g} "
+            "an example input may have; use the batch and sizes you train with"
+        )
     return shape
+
+
+def parse_seed(text: str) -> int:
+    """An integer that fits torch's 64-bit seeds (``1e23`` and ``10**23`` do not)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad seed {text!r}: expected an integer, e.g. 0") from None
+    if not -(2**63) <= seed < 2**64:
+        raise argparse.ArgumentTypeError(f"seed {text} does not fit in 64 bits")
+    return seed
 
 
 def parse_budget(text: str) -> float:
@@ -152,7 +171,10 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         "--method", choices=METHODS, help="sampling method (default: topk; bernoulli with --mode backward)"
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed for example inputs and sampling (default: %(default)s)"
+        "--seed",
+        type=parse_seed,
+        default=0,
+        help="seed for example inputs and sampling (default: %(default)s)",
     )
 
 
@@ -226,10 +248,17 @@ def example_inputs(
     out = []
     for shape, name in zip(shapes, names, strict=True):
         dtype = _DTYPES[name]
-        if dtype.is_floating_point:
-            out.append(torch.randn(shape, dtype=dtype, generator=generator))
-        else:
-            out.append(torch.randint(0, 10, shape, dtype=dtype, generator=generator))
+        try:
+            if dtype.is_floating_point:
+                out.append(torch.randn(shape, dtype=dtype, generator=generator))
+            else:
+                out.append(torch.randint(0, 10, shape, dtype=dtype, generator=generator))
+        except (RuntimeError, MemoryError) as e:  # the allocator's error, one line of it
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CliError(
+                f"argument --input-shape: cannot create an example input of shape "
+                f"{','.join(map(str, shape))} ({first}); use a smaller shape"
+            ) from e
     return tuple(out)
 
 

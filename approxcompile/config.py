@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -63,9 +64,43 @@ def check_method(method: str) -> Method:
 
 
 def check_keep(keep: float, what: str = "keep") -> float:
-    if not isinstance(keep, (int, float)) or math.isnan(keep) or not 0.0 < keep <= 1.0:
+    if (
+        isinstance(keep, bool)
+        or not isinstance(keep, numbers.Real)
+        or math.isnan(keep)
+        or not 0.0 < keep <= 1.0
+    ):
         raise ValueError(f"{what} must be a number in (0, 1], got {keep!r}")
     return float(keep)
+
+
+def _check_int(name: str, value: object, low: int = 1, high: int | None = None) -> None:
+    """An integer (not a bool, not a float) in ``[low, high)``, or a ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if int(value) < low or (high is not None and int(value) >= high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+def _check_bool(name: str, value: object, optional: bool = False) -> None:
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise ValueError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
+
+
+def as_override(override: object) -> NodeOverride:
+    """A :class:`NodeOverride`, or a dict of its fields (``{"exact": True}``)."""
+    if isinstance(override, NodeOverride):
+        return override
+    if isinstance(override, Mapping):
+        fields = {f.name for f in dataclasses.fields(NodeOverride)}
+        unknown = sorted(set(override) - fields)
+        if unknown:
+            raise ValueError(f"unknown override field(s) {unknown}; NodeOverride takes {sorted(fields)}")
+        return NodeOverride(**override)
+    raise TypeError(
+        f"an override must be a NodeOverride or a dict of its fields, got {type(override).__name__}"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,12 +119,13 @@ class NodeOverride:
     min_k: int | None = None
 
     def __post_init__(self) -> None:
+        _check_bool("NodeOverride.exact", self.exact, optional=True)
         if self.keep is not None:
-            check_keep(self.keep)
+            check_keep(self.keep, "NodeOverride.keep")
         if self.method is not None:
             check_method(self.method)
-        if self.min_k is not None and (not isinstance(self.min_k, int) or self.min_k < 1):
-            raise ValueError(f"min_k must be a positive integer, got {self.min_k!r}")
+        if self.min_k is not None:
+            _check_int("NodeOverride.min_k", self.min_k)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,18 +191,36 @@ class ApproxConfig:
 
     def __post_init__(self) -> None:
         check_method(self.method)
+        # Every field is checked here, so a typo fails where it is made, not deep in a pass.
+        for name in ("keep_grid", "leaf_modules"):
+            if isinstance(getattr(self, name), list):  # frozen: lists would be unhashable
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not isinstance(self.keep_grid, tuple) or not self.keep_grid:
+            raise ValueError(
+                f"keep_grid must be a non-empty tuple of ratios in (0, 1], got {self.keep_grid!r}"
+            )
         for k in self.keep_grid:
             check_keep(k, "every keep_grid entry")
-        if not 0.0 <= self.eps < 1.0:
-            raise ValueError(f"eps must be in [0, 1), got {self.eps!r}")
-        if (
-            self.min_k < 1
-            or self.min_inner < 1
-            or self.sensitivity_draws < 1
-            or self.align < 1
-            or self.time_repeats < 1
-        ):
-            raise ValueError("min_k, min_inner, align, sensitivity_draws and time_repeats must be positive")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"eps must be a number in [0, 1), got {self.eps!r}")
+        for name in ("min_k", "min_inner", "align", "sensitivity_draws", "time_repeats"):
+            _check_int(name, getattr(self, name))
+        _check_int("seed", self.seed, low=-(2**63))
+        if self.seed >= 2**64:  # torch.Generator.manual_seed takes any 64-bit value, signed or not
+            raise ValueError(f"seed must fit in 64 bits (below 2**64), got {self.seed!r}")
+        _check_bool("exclude_first_last", self.exclude_first_last)
+        _check_bool("measure_time", self.measure_time)
+        if not isinstance(self.leaf_modules, tuple):
+            raise TypeError(
+                f"leaf_modules must be a tuple of nn.Module subclasses, got {self.leaf_modules!r}"
+            )
+        for level, entries in self.overrides.items():
+            for key, o in entries:
+                if not isinstance(key, str) or not isinstance(o, NodeOverride):
+                    raise TypeError(
+                        f"{level} overrides must be (str, NodeOverride) pairs, got ({key!r}, {o!r}); "
+                        "use the set_op_type / set_module_name_regex / set_module_name builders"
+                    )
         for leaf in self.leaf_modules:
             if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
                 raise TypeError(f"leaf_modules must hold nn.Module subclasses, got {leaf!r}")
@@ -202,10 +256,13 @@ class ApproxConfig:
 
     # -- builders: each returns a new config, the receiver stays as it was -------------
     def set_op_type(self, op: str | type | Callable[..., Any], override: NodeOverride) -> ApproxConfig:
-        entry = (op_kind(op), override)
+        entry = (op_kind(op), as_override(override))
         return dataclasses.replace(self, op_type_overrides=(*self.op_type_overrides, entry))
 
     def set_module_name_regex(self, pattern: str, override: NodeOverride) -> ApproxConfig:
+        if not isinstance(pattern, str):
+            raise TypeError(f"the module-name regex must be a str, got {type(pattern).__name__}")
+        override = as_override(override)
         try:
             re.compile(pattern)  # fail here, not during optimize()
         except re.error as e:
@@ -216,7 +273,9 @@ class ApproxConfig:
         )
 
     def set_module_name(self, name: str, override: NodeOverride) -> ApproxConfig:
-        entry = (name, override)
+        if not isinstance(name, str):
+            raise TypeError(f"the module name must be a str such as 'features.3', got {type(name).__name__}")
+        entry = (name, as_override(override))
         return dataclasses.replace(self, module_name_overrides=(*self.module_name_overrides, entry))
 
     @property

@@ -8,7 +8,18 @@ class ApproxCompileError(Exception):
 
 
 class BudgetError(ApproxCompileError, ValueError):
-    """The requested budget cannot be met (or is not a fraction in (0, 1])."""
+    """The requested budget cannot be met (or is not a fraction in (0, 1]).
+
+    ``smallest_feasible``: the exact smallest budget the model admits, when that is the problem.
+    """
+
+    smallest_feasible: float | None = None
+
+    @classmethod
+    def infeasible(cls, smallest_feasible: float, message: str) -> BudgetError:
+        err = cls(message)
+        err.smallest_feasible = smallest_feasible
+        return err
 
 
 class TraceError(ApproxCompileError, RuntimeError):
@@ -21,3 +32,11 @@ class ExampleInputError(ApproxCompileError, RuntimeError):
 
 class VerificationError(ApproxCompileError, RuntimeError):
     """The rewritten graph is malformed or differs from the original in eval mode."""
+
+
+class NonFiniteError(ApproxCompileError, ValueError):
+    """A parameter, buffer or example input holds NaN or Inf."""
+
+
+class DoubleBackwardError(ApproxCompileError, RuntimeError):
+    """A sampled op was differentiated twice (``create_graph=True``)."""

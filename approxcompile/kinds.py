@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from approxcompile import ops
 from approxcompile.choices import METHODS, MODES, SCORES, Method, Mode, OpType, Scores
@@ -120,15 +121,26 @@ def _module_operands(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str,
     return mod, name, (x, f"{name}.weight", bias)
 
 
+def _computed_weight(mod: nn.Module) -> str | None:
+    """Why ``mod.weight`` is not a plain parameter a sampled op could read, if it is not."""
+    if parametrize.is_parametrized(mod, "weight"):
+        return "its weight is parametrized (torch.nn.utils.parametrize, e.g. weight_norm); left exact"
+    if "weight" not in mod._parameters:
+        return (
+            "its weight is computed by a forward pre-hook (weight_norm / spectral_norm / pruning); left exact"
+        )
+    return None
+
+
 def _linear_module(gm: fx.GraphModule, node: fx.Node, display: str) -> Site:
-    _, name, operands = _module_operands(gm, node)
-    return Site("linear", display, name, name, operands)
+    mod, name, operands = _module_operands(gm, node)
+    return Site("linear", display, name, name, operands, unsupported=_computed_weight(mod))
 
 
 def _conv_module(gm: fx.GraphModule, node: fx.Node, display: str) -> Site:
     mod, name, operands = _module_operands(gm, node)
     assert isinstance(mod, nn.modules.conv._ConvNd)
-    why = None
+    why = _computed_weight(mod)
     if mod.groups != 1:
         why = f"grouped convolution (groups={mod.groups}) is left exact"
     elif mod.padding_mode != "zeros":
@@ -306,7 +318,9 @@ MATCHERS = _index()
 def match(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     """The :class:`Site` of ``node`` if some kind's matcher recognises it, else ``None``."""
     if node.op == "call_module":
-        key: Any = type(gm.get_submodule(str(node.target)))
+        mod = gm.get_submodule(str(node.target))
+        # torch.nn.utils.parametrize swaps in a subclass made on the fly: match its base.
+        key: Any = type(mod).__bases__[0] if parametrize.is_parametrized(mod) else type(mod)
     elif node.op == "call_function":
         key = node.target
     else:

@@ -106,17 +106,21 @@ def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> Allocati
     target = budget * dense
     smallest = fixed + sum(opts[-1][0] for opts in choices.values())
     if smallest > target * (1 + 1e-9):
-        raise BudgetError(
+        raise BudgetError.infeasible(
+            smallest / dense,
             f"[select] budget={budget:g} cannot be met: the nodes left exact, the fixed keep ratios and "
             f"the smallest keep ratios allowed (keep_grid, min_k) cost {smallest / dense:.4f} of the dense "
             f"training step ({fixed / dense:.4f} of it cannot be sampled at all); the smallest feasible "
-            f"budget is {math.ceil(smallest / dense * 1000) / 1000:.3f}"
+            f"budget is {math.ceil(smallest / dense * 1000) / 1000:.3f}",
         )
     at = dict.fromkeys(choices, 0)
     total = fixed + sum(opts[0][0] for opts in choices.values())
     while total > target:
+        movable = [n for n in choices if at[n] + 1 < len(choices[n])]
+        if not movable:  # within the rounding tolerance above: the smallest options it is
+            break
         name = min(
-            (n for n in choices if at[n] + 1 < len(choices[n])),
+            movable,
             key=lambda n: (
                 (choices[n][at[n] + 1][1] - choices[n][at[n]][1])
                 / max(choices[n][at[n]][0] - choices[n][at[n] + 1][0], 1)

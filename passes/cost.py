@@ -28,14 +28,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from approxcompile import kinds
 from approxcompile.choices import Method, Mode
 from approxcompile.passes.base import CostResult, StepFlops
-from approxcompile.passes.match import Site, match
+from approxcompile.passes.match import Site, match, operand_tensor
 from approxcompile.plan import META_KEY, Flops, NodePlan
 
 
 def _shape_grad(gm: fx.GraphModule, operand: Any) -> tuple[tuple[int, ...], bool] | None:
     """Shape and requires_grad of a site operand, ``None`` when unknown."""
     if isinstance(operand, str):
-        p = gm.get_parameter(operand)
+        p = operand_tensor(gm, operand)
         return tuple(p.shape), p.requires_grad
     if isinstance(operand, fx.Node) and "tensor_meta" in operand.meta:
         tm = operand.meta["tensor_meta"]

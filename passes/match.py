@@ -9,13 +9,22 @@ can show why. The cost pass stores each Site in the node's plan; :func:`site_of`
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.fx as fx
+from torch import nn
 
 from approxcompile import kinds
 from approxcompile.plan import NodePlan
 from approxcompile.site import Site
 
-__all__ = ["Site", "match", "site_of"]
+__all__ = ["Site", "match", "operand_tensor", "site_of"]
+
+
+def operand_tensor(gm: nn.Module, qualname: str) -> Any:
+    """The tensor a module operand names: a parameter, or a weight a hook or parametrization computes."""
+    owner, _, attr = qualname.rpartition(".")
+    return getattr(gm.get_submodule(owner), attr)
 
 
 def match(gm: fx.GraphModule, node: fx.Node) -> Site | None:

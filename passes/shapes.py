@@ -18,7 +18,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from approxcompile.errors import ExampleInputError
 from approxcompile.passes.base import ShapeResult
-from approxcompile.passes.match import match
+from approxcompile.passes.match import match, operand_tensor
 
 
 def _describe(values: Sequence[Any]) -> str:
@@ -41,7 +41,7 @@ class _Recorder(fx.Interpreter):
         if isinstance(operand, fx.Node):
             value = self.env[operand]
         elif isinstance(operand, str):
-            value = self.module.get_parameter(operand)
+            value = operand_tensor(self.module, operand)
         else:
             value = operand
         return value.detach() if isinstance(value, torch.Tensor) else value

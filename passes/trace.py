@@ -8,9 +8,9 @@ user's modules alone. ``state_dict()`` keys are the original's.
 
 from __future__ import annotations
 
-import copy
 import os
 import traceback
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -27,7 +27,8 @@ def share_parameters(module: nn.Module, memo: dict[int, nn.Module] | None = None
     memo = {} if memo is None else memo
     if id(module) in memo:
         return memo[id(module)]
-    clone = copy.copy(module)
+    clone = object.__new__(type(module))  # not copy.copy: parametrized modules refuse pickling
+    clone.__dict__.update(module.__dict__)
     memo[id(module)] = clone
     clone.__dict__["_parameters"] = dict(module._parameters)
     clone.__dict__["_buffers"] = dict(module._buffers)
@@ -79,14 +80,22 @@ def _adopt_tree(gm: fx.GraphModule, root: nn.Module) -> None:
     gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set) | traced_constants
 
 
-def trace(model: nn.Module, *, leaf_modules: tuple[type[nn.Module], ...] = ()) -> TraceResult:
-    """``model`` -> ``GraphModule`` (a new module; ``model`` is not mutated)."""
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: tuple[type[nn.Module], ...] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> TraceResult:
+    """``model`` -> ``GraphModule`` (a new module; ``model`` is not mutated).
+
+    ``concrete_args`` fixes arguments to values (``{"mask": None}``), as ``torch.fx`` does.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
     root = share_parameters(model)
     tracer = _Tracer(leaf_modules)
     try:
-        graph = tracer.trace(root)
+        graph = tracer.trace(root, concrete_args=concrete_args or None)
     except Exception as e:
         where, owner = _user_frame(e)
         if owner is not None and owner is not type(model):

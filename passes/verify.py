@@ -15,26 +15,36 @@ from approxcompile.passes.base import VerifyResult
 from approxcompile.passes.trace import share_parameters
 
 
-def _eval_outputs(module: nn.Module, example_inputs: Sequence[Any]) -> Any:
+def _eval_outputs(
+    module: nn.Module, example_inputs: Sequence[Any], kwargs: dict[str, Any] | None = None
+) -> Any:
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            return module(*example_inputs)
+            return module(*example_inputs, **(kwargs or {}))
     finally:
         module.train(was_training)
 
 
-def verify(gm: fx.GraphModule, original: nn.Module, example_inputs: Sequence[Any]) -> VerifyResult:
+def verify(
+    gm: fx.GraphModule,
+    original: nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    original_inputs: tuple[Sequence[Any], dict[str, Any]] | None = None,
+) -> VerifyResult:
     """``gm.graph.lint()``, then eval outputs of ``gm`` equal those of ``original`` exactly.
 
-    ``original`` runs as a parameter-sharing copy, so its training flags stay as they were.
+    ``original`` runs as a parameter-sharing copy, so its training flags stay as they were;
+    it is called with ``original_inputs`` (args, kwargs) when given, else ``example_inputs``.
     """
     try:
         gm.graph.lint()
     except Exception as e:
         raise VerificationError(f"[verify] the rewritten graph is malformed: {e}") from e
-    want, want_spec = tree_flatten(_eval_outputs(share_parameters(original), example_inputs))
+    args, kwargs = original_inputs if original_inputs is not None else (example_inputs, {})
+    want, want_spec = tree_flatten(_eval_outputs(share_parameters(original), args, kwargs))
     got, got_spec = tree_flatten(_eval_outputs(gm, example_inputs))
     if want_spec != got_spec:
         raise VerificationError(f"[verify] output structure changed: {want_spec} -> {got_spec}")

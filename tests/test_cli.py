@@ -66,7 +66,7 @@ def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["inspect", "no_such_module_xyz:f", "--input-shape", "8,64"], "cannot import 'no_such_module_xyz'"),
         (["inspect", "tests.models:nope", "--input-shape", "8,64"], "has no attribute 'nope'"),
         (["inspect", "tests.models:mlp", "--input-shape", "8,x"], "bad shape '8,x'"),
-        (["inspect", "tests.models:mlp", "--input-shape", "8,-1"], "dimensions must be >= 0"),
+        (["inspect", "tests.models:mlp", "--input-shape", "8,-1"], "dimensions must be >= 1"),
         (["inspect", "tests.models:mlp"], "--input-shape"),
         (
             ["inspect", "tests.models:mlp", "--input-shape", "8,64", "--budget", "1.5"],

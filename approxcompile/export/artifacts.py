@@ -7,7 +7,13 @@
     out_dir/optimizer_model.onnx   AdamW or SGD update
     out_dir/checkpoint             the parameters (trainable) and buffers (frozen)
     out_dir/model_train.onnx, model_eval.onnx   the plain exported graphs (export_onnx)
-    out_dir/artifacts.json         what OrtTrainer needs to know: inputs, noise, layout (Artifacts.load)
+    out_dir/artifacts.json         what OrtTrainer needs to know: inputs, noise, layout, and the
+                                   SHA-256 of the four files above (Artifacts.load checks them)
+
+Everything is written into a scratch directory inside ``out_dir`` and moved into place
+when all of it succeeded, ``artifacts.json`` last (an older one is removed first), so an
+interrupted export never leaves a directory that ``Artifacts.load`` accepts with files of
+two exports in it.
 
 ``onnxruntime.training.artifacts.generate_artifacts`` derives its eval graph from the graph it
 is given, which here samples; the exact eval graph is therefore exported separately and
@@ -19,9 +25,10 @@ except that sampled linear weights are stored transposed as ``<key>__t`` (``lowe
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
-import shutil
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +44,7 @@ from approxcompile.export.quiet import quiet
 
 LOSSES = ("cross_entropy", "mse")
 MANIFEST = "artifacts.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: sha256 of every file
 OPTIMIZERS = ("adamw", "sgd")
 INSTALL_HINT = "pip install 'approxcompile[ort]'"
 
@@ -88,49 +95,112 @@ class Artifacts:
             **fields,
         )
 
-    def save(self) -> Path:
-        """Write ``artifacts.json`` into the directory, so :meth:`load` can rebuild this record."""
-        record = {
+    def manifest(self) -> dict[str, Any]:
+        """What ``artifacts.json`` holds: this record, and the SHA-256 of every file it names."""
+        return {
             "format": MANIFEST_FORMAT,
             "inputs": self.inputs,
             "noise": [{"name": n.name, "node": n.node, "size": n.size} for n in self.noise],
             "loss": self.loss,
             "optimizer": self.optimizer,
             "transposed": list(self.transposed),
+            "sha256": {p.name: _sha256(p) for p in self.files()},
         }
+
+    def files(self) -> tuple[Path, ...]:
+        return (self.training_model, self.eval_model, self.optimizer_model, self.checkpoint)
+
+    def save(self) -> Path:
+        """Write ``artifacts.json`` (atomically) so :meth:`load` can rebuild and check this record."""
         path = self.directory / MANIFEST
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        tmp = path.with_name(f".{MANIFEST}.tmp")
+        tmp.write_text(json.dumps(self.manifest(), indent=2) + "\n")
+        os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> Artifacts:
         """The record of an ``export_training`` (or ``approxcompile export``) output directory.
 
+        Checks that every file is the one the export wrote (SHA-256), so an interrupted or
+        mixed export, or a damaged checkpoint, fails here with a clear error.
+
         >>> trainer = OrtTrainer(Artifacts.load("artifacts"), lr=0.05)
         """
         out = Path(directory)
+        where = out / MANIFEST
         try:
-            record = json.loads((out / MANIFEST).read_text())
+            record = json.loads(where.read_text())
         except (OSError, ValueError) as e:
             raise ExportError(
-                f"Artifacts.load: cannot read {out / MANIFEST} ({e}); is {out} a directory written by "
+                f"Artifacts.load: cannot read {where} ({e}); is {out} a directory written by "
                 "export_training or `approxcompile export` without --onnx-only?"
             ) from e
-        if record.get("format") != MANIFEST_FORMAT:
-            raise ExportError(f"Artifacts.load: {out / MANIFEST} has format {record.get('format')!r}")
-        art = cls.in_directory(
-            out,
-            inputs=int(record["inputs"]),
-            noise=tuple(NoiseInput(**n) for n in record["noise"]),
-            loss=record["loss"],
-            optimizer=record["optimizer"],
-            transposed=tuple(record["transposed"]),
-        )
-        missing = [p.name for p in (art.training_model, art.eval_model, art.optimizer_model, art.checkpoint)]
-        missing = [name for name in missing if not (out / name).exists()]
+        art = _from_record(out, record, where)
+        missing = [p.name for p in art.files() if not p.is_file()]
         if missing:
-            raise ExportError(f"Artifacts.load: {out} lacks {', '.join(missing)}")
+            raise ExportError(f"Artifacts.load: {out} lacks {', '.join(missing)}; export again")
+        for p in art.files():
+            if _sha256(p) != record["sha256"][p.name]:
+                raise ExportError(
+                    f"Artifacts.load: {p} is not the file export_training wrote (SHA-256 differs from "
+                    f"{where.name}): it was modified, damaged or left by another export; export again"
+                )
         return art
+
+
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": int,
+    "inputs": int,
+    "noise": list,
+    "loss": str,
+    "optimizer": str,
+    "transposed": list,
+    "sha256": dict,
+}
+
+
+def _from_record(out: Path, record: Any, where: Path) -> Artifacts:
+    """Check the manifest's shape field by field and build the record from it."""
+
+    def bad(what: str) -> ExportError:
+        return ExportError(f"Artifacts.load: {where} is not a valid manifest: {what}; export again")
+
+    if not isinstance(record, dict):
+        raise bad(f"expected a JSON object, got {type(record).__name__}")
+    if record.get("format") != MANIFEST_FORMAT:
+        raise bad(f"format {record.get('format')!r}, this version reads format {MANIFEST_FORMAT}")
+    for key, kind in _FIELDS.items():
+        if key not in record:
+            raise bad(f"no {key!r} field")
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise bad(f"{key!r} is a {type(record[key]).__name__}")
+    if record["loss"] not in LOSSES or record["optimizer"] not in OPTIMIZERS:
+        raise bad(f"unknown loss {record['loss']!r} or optimizer {record['optimizer']!r}")
+    try:
+        noise = tuple(NoiseInput(**n) for n in record["noise"])
+    except TypeError as e:
+        raise bad(f"a 'noise' entry is malformed ({e})") from e
+    art = Artifacts.in_directory(
+        out,
+        inputs=record["inputs"],
+        noise=noise,
+        loss=record["loss"],
+        optimizer=record["optimizer"],
+        transposed=tuple(str(t) for t in record["transposed"]),
+    )
+    unhashed = [p.name for p in art.files() if not isinstance(record["sha256"].get(p.name), str)]
+    if unhashed:
+        raise bad(f"no SHA-256 for {', '.join(unhashed)}")
+    return art
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _prepare(out_dir: Path) -> Path:
@@ -197,6 +267,37 @@ def export_training(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     onnx, _ = require_ort()
     out = _prepare(Path(out_dir))
+    # Everything is written to a scratch directory inside out_dir and moved into place only
+    # when all of it succeeded, the manifest last: an interrupted export leaves the previous
+    # one intact, or no manifest at all, never a mix that Artifacts.load accepts.
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:
+        tmp = Path(scratch)
+        art = _write_all(onnx, module, example_inputs, tmp, loss=loss, optimizer=optimizer, noise=noise)
+        manifest = art.manifest()  # hashed in the scratch directory, before the move
+        (out / MANIFEST).unlink(missing_ok=True)
+        for name in (*(p.name for p in art.files()), "model_train.onnx", "model_eval.onnx"):
+            os.replace(tmp / name, out / name)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp / MANIFEST, out / MANIFEST)
+    return Artifacts.in_directory(out, **_record_fields(art))
+
+
+def _record_fields(art: Artifacts) -> dict[str, Any]:
+    keep = ("inputs", "noise", "loss", "optimizer", "transposed")
+    return {k: getattr(art, k) for k in keep}
+
+
+def _write_all(
+    onnx: ModuleType,
+    module: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    out: Path,
+    *,
+    loss: str,
+    optimizer: str,
+    noise: Noise,
+) -> Artifacts:
+    """Export both graphs and generate the ORT artifacts into ``out`` (a scratch directory)."""
     lowered = lower_for_export(module, noise=noise, transpose_weights=True)
     params = [name for name, p in lowered.module.named_parameters() if p.requires_grad]
     frozen = [name for name in lowered.module.state_dict() if name not in params]
@@ -206,10 +307,11 @@ def export_training(
     eval_graph = export_lowered(exact, example_inputs, out / "model_eval.onnx", training=False)
     kw: dict[str, Any] = {"params": params, "frozen": _present(onnx, eval_graph, frozen), "loss": loss}
     _generate(onnx, train_graph, out, optimizer=optimizer, **kw)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        _generate(onnx, eval_graph, Path(tmp), optimizer=optimizer, **kw)
-        shutil.copyfile(Path(tmp) / "eval_model.onnx", out / "eval_model.onnx")
-    art = Artifacts.in_directory(
+    eval_dir = out / "eval"
+    eval_dir.mkdir()
+    _generate(onnx, eval_graph, eval_dir, optimizer=optimizer, **kw)
+    os.replace(eval_dir / "eval_model.onnx", out / "eval_model.onnx")
+    return Artifacts.in_directory(
         out,
         inputs=len(example_inputs),
         noise=lowered.noise,
@@ -217,8 +319,6 @@ def export_training(
         optimizer=optimizer,
         transposed=lowered.transposed,
     )
-    art.save()
-    return art
 
 
 def _present(onnx: ModuleType, graph: Path, names: list[str]) -> list[str]:

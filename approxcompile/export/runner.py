@@ -57,12 +57,22 @@ class OrtTrainer:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         self.artifacts = artifacts
-        self.state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
-        with quiet():  # ORT warns about the optimizer graph's shapes while loading it
-            self.module = api.Module(
-                str(artifacts.training_model), self.state, str(artifacts.eval_model), session_options=options
-            )
-            self.optimizer = api.Optimizer(str(artifacts.optimizer_model), self.module)
+        try:
+            self.state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
+            with quiet():  # ORT warns about the optimizer graph's shapes while loading it
+                self.module = api.Module(
+                    str(artifacts.training_model),
+                    self.state,
+                    str(artifacts.eval_model),
+                    session_options=options,
+                )
+                self.optimizer = api.Optimizer(str(artifacts.optimizer_model), self.module)
+        except Exception as e:  # ORT raises RuntimeError / Fail / InvalidGraph with pages of detail
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ExportError(
+                f"OrtTrainer: ONNX Runtime cannot load the artifacts in {artifacts.directory}: "
+                f"{first.strip()}; check them with Artifacts.load or export again"
+            ) from e
         if lr is not None:
             self.optimizer.set_learning_rate(lr)
         self._generator = torch.Generator().manual_seed(0 if seed is None else seed)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from approxcompile.choices import ROW_SCORES, UNBIASED_METHODS
+from approxcompile.ops.amp import refuse_double_backward
 from approxcompile.ops.draw import generator_handle, lookup
 from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
 from approxcompile.ops.kernels import autocast_inputs, column_norms, slice_norms
@@ -184,6 +185,7 @@ def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...])
 
 
 def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    refuse_double_backward("backward_sampled_linear")
     saved_x, weight, row_index = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dw = torch.ops.approxcompile.backward_sampled_linear_backward(
@@ -327,6 +329,7 @@ def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -
 
 
 def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    refuse_double_backward("backward_sampled_conv")
     saved_x, weight, row_index = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dw = torch.ops.approxcompile.backward_sampled_conv_backward(
@@ -370,7 +373,9 @@ def backward_sampled_linear(
     if row_scores not in ROW_SCORES:
         raise ValueError(f"row_scores must be one of {ROW_SCORES}, got {row_scores!r}")
     rows = x.numel() // max(weight.shape[-1], 1)
-    exact = kept_count(keep, weight.shape[0]) >= weight.shape[0] and kept_count(keep, rows) >= rows
+    exact = rows == 0 or (
+        kept_count(keep, weight.shape[0]) >= weight.shape[0] and kept_count(keep, rows) >= rows
+    )
     # An exporter traces through the op's forward only, and ONNX Runtime then builds
     # the exact gradient of that forward: sampling here would change nothing exported.
     if not training or exact or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
@@ -409,7 +414,7 @@ def backward_sampled_conv(
     d = weight.dim() - 2
     conv = CONV[d]
     o, batch = weight.shape[0], x.shape[0]
-    exact = kept_count(keep, o) >= o and kept_count(keep, batch) >= batch
+    exact = x.numel() == 0 or (kept_count(keep, o) >= o and kept_count(keep, batch) >= batch)
     if (
         not training
         or exact

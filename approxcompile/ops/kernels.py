@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from approxcompile.ops import amp
 from approxcompile.ops.workspace import WORKSPACE
 
 _ACC_ROWS = 256  # rows per accumulator block: 256 x 4096 fp32 is 4 MB, read once per chunk
@@ -75,19 +76,17 @@ def slice_norms(t: Tensor, dim: int) -> Tensor:
 def autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """A product's inputs cast to the autocast dtype when autocast is on for ``x``'s device.
 
-    Autocast's own rule for its lower-precision ops (linear, conv, matmul, addmm): only
-    floating tensors other than float64 are cast; the casts are differentiable, so the
-    gradients come back in each input's own dtype.
+    Autocast's own rule for its lower-precision ops (linear, conv, matmul, addmm), from
+    ``ops/amp.py``: floating tensors other than float64 are cast; the casts are
+    differentiable, so the gradients come back in each input's own dtype. The custom ops
+    then see one dtype (autocast passes custom ops through without casting).
     """
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    dtype = amp.autocast_dtype(x)
+    if dtype is None:
         return x, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t: Tensor) -> Tensor:
-        return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
-
-    return cast(x), cast(weight), None if bias is None else cast(bias)
+    cx, cw, cb = amp.cast(dtype, x, weight, bias)
+    assert cx is not None and cw is not None
+    return cx, cw, cb
 
 
 def _scatter(cols: Tensor, dim: int, index: Tensor, full: Tensor, unique: bool) -> Tensor:
@@ -185,6 +184,7 @@ def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...])
 
 
 def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    amp.refuse_double_backward("sampled_linear")
     xs, ws, index, scale = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx, dw = torch.ops.approxcompile.sampled_linear_product_backward(
@@ -313,6 +313,7 @@ def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -
 
 
 def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    amp.refuse_double_backward("sampled_conv")
     xs, ws, index, scale = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]

@@ -107,7 +107,7 @@ def sampled_linear(
     """
     n = weight.shape[-1]
     k = kept_count(keep, n)
-    if not training or k >= n:
+    if not training or k >= n or x.numel() == 0:
         return F.linear(x, weight, bias)
     by_weights = _check_scores(scores)
     with torch.no_grad():
@@ -135,11 +135,11 @@ def sampled_matmul(
     One set of indices serves every batch entry (scores sum over the batch dims), so
     ``(B, m, n) @ (B, n, p)`` gathers ``(B, m, k) @ (B, k, p)``.
     """
-    if a.dim() < 2 or b.dim() < 2:
+    if a.dim() < 2 or b.dim() < 2 or a.numel() == 0 or b.numel() == 0:
         return torch.matmul(a, b)
     n = a.shape[-1]
     k = kept_count(keep, n)
-    if not training or k >= n:
+    if not training or k >= n or a.numel() == 0 or b.numel() == 0:
         return torch.matmul(a, b)
     a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator, noise=noise)
     return torch.matmul(a_s, b_s)
@@ -160,7 +160,7 @@ def sampled_addmm(
     """``torch.addmm(bias, a, b)`` over a sample of the contracted dimension."""
     n = a.shape[-1]
     k = kept_count(keep, n)
-    if not training or k >= n:
+    if not training or k >= n or a.numel() == 0 or b.numel() == 0:
         return torch.addmm(bias, a, b)
     a_s, b_s = _sample_slices(a, -1, b, 0, k, method, eps, generator, noise=noise)
     return torch.addmm(bias, a_s, b_s)
@@ -192,7 +192,7 @@ def sampled_conv(
     conv = CONV[weight.dim() - 2]
     n = weight.shape[1]
     k = kept_count(keep, n)
-    if not training or k >= n or x.dim() != weight.dim():
+    if not training or k >= n or x.dim() != weight.dim() or x.numel() == 0:
         return conv(x, weight, bias, stride, padding, dilation)
     by_weights = _check_scores(scores)
     seed = seed if by_weights else None
