@@ -36,7 +36,8 @@ def test_sampled_linear_runs_and_matches_its_reference_on_device(device: str, me
     ref.square().sum().backward()
     for a, b in zip(got, (ref.detach(), x.grad, w.grad), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert (got[2] == 0).all(dim=0).sum() >= 40 - 12  # columns not drawn get no gradient
+    if method != "bernoulli":  # bernoulli draws a random count
+        assert (got[2] == 0).all(dim=0).sum() >= 40 - 12  # columns not drawn get no gradient
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,7 +80,7 @@ def test_autocast_computes_in_the_autocast_dtype_like_the_exact_op(
             y = backward_sampled_linear(x, w, b, keep=0.5)
             z = backward_sampled_conv(img, kern, None, 1, 1, 1, keep=0.5)
         else:
-            y = sampled_linear(x, w, b, keep=0.5, method="crs")
+            y = sampled_linear(x, w, b, keep=0.5)  # topk: a deterministic error bound below
             z = sampled_conv(img, kern, None, 1, 1, 1, keep=0.5)
         want = (F.linear(x, w, b).dtype, F.conv2d(img, kern, None, 1, 1).dtype)
     assert (y.dtype, z.dtype) == want == (dtype, dtype)
