@@ -131,4 +131,6 @@ def draw_pairs(
             grad,
             noise,
         )
-    return index, None if method == "topk" else scale
+    # The kernel sends "no scale" as an empty tensor (topk); bernoulli always keeps >= 1 pair,
+    # and its count is data-dependent, so only the other methods' static sizes are read here.
+    return index, None if method != "bernoulli" and scale.shape[0] == 0 else scale
