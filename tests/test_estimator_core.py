@@ -53,6 +53,9 @@ def _operands(kind: str) -> tuple[tuple[torch.Tensor, ...], tuple[object, ...], 
         return (torch.randn(3, 16, 64, generator=g), torch.randn(3, 64, 20, generator=g)), (), 64
     if kind == "addmm":
         return (torch.randn(20), torch.randn(16, 64, generator=g), torch.randn(64, 20, generator=g)), (), 64
+    if kind == "baddbmm":
+        a, b = torch.randn(3, 16, 64, generator=g), torch.randn(3, 64, 20, generator=g)
+        return (torch.randn(3, 1, 20), a, b), (), 64
     if kind == "conv":
         x, w = torch.randn(4, 32, 9, 9, generator=g), torch.randn(8, 32, 3, 3, generator=g)
         return (x, w, torch.randn(8)), (1, 1, 1), 32

@@ -223,6 +223,15 @@ def test_an_empty_batch_trains(mode: str, make, x) -> None:
     y.sum().backward()
 
 
+def test_every_sampled_op_takes_an_empty_batch() -> None:
+    from approxcompile import ops
+
+    a, b = torch.randn(0, 4, 32, requires_grad=True), torch.randn(0, 32, 5)
+    ops.sampled_baddbmm(torch.zeros(0, 4, 5), a, b, keep=0.5).sum().backward()
+    ops.sampled_matmul(a, b, keep=0.5).sum().backward()
+    ops.sampled_linear(torch.randn(0, 32, requires_grad=True), torch.randn(8, 32), keep=0.5).sum().backward()
+
+
 def test_an_empty_example_batch_is_refused_clearly() -> None:
     with pytest.raises(ExampleInputError, match="empty"):
         approxcompile.optimize(small_mlp(), 0.6, example_inputs=(X[:0],))

@@ -45,6 +45,7 @@ from approxcompile.plan import kept_count
 
 __all__ = [
     "export_addmm",
+    "export_baddbmm",
     "export_conv",
     "export_linear",
     "export_matmul",
@@ -241,6 +242,25 @@ def export_addmm(
     if not training or k >= n:
         return torch.addmm(bias, a, b)
     return torch.addmm(bias, *_slices(a, -1, b, 0, k, method, eps, noise))
+
+
+def export_baddbmm(
+    bias: Tensor,
+    a: Tensor,
+    b: Tensor,
+    *,
+    keep: float,
+    method: str = "topk",
+    training: bool = True,
+    eps: float = DEFAULT_EPS,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """``sampled_baddbmm`` -> GatherND of the contracted slices of both batches, then MatMul + Add."""
+    n = int(a.shape[-1])
+    k = kept_count(keep, n)
+    if not training or k >= n:
+        return torch.baddbmm(bias, a, b)
+    return torch.baddbmm(bias, *_slices(a, -1, b, -2, k, method, eps, noise))
 
 
 def export_conv(

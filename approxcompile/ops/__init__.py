@@ -2,13 +2,20 @@
 
 from approxcompile.ops import flops as _flops  # noqa: F401  (registers FlopCounterMode formulas)
 from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
-from approxcompile.ops.sampled import sampled_addmm, sampled_conv, sampled_linear, sampled_matmul
+from approxcompile.ops.sampled import (
+    sampled_addmm,
+    sampled_baddbmm,
+    sampled_conv,
+    sampled_linear,
+    sampled_matmul,
+)
 from approxcompile.ops.sampling import sample_pairs
 
 SAMPLED_OPS = (
     sampled_linear,
     sampled_matmul,
     sampled_addmm,
+    sampled_baddbmm,
     sampled_conv,
     backward_sampled_linear,
     backward_sampled_conv,
@@ -25,6 +32,7 @@ __all__ = [
     "backward_sampled_linear",
     "sample_pairs",
     "sampled_addmm",
+    "sampled_baddbmm",
     "sampled_conv",
     "sampled_linear",
     "sampled_matmul",

@@ -5,6 +5,7 @@ The rewrite pass emits, for example::
     linear(x, W, b)           -> sampled_linear(x, W, b, keep=0.35, method='topk', training=training)
     matmul(q, k_t)            -> sampled_matmul(q, k_t, keep=0.5, method='topk', training=training)
     addmm(b, x, w_t)          -> sampled_addmm(b, x, w_t, keep=0.5, method='topk', training=training)
+    baddbmm(b, q, k_t)        -> sampled_baddbmm(b, q, k_t, keep=0.5, method='topk', training=training)
     conv2d(x, W, b, s, p, d)  -> sampled_conv(x, W, b, s, p, d, keep=0.4, method='topk', training=training)
 
 In training mode each op samples its inner dimension once in the forward pass and
@@ -164,6 +165,27 @@ def sampled_addmm(
         return torch.addmm(bias, a, b)
     a_s, b_s = _sample_slices(a, -1, b, 0, k, method, eps, generator, noise=noise)
     return torch.addmm(bias, a_s, b_s)
+
+
+def sampled_baddbmm(
+    bias: Tensor,
+    a: Tensor,
+    b: Tensor,
+    *,
+    keep: float,
+    method: str = "topk",
+    training: bool = True,
+    eps: float = DEFAULT_EPS,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """``torch.baddbmm(bias, a, b)`` over a sample of the contracted dimension, one for the whole batch."""
+    n = a.shape[-1]
+    k = kept_count(keep, n)
+    if not training or k >= n or a.numel() == 0 or b.numel() == 0:
+        return torch.baddbmm(bias, a, b)
+    a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator, noise=noise)
+    return torch.baddbmm(bias, a_s, b_s)
 
 
 def sampled_conv(
