@@ -156,3 +156,21 @@ def test_paper_style_conv(models: ModuleType, paper: ModuleType) -> None:
     assert swapped and all(0 < m.keep < 1 for m in swapped)
     model.eval()
     torch.testing.assert_close(model(w.x), w.model(w.x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_and_autocast_variants(bench: ModuleType, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    names = ["exact", "approx@0.4", "exact+compile", "approx@0.4+compile", "approx@0.4+bf16"]
+    argv = ["--quick", "--models", "mlp", "--variants", ",".join(names), "--rounds", "1", "--steps", "1"]
+    argv += ["--warmup", "1", "--memory-steps", "0", "--threads", "1", "--out", str(out)]
+    rows = {r["variant"]: r for r in bench.main(argv)["rows"]}
+    assert list(rows) == names
+    compiled = rows["approx@0.4+compile"]
+    # vs base: over the exact model compiled the same way, not over eager exact
+    want = rows["exact+compile"]["median_step_ms"] / compiled["median_step_ms"]
+    assert compiled["speedup_vs_base"] == pytest.approx(want)
+    assert rows["approx@0.4+bf16"]["speedup_vs_base"] == rows["approx@0.4+bf16"]["speedup_vs_exact"]
+    assert compiled["flop_fraction"] < 1.0 and rows["exact+compile"]["flop_fraction"] == 1.0
+    with pytest.raises(ValueError, match="suffix"):
+        bench.main(["--quick", "--models", "mlp", "--variants", "exact+fast", "--out", str(out)])

@@ -120,12 +120,19 @@ def test_gradients_accumulate_across_backward_calls() -> None:
     torch.testing.assert_close(w.grad, want)
 
 
-def test_workspace_entries_die_with_their_tensor() -> None:
+def test_workspace_pools_one_storage_per_buffer_alive_at_once() -> None:
     ws = Workspace()
-    owner = torch.zeros(3)
-    ws.get(owner, "a", (1024,), torch.float32)
-    assert ws.nbytes() == 4096
-    del owner
+    cpu = torch.device("cpu")
+    a = ws.get("a", (1024,), torch.float32, cpu)
+    b = ws.get("a", (1024,), torch.float32, cpu)  # a is alive: a second storage
+    assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    assert ws.nbytes() == 2 * 4096
+    ptr = b.untyped_storage().data_ptr()
+    del b
+    c = ws.get("a", (512,), torch.float32, cpu)  # the freed one comes back, even for less
+    assert c.untyped_storage().data_ptr() == ptr and c.shape == (512,)
+    assert ws.nbytes() == 2 * 4096  # nothing new allocated
+    ws.clear()
     assert ws.nbytes() == 0
 
 

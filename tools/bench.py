@@ -7,7 +7,13 @@ cross-entropy, backward, SGD(lr=0.01, momentum=0.9).step()):
 - ``exact``: the model as written;
 - ``paper@0.4``: the plain index_select + dense-op implementation (tools/paper_style.py)
   on the layers and keep ratios approxcompile's budget-0.4 plan chose;
-- ``approx@B``: ``approxcompile.optimize(model, B, example_inputs=(x,))`` for each budget.
+- ``approx@B``: ``approxcompile.optimize(model, B, example_inputs=(x,))`` for each budget;
+- a suffix ``+compile`` (``torch.compile(model, fullgraph=True)``, optimizer step eager;
+  ``+compile_breaks`` without ``fullgraph``) and/or
+  ``+bf16`` / ``+fp16`` (each step under ``torch.autocast`` with that dtype) on any of them,
+  e.g. ``approx@0.4+compile``; ``--compile`` / ``--autocast bf16`` add those variants, and
+  ``--variants`` names the exact list. Ratios to ``exact`` also come as ratios to the exact
+  variant with the same suffix (``vs base``: compiled sampled over compiled exact).
 
 Timing: each variant is warmed up, then in each of ROUNDS rounds every variant runs STEPS
 steps in turn (the starting variant rotates each round), so load from other processes on
@@ -36,6 +42,7 @@ busy neighbour measured 200 ms for a 2 ms step at 2 threads); pass ``--threads 1
     .venv/bin/python tools/bench.py                      # everything, full size (long)
     .venv/bin/python tools/bench.py --models mlp --budgets 0.4 --rounds 3
     .venv/bin/python tools/bench.py --quick --markdown   # tiny sizes, a smoke test
+    .venv/bin/python tools/bench.py --models mlp,cnn --budgets 0.4 --compile --autocast bf16
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ class Variant:
     step_s: list[float] = field(default_factory=list)  # per-step seconds, one entry per round
     flops: int = 0
     memory: dict[str, Any] = field(default_factory=dict)
+    autocast: torch.dtype | None = None  # each step runs under torch.autocast(dtype=...)
 
     @property
     def median_ms(self) -> float:
@@ -96,10 +104,22 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One full training step; ``zero_grad`` frees the gradients (set_to_none), PyTorch's default."""
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: torch.dtype | None = None,
+) -> None:
+    """One full training step; ``zero_grad`` frees the gradients (set_to_none), PyTorch's default.
+
+    With ``autocast`` the forward and the loss run under ``torch.autocast`` (backward outside
+    it, as PyTorch's AMP recipe does).
+    """
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
     opt.step()
 
 
@@ -131,6 +151,28 @@ def make_variant(
     ``optimized`` caches ``optimize`` results by budget, so paper@B reuses approx@B's plan;
     ``optimize`` shares parameters with its input, hence the copy before it.
     """
+    base, *suffixes = name.split("+")
+    v = _base_variant(w, base, optimized, measure_time)
+    v.name = name
+    for suffix in suffixes:
+        if suffix in ("compile", "compile_breaks"):
+            # fullgraph: a graph break anywhere in the sampled ops is an error, not a slowdown;
+            # compile_breaks lets Dynamo split the graph instead (how ops without a graph compile).
+            full = suffix == "compile"
+            v.model = torch.compile(v.model, fullgraph=full)  # type: ignore[assignment]
+        elif suffix in AUTOCAST:
+            v.autocast = AUTOCAST[suffix]
+        else:
+            raise ValueError(f"unknown variant suffix {suffix!r} in {name!r}")
+    return v
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _base_variant(
+    w: Workload, name: str, optimized: dict[float, fx.GraphModule], measure_time: bool
+) -> Variant:
     kind, _, budget = name.partition("@")
     if kind == "exact":
         return Variant(name, copy.deepcopy(w.model), {})
@@ -150,7 +192,15 @@ def make_variant(
 
 
 def variant_names(args: argparse.Namespace) -> list[str]:
-    return ["exact", label("paper", args.paper_budget), *(label("approx", b) for b in args.budgets)]
+    if args.variants:
+        return args.variants
+    names = ["exact", label("paper", args.paper_budget), *(label("approx", b) for b in args.budgets)]
+    plain = ["exact", *(label("approx", b) for b in args.budgets)]
+    if args.compile:
+        names += [n + "+compile" for n in plain]
+    if args.autocast:
+        names += [n + "+" + args.autocast for n in plain]
+    return names
 
 
 def build_variants(
@@ -167,7 +217,11 @@ def build_variants(
 
 
 def training_flops(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """FLOPs of one forward + backward as FlopCounterMode counts them; gradients are dropped after."""
+    """FLOPs of one forward + backward as FlopCounterMode counts them; gradients are dropped after.
+
+    A compiled model is counted through its original module (the same products).
+    """
+    model = getattr(model, "_orig_mod", model)
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()
     model.zero_grad(set_to_none=True)
@@ -182,7 +236,7 @@ def time_variants(
     for v in tqdm(variants, desc="warmup", leave=False):
         torch.manual_seed(args.seed)  # the random sampling methods draw the same stream in every variant
         for _ in range(args.warmup):
-            train_step(v.model, v.optimizer, x, y)
+            train_step(v.model, v.optimizer, x, y, v.autocast)
     _sync(device)
     with tqdm(total=args.rounds * len(variants), desc="timing", unit="block", leave=False) as bar:
         for r in range(args.rounds):
@@ -190,7 +244,7 @@ def time_variants(
             for v in variants[shift:] + variants[:shift]:
                 start = time.perf_counter()
                 for _ in range(args.steps):
-                    train_step(v.model, v.optimizer, x, y)
+                    train_step(v.model, v.optimizer, x, y, v.autocast)
                 _sync(device)
                 v.step_s.append((time.perf_counter() - start) / args.steps)
                 bar.update()
@@ -242,7 +296,7 @@ def memory_child(model: str, variant: str, args: argparse.Namespace) -> dict[str
     w = build(model, args.size, seed=args.seed)
     v = make_variant(w, variant, {}, args.measure_time)
     v.model.train()
-    train_step(v.model, make_optimizer(v.model), w.x, w.y)
+    train_step(v.model, make_optimizer(v.model), w.x, w.y, v.autocast)
     v.model.zero_grad(set_to_none=True)
     _release_freed()
     reset = _reset_peak()
@@ -251,7 +305,7 @@ def memory_child(model: str, variant: str, args: argparse.Namespace) -> dict[str
     start_peak = _maxrss_bytes()
     opt = make_optimizer(v.model)
     for _ in range(args.memory_steps):
-        train_step(v.model, opt, w.x, w.y)
+        train_step(v.model, opt, w.x, w.y, v.autocast)
     peak = _maxrss_bytes()
     return {
         "peak_mb": (peak - base) / 2**20,
@@ -302,7 +356,7 @@ def _cuda_memory(v: Variant, w: Workload, steps: int) -> None:
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
-        train_step(model, opt, w.x, w.y)
+        train_step(model, opt, w.x, w.y, v.autocast)
     torch.cuda.synchronize()
     v.memory = {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "steps": steps}
     del model, opt
@@ -322,7 +376,9 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
     time_variants(variants, x, y, args)
     if args.memory_steps > 0:
         measure_memory(variants, Workload(w.name, w.model, x, y), args)
-    exact, paper = variants[0], variants[1]
+    by_name = {v.name: v for v in variants}
+    exact = by_name.get("exact", variants[0])
+    paper = next((v for v in variants if v.name.startswith("paper@")), exact)
     return [
         {
             "model": name,
@@ -330,6 +386,8 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
             "median_step_ms": v.median_ms,
             "speedup_vs_exact": exact.median_ms / v.median_ms,
             "speedup_vs_paper": paper.median_ms / v.median_ms,
+            # compiled sampled over compiled exact, bf16 over bf16: the exact twin with this suffix
+            "speedup_vs_base": by_name.get(_base_of(v.name), exact).median_ms / v.median_ms,
             "flops": v.flops,
             "flop_fraction": v.flops / exact.flops if exact.flops else float("nan"),
             "peak_mem_mb": v.memory.get("peak_mb"),
@@ -339,6 +397,12 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
         }
         for v in variants
     ]
+
+
+def _base_of(name: str) -> str:
+    """``approx@0.4+compile`` -> ``exact+compile``: the exact variant trained the same way."""
+    _, plus, suffix = name.partition("+")
+    return "exact" + plus + suffix
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -363,13 +427,15 @@ def _usable_cores() -> int:
 
 def format_table(result: dict[str, Any], markdown: bool) -> str:
     """The summary table, as markdown (with the command and machine) or as aligned text."""
-    head = ["model", "variant", "median step ms", "vs exact", "vs paper", "FLOP fraction", "peak mem MB"]
+    head = ["model", "variant", "median step ms", "vs exact", "vs base", "vs paper", "FLOP fraction"]
+    head += ["peak mem MB"]
     body = [
         [
             r["model"],
             r["variant"],
             f"{r['median_step_ms']:.1f}",
             f"{r['speedup_vs_exact']:.2f}x",
+            f"{r['speedup_vs_base']:.2f}x",
             f"{r['speedup_vs_paper']:.2f}x",
             f"{r['flop_fraction']:.3f}",
             "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}",
@@ -384,7 +450,7 @@ def format_table(result: dict[str, Any], markdown: bool) -> str:
         lines = [f"Command: `{result['command']}`", "", f"Machine: {where}", ""]
         lines += [
             "| " + " | ".join(head) + " |",
-            "|" + "|".join("---:" if i > 1 else "---" for i in range(7)) + "|",
+            "|" + "|".join("---:" if i > 1 else "---" for i in range(len(head))) + "|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines)
@@ -420,6 +486,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=_usable_cores(), help="torch threads (default: all usable cores)"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--compile", action="store_true", help="add torch.compile(fullgraph=True) twins of exact and approx@B"
+    )
+    p.add_argument(
+        "--autocast", choices=sorted(AUTOCAST), help="add twins of exact and approx@B under autocast"
+    )
+    p.add_argument(
+        "--variants",
+        type=lambda t: [v.strip() for v in t.split(",") if v.strip()],
+        help="exactly these variants, e.g. exact,approx@0.4,exact+compile,approx@0.4+compile",
+    )
     p.add_argument(
         "--measure-time",
         action="store_true",
@@ -472,6 +549,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": command,
         "machine": machine(device),
         "settings": {k: getattr(args, k) for k in ("size", "budgets", "paper_budget", "steps", "warmup")}
+        | {"variants": variant_names(args)}
         | {k: getattr(args, k) for k in ("rounds", "memory_steps", "seed", "measure_time")},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "elapsed_s": time.time() - started,

@@ -1,5 +1,6 @@
 """Runtime sampled operations that rewritten graphs call."""
 
+from approxcompile.ops import flops as _flops  # noqa: F401  (registers FlopCounterMode formulas)
 from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
 from approxcompile.ops.sampled import (
     sampled_addmm,

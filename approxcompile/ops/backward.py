@@ -26,6 +26,13 @@ Only the gradients autograd asks for (``ctx.needs_input_grad``) are computed.
 Convolutions follow the same plan with output channels for ``p`` and batch samples for
 the rows (Frobenius norms of the slices as scores), through ``aten.convolution_backward``
 on the gathered slices.
+
+Forward and backward are ``torch.library`` custom ops with registered autograd and fake
+kernels (``torch.compile`` keeps them in one graph); both draw from torch's generator at
+run time and are tagged ``nondeterministic_seeded``, so no compiler pass redraws them. A
+caller's ``torch.Generator`` reaches them by number (``draw.generator_handle``, eager-only).
+Drawing the rows in forward (``row_scores="x"``) gives a random row count with
+``bernoulli``: compiling that needs ``torch._dynamo.config.capture_dynamic_output_shape_ops``.
 """
 
 from __future__ import annotations
@@ -38,80 +45,161 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from approxcompile.choices import ROW_SCORES, UNBIASED_METHODS
-from approxcompile.ops import amp
 from approxcompile.ops.amp import refuse_double_backward
+from approxcompile.ops.draw import generator_handle, lookup
 from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
-from approxcompile.ops.kernels import column_norms, slice_norms
+from approxcompile.ops.kernels import autocast_inputs, column_norms, slice_norms
 from approxcompile.ops.sampling import sample_pairs
 from approxcompile.plan import kept_count
 
 
-class BackwardSampledLinearFn(torch.autograd.Function):
-    """``y = x·Wᵀ + b`` exactly; ``dx`` over sampled output features, ``dW`` over sampled rows."""
+def _draw_rows(
+    x2: Tensor, keep: float, method: str, eps: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Rows (dim 0) of ``x2`` drawn by ``|x2[b]|``, scaled: ``(rows, index)``."""
+    index, scale = sample_pairs(
+        slice_norms(x2, 0), kept_count(keep, x2.shape[0]), method, eps=eps, generator=generator
+    )
+    return scale_along(x2.index_select(0, index), scale, 0), index
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        keep: float,
-        method: str,
-        eps: float,
-        row_scores: str,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        p, n = weight.shape
-        x2 = x.reshape(-1, n)
-        y = F.linear(x2, weight, bias)
-        ctx.sample = (keep, method, eps, generator)
-        ctx.shapes = (x.shape, n, p)
-        ctx.has_bias = bias is not None
-        ctx.rows_drawn = row_scores == "x"
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        saved_x: Tensor | None = None
-        if needs_w and ctx.rows_drawn:
-            # The row sample is drawn now so that only the sampled rows outlive the forward.
-            index, scale = sample_pairs(
-                slice_norms(x2, 0), kept_count(keep, x2.shape[0]), method, eps=eps, generator=generator
-            )
-            saved_x = scale_along(x2.index_select(0, index), scale, 0).detach()
-            ctx.row_index = index
-        elif needs_w:
-            saved_x = x2.detach()
-        ctx.save_for_backward(saved_x, weight if needs_x else None)
-        return y.view(*x.shape[:-1], p)
 
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        refuse_double_backward("backward_sampled_linear")
-        saved_x, weight = ctx.saved_tensors
-        x_shape, n, p = ctx.shapes
-        keep, method, eps, generator = ctx.sample
-        dy2 = dy.reshape(-1, p)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            scores = slice_norms(weight, 0) * column_norms(dy2)
-            index, scale = sample_pairs(scores, kept_count(keep, p), method, eps=eps, generator=generator)
-            dys = dy2.index_select(1, index)
-            if scale is not None:
-                dys.mul_(scale.to(dys.dtype))
-            dx = (dys @ weight.index_select(0, index)).view(x_shape)
-        if ctx.needs_input_grad[1]:
-            if ctx.rows_drawn:
-                dw = dy2.index_select(0, ctx.row_index).t() @ saved_x
-            else:
-                scores = slice_norms(saved_x, 0) * slice_norms(dy2, 0)
-                rows = kept_count(keep, dy2.shape[0])
-                index, scale = sample_pairs(scores, rows, method, eps=eps, generator=generator)
-                dw = scale_along(dy2.index_select(0, index), scale, 0).t() @ saved_x.index_select(0, index)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
-        return dx, dw, db, None, None, None, None, None
+def _rows_fake(x: Tensor, keep: float, method: str) -> tuple[Tensor, Tensor]:
+    rows: int | torch.SymInt = torch.library.get_ctx().new_dynamic_size()
+    if method != "bernoulli" and isinstance(x.shape[0], int):
+        rows = kept_count(keep, x.shape[0])
+    return x.new_empty((rows, *x.shape[1:])), x.new_empty((rows,), dtype=torch.long)
+
+
+@torch.library.custom_op(
+    "approxcompile::backward_sampled_linear_forward",
+    mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
+def _linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: float,
+    method: str,
+    eps: float,
+    draw_rows: bool,
+    generator: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``y = x·Wᵀ + b`` exactly -> ``(y, rows, row_index)``; the row sample only with ``draw_rows``.
+
+    The row sample is drawn now so that only the sampled rows outlive the forward.
+    """
+    p, n = weight.shape
+    x2 = x.reshape(-1, n)
+    y = F.linear(x2, weight, bias).view(*x.shape[:-1], p)
+    if not draw_rows:
+        return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
+    rows, index = _draw_rows(x2, keep, method, eps, lookup(generator))
+    return y, rows, index
+
+
+@_linear_forward.register_fake
+def _linear_forward_fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    keep: float,
+    method: str,
+    eps: float,
+    draw_rows: bool,
+    generator: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    if not draw_rows:
+        return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
+    return (y, *_rows_fake(x.reshape(-1, weight.shape[1]), keep, method))
+
+
+@torch.library.custom_op(
+    "approxcompile::backward_sampled_linear_backward",
+    mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
+def _linear_backward_op(
+    dy: Tensor,
+    saved_x: Tensor | None,
+    weight: Tensor | None,
+    row_index: Tensor,
+    x_shape: Sequence[int],
+    keep: float,
+    method: str,
+    eps: float,
+    rows_drawn: bool,
+    generator: int | None,
+) -> tuple[Tensor, Tensor]:
+    """``(dx, dW)``: ``dx`` over sampled output features (needs ``weight``), ``dW`` over sampled rows."""
+    gen = lookup(generator)
+    p = dy.shape[-1]
+    dy2 = dy.reshape(-1, p)
+    dx = dw = dy.new_empty(0)
+    if weight is not None:
+        scores = slice_norms(weight, 0) * column_norms(dy2)
+        index, scale = sample_pairs(scores, kept_count(keep, p), method, eps=eps, generator=gen)
+        dys = dy2.index_select(1, index)
+        if scale is not None:
+            dys.mul_(scale.to(dys.dtype))
+        dx = (dys @ weight.index_select(0, index)).view(x_shape)
+    if saved_x is not None:
+        if rows_drawn:
+            dw = dy2.index_select(0, row_index).t() @ saved_x
+        else:
+            scores = slice_norms(saved_x, 0) * slice_norms(dy2, 0)
+            rows = kept_count(keep, dy2.shape[0])
+            index, scale = sample_pairs(scores, rows, method, eps=eps, generator=gen)
+            dw = scale_along(dy2.index_select(0, index), scale, 0).t() @ saved_x.index_select(0, index)
+    return dx, dw
+
+
+@_linear_backward_op.register_fake
+def _linear_backward_fake(
+    dy: Tensor,
+    saved_x: Tensor | None,
+    weight: Tensor | None,
+    row_index: Tensor,
+    x_shape: Sequence[int],
+    keep: float,
+    method: str,
+    eps: float,
+    rows_drawn: bool,
+    generator: int | None,
+) -> tuple[Tensor, Tensor]:
+    dx = dy.new_empty(x_shape) if weight is not None else dy.new_empty(0)
+    dw = dy.new_empty((dy.shape[-1], saved_x.shape[-1])) if saved_x is not None else dy.new_empty(0)
+    return dx, dw
+
+
+def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bias, keep, method, eps, draw_rows, generator = inputs
+    _, rows, row_index = output
+    ctx.mark_non_differentiable(rows, row_index)
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    saved_x = (rows if draw_rows else x.reshape(-1, weight.shape[1])) if need_w else None
+    ctx.save_for_backward(saved_x, weight if need_x else None, row_index)
+    ctx.sample = (x.shape, keep, method, eps, draw_rows, generator)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    refuse_double_backward("backward_sampled_linear")
+    saved_x, weight, row_index = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = torch.ops.approxcompile.backward_sampled_linear_backward(
+        dy, saved_x, weight, row_index, *ctx.sample
+    )
+    db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx if need_x else None, dw if need_w else None, db, None, None, None, None, None
+
+
+_linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
 def _conv_grads(
-    dy: Tensor, x: Tensor, weight: Tensor, conv: tuple[list[int], ...], mask: tuple[bool, bool]
+    dy: Tensor, x: Tensor, weight: Tensor, conv: tuple[Sequence[int], ...], mask: tuple[bool, bool]
 ) -> tuple[Tensor, Tensor]:
     stride, padding, dilation = conv
     out = torch.ops.aten.convolution_backward(
@@ -120,73 +208,140 @@ def _conv_grads(
     return out[0], out[1]
 
 
-class BackwardSampledConvFn(torch.autograd.Function):
-    """Convolution, exact; ``dx`` over sampled output channels, ``dW`` over sampled batch samples.
+@torch.library.custom_op(
+    "approxcompile::backward_sampled_conv_forward", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _conv_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    keep: float,
+    method: str,
+    eps: float,
+    draw_rows: bool,
+    generator: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact convolution -> ``(y, samples, sample_index)``; samples drawn by ``|X[b]|_F`` if ``draw_rows``."""
+    y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+    if not draw_rows:
+        return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
+    rows, index = _draw_rows(x, keep, method, eps, lookup(generator))
+    return y, rows, index
 
-    Channel ``o`` scores ``|W[o]|_F·|dY[:, o]|_F``, sample ``b`` scores ``|X[b]|_F·|dY[b]|_F``
-    (``|X[b]|_F`` with ``row_scores="x"``, drawn in forward: only those samples are saved).
-    """
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        conv: tuple[list[int], ...],
-        keep: float,
-        method: str,
-        eps: float,
-        row_scores: str,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        stride, padding, dilation = conv
-        y = torch.ops.aten.convolution(
-            x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1
-        )
-        ctx.sample = (keep, method, eps, generator)
-        ctx.conv, ctx.x_shape, ctx.weight_shape = conv, x.shape, weight.shape
-        ctx.has_bias = bias is not None
-        ctx.rows_drawn = row_scores == "x"
-        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        saved_x: Tensor | None = None
-        if needs_w and ctx.rows_drawn:
-            index, scale = sample_pairs(
-                slice_norms(x, 0), kept_count(keep, x.shape[0]), method, eps=eps, generator=generator
-            )
-            saved_x = scale_along(x.index_select(0, index), scale, 0).detach()
-            ctx.row_index = index
-        elif needs_w:
-            saved_x = x.detach()
-        ctx.save_for_backward(saved_x, weight if needs_x else None)
-        return y
+@_conv_forward.register_fake
+def _conv_forward_fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    keep: float,
+    method: str,
+    eps: float,
+    draw_rows: bool,
+    generator: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+    if not draw_rows:
+        return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
+    return (y, *_rows_fake(x, keep, method))
 
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        refuse_double_backward("backward_sampled_conv")
-        saved_x, weight = ctx.saved_tensors
-        keep, method, eps, generator = ctx.sample
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            o = weight.shape[0]
-            scores = slice_norms(weight, 0) * slice_norms(dy, 1)
-            index, scale = sample_pairs(scores, kept_count(keep, o), method, eps=eps, generator=generator)
-            stub = dy.new_empty(1).expand(ctx.x_shape)  # grad_input needs only the shape
-            dys = scale_along(dy.index_select(1, index), scale, 1)
-            dx = _conv_grads(dys, stub, weight.index_select(0, index), ctx.conv, (True, False))[0]
-        if ctx.needs_input_grad[1]:
-            if ctx.rows_drawn:
-                xs, dys = saved_x, dy.index_select(0, ctx.row_index)
-            else:
-                scores = slice_norms(saved_x, 0) * slice_norms(dy, 0)
-                n = kept_count(keep, dy.shape[0])
-                index, scale = sample_pairs(scores, n, method, eps=eps, generator=generator)
-                xs, dys = saved_x.index_select(0, index), scale_along(dy.index_select(0, index), scale, 0)
-            w_stub = dy.new_empty(1).expand(ctx.weight_shape)
-            dw = _conv_grads(dys, xs, w_stub, ctx.conv, (False, True))[1]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum([d for d in range(dy.dim()) if d != 1])
-        return dx, dw, db, None, None, None, None, None, None
+
+@torch.library.custom_op(
+    "approxcompile::backward_sampled_conv_backward",
+    mutates_args=(),
+    tags=(torch.Tag.nondeterministic_seeded,),
+)
+def _conv_backward_op(
+    dy: Tensor,
+    saved_x: Tensor | None,
+    weight: Tensor | None,
+    row_index: Tensor,
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    keep: float,
+    method: str,
+    eps: float,
+    rows_drawn: bool,
+    generator: int | None,
+) -> tuple[Tensor, Tensor]:
+    """``(dx, dW)``: channel ``o`` scores ``|W[o]|_F·|dY[:, o]|_F``, sample ``b`` ``|X[b]|_F·|dY[b]|_F``."""
+    gen = lookup(generator)
+    conv = (stride, padding, dilation)
+    dx = dw = dy.new_empty(0)
+    if weight is not None:
+        o = weight.shape[0]
+        scores = slice_norms(weight, 0) * slice_norms(dy, 1)
+        index, scale = sample_pairs(scores, kept_count(keep, o), method, eps=eps, generator=gen)
+        stub = dy.new_empty(1).expand(x_shape)  # grad_input needs only the shape
+        dys = scale_along(dy.index_select(1, index), scale, 1)
+        dx = _conv_grads(dys, stub, weight.index_select(0, index), conv, (True, False))[0]
+    if saved_x is not None:
+        if rows_drawn:
+            xs, dys = saved_x, dy.index_select(0, row_index)
+        else:
+            scores = slice_norms(saved_x, 0) * slice_norms(dy, 0)
+            index, scale = sample_pairs(scores, kept_count(keep, dy.shape[0]), method, eps=eps, generator=gen)
+            xs, dys = saved_x.index_select(0, index), scale_along(dy.index_select(0, index), scale, 0)
+        w_stub = dy.new_empty(1).expand(w_shape)
+        dw = _conv_grads(dys, xs, w_stub, conv, (False, True))[1]
+    return dx, dw
+
+
+@_conv_backward_op.register_fake
+def _conv_backward_fake(
+    dy: Tensor,
+    saved_x: Tensor | None,
+    weight: Tensor | None,
+    row_index: Tensor,
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    keep: float,
+    method: str,
+    eps: float,
+    rows_drawn: bool,
+    generator: int | None,
+) -> tuple[Tensor, Tensor]:
+    dx = dy.new_empty(x_shape) if weight is not None else dy.new_empty(0)
+    return dx, dy.new_empty(w_shape) if saved_x is not None else dy.new_empty(0)
+
+
+def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bias, stride, padding, dilation, keep, method, eps, draw_rows, generator = inputs
+    _, rows, row_index = output
+    ctx.mark_non_differentiable(rows, row_index)
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    saved_x = (rows if draw_rows else x) if need_w else None
+    ctx.save_for_backward(saved_x, weight if need_x else None, row_index)
+    ctx.sample = (x.shape, weight.shape, stride, padding, dilation, keep, method, eps, draw_rows, generator)
+    ctx.has_bias = bias is not None
+
+
+def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    refuse_double_backward("backward_sampled_conv")
+    saved_x, weight, row_index = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = torch.ops.approxcompile.backward_sampled_conv_backward(
+        dy, saved_x, weight, row_index, *ctx.sample
+    )
+    db = None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = dy.sum([d for d in range(dy.dim()) if d != 1])
+    return (dx if need_x else None, dw if need_w else None, db, *([None] * 8))
+
+
+_conv_forward.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def check_backward_method(method: str) -> str:
@@ -221,18 +376,16 @@ def backward_sampled_linear(
     exact = rows == 0 or (
         kept_count(keep, weight.shape[0]) >= weight.shape[0] and kept_count(keep, rows) >= rows
     )
-    # An exporter traces through the Function's forward only, and ONNX Runtime then builds
+    # An exporter traces through the op's forward only, and ONNX Runtime then builds
     # the exact gradient of that forward: sampling here would change nothing exported.
     if not training or exact or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return F.linear(x, weight, bias)  # nothing will be differentiated: nothing to sample
-    dtype = amp.autocast_dtype(x)
-    if dtype is None:
-        return BackwardSampledLinearFn.apply(x, weight, bias, keep, method, eps, row_scores, generator)
-    with torch.autocast(x.device.type, enabled=False):
-        x, weight, bias = amp.cast(dtype, x, weight, bias)  # type: ignore[assignment]
-        return BackwardSampledLinearFn.apply(x, weight, bias, keep, method, eps, row_scores, generator)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    draw_rows = row_scores == "x" and weight.requires_grad
+    args = (keep, method, eps, draw_rows, generator_handle(generator))
+    return _linear_forward(x, weight, bias, *args)[0]
 
 
 def backward_sampled_conv(
@@ -273,13 +426,12 @@ def backward_sampled_conv(
         or not any(t is not None and t.requires_grad for t in (x, weight, bias))
     ):
         return conv(x, weight, bias, stride, padding, dilation)
-    args = tuple(list(_ntuple(d)(a)) for a in (stride, padding, dilation))
-    dtype = amp.autocast_dtype(x)
-    if dtype is None:
-        return BackwardSampledConvFn.apply(x, weight, bias, args, keep, method, eps, row_scores, generator)
-    with torch.autocast(x.device.type, enabled=False):
-        x, weight, bias = amp.cast(dtype, x, weight, bias)  # type: ignore[assignment]
-        return BackwardSampledConvFn.apply(x, weight, bias, args, keep, method, eps, row_scores, generator)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    conv_args = tuple(list(_ntuple(d)(a)) for a in (stride, padding, dilation))
+    draw_rows = row_scores == "x" and weight.requires_grad
+    return _conv_forward(
+        x, weight, bias, *conv_args, keep, method, eps, draw_rows, generator_handle(generator)
+    )[0]
 
 
 def _ntuple(d: int) -> Callable[[int | Sequence[int]], tuple[int, ...]]:

@@ -7,24 +7,29 @@ Where the time goes on a CPU (measured in docs/performance.md):
   chunks instead;
 - plain autograd through ``index_select`` saves the full input, allocates full-size
   zero-filled gradients on fresh pages every step and computes gradients nobody asked
-  for. The autograd functions here save only the sampled slices, compute only what
+  for. The products here save only the sampled slices, compute only what
   ``ctx.needs_input_grad`` asks for, and build the full-size gradients in
   :data:`~approxcompile.ops.workspace.WORKSPACE` memory that is reused across steps.
 
-Both functions compute exactly what autograd through ``index_select`` computes (the
+The products are ``torch.library`` custom ops (``torch.ops.approxcompile.*``) with a fake
+kernel and a registered autograd formula, so ``torch.compile`` keeps them in one graph
+(AOTAutograd sees the backward op too) and Inductor compiles the code around them; their
+kernels run the same eager code, workspace included, inside the compiled graph.
+
+Both products compute exactly what autograd through ``index_select`` computes (the
 tests compare them), for every method: sorted indices, a per-index scale or none, and
 repeated indices (``crs``) accumulated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from approxcompile.ops.amp import refuse_double_backward
+from approxcompile.ops import amp
 from approxcompile.ops.workspace import WORKSPACE
 
 _ACC_ROWS = 256  # rows per accumulator block: 256 x 4096 fp32 is 4 MB, read once per chunk
@@ -68,6 +73,22 @@ def slice_norms(t: Tensor, dim: int) -> Tensor:
     return torch.linalg.vector_norm(t, dim=dims)
 
 
+def autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A product's inputs cast to the autocast dtype when autocast is on for ``x``'s device.
+
+    Autocast's own rule for its lower-precision ops (linear, conv, matmul, addmm), from
+    ``ops/amp.py``: floating tensors other than float64 are cast; the casts are
+    differentiable, so the gradients come back in each input's own dtype. The custom ops
+    then see one dtype (autocast passes custom ops through without casting).
+    """
+    dtype = amp.autocast_dtype(x)
+    if dtype is None:
+        return x, weight, bias
+    cx, cw, cb = amp.cast(dtype, x, weight, bias)
+    assert cx is not None and cw is not None
+    return cx, cw, cb
+
+
 def _scatter(cols: Tensor, dim: int, index: Tensor, full: Tensor, unique: bool) -> Tensor:
     """``full`` (zeroed here) with ``cols`` placed at ``index`` along ``dim``; repeats add up."""
     full.zero_()
@@ -78,127 +99,232 @@ def _scatter(cols: Tensor, dim: int, index: Tensor, full: Tensor, unique: bool) 
     return full.index_add_(dim, index, cols)
 
 
-class SampledLinearFn(torch.autograd.Function):
-    """``y = (x[:, I] * s) @ W[:, I]^T + b`` with a backward that touches only the sample.
+@torch.library.custom_op("approxcompile::sampled_linear_product", mutates_args=())
+def sampled_linear_product(
+    x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor | None, unique: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``y = (x[:, I] * s) @ W[:, I]^T + b`` -> ``(y, xs, ws)``; the gathered slices are kept for backward.
 
-    Saves the gathered ``(M, k)`` input and ``(p, k)`` weight columns, computes only the
-    gradients autograd asks for, and scatters the ``k`` gradient columns into full-size
-    gradients held in reusable workspace memory.
+    Its backward (``sampled_linear_product_backward``) touches only the sample, computes only
+    the gradients autograd asks for, and scatters the ``k`` gradient columns into full-size
+    gradients held in reusable workspace memory. ``unique``: no index repeats (not ``crs``).
     """
+    n, p = weight.shape[1], weight.shape[0]
+    xs = x.reshape(-1, n).index_select(1, index)
+    if scale is not None:
+        xs.mul_(scale.to(xs.dtype))
+    ws = WORKSPACE.get("ws", (p, index.numel()), weight.dtype, weight.device)
+    torch.index_select(weight, 1, index, out=ws)
+    y = torch.addmm(bias, xs, ws.t()) if bias is not None else xs @ ws.t()
+    return y.view(*x.shape[:-1], p), xs, ws
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        index: Tensor,
-        scale: Tensor | None,
-        unique: bool,
-    ) -> Tensor:
-        n, p = weight.shape[1], weight.shape[0]
-        x2 = x.reshape(-1, n)
-        xs = x2.index_select(1, index)
+
+@sampled_linear_product.register_fake
+def _linear_fake(
+    x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor | None, unique: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    n, p, k = weight.shape[1], weight.shape[0], index.shape[0]
+    return x.new_empty((*x.shape[:-1], p)), x.new_empty((x.numel() // n, k)), weight.new_empty((p, k))
+
+
+@torch.library.custom_op("approxcompile::sampled_linear_product_backward", mutates_args=())
+def sampled_linear_product_backward(
+    dy: Tensor,
+    xs: Tensor,
+    ws: Tensor,
+    index: Tensor,
+    scale: Tensor | None,
+    x_shape: Sequence[int],
+    n: int,
+    unique: bool,
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(dx, dW)`` of :func:`sampled_linear_product`; an empty tensor for one not needed."""
+    p = ws.shape[0]
+    dy2 = dy.reshape(-1, p)
+    dx = dw = dy.new_empty(0)
+    if need_x:
+        dxs = dy2 @ ws
         if scale is not None:
-            xs.mul_(scale.to(xs.dtype))
-        ws = WORKSPACE.get(weight, "ws", (p, index.numel()), weight.dtype)
-        torch.index_select(weight, 1, index, out=ws)
-        y = torch.addmm(bias, xs, ws.t()) if bias is not None else xs @ ws.t()
-        ctx.save_for_backward(xs, ws, index, scale)
-        ctx.x_shape = x.shape
-        ctx.unique = unique
-        ctx.has_bias = bias is not None
-        ctx.weight = weight  # workspace key only; never read in backward
-        return y.view(*x.shape[:-1], p)
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        refuse_double_backward("sampled_linear")
-        xs, ws, index, scale = ctx.saved_tensors
-        p, n = ws.shape[0], ctx.weight.shape[1]
-        dy2 = dy.reshape(-1, p)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dxs = dy2 @ ws
-            if scale is not None:
-                dxs.mul_(scale.to(dxs.dtype))
-            full = WORKSPACE.get(ctx.weight, "dx", (dy2.shape[0], n), dxs.dtype)
-            dx = _scatter(dxs, 1, index, full, ctx.unique).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dws = WORKSPACE.get(ctx.weight, "dws", (p, index.numel()), xs.dtype)
-            torch.mm(dy2.t(), xs, out=dws)
-            full = WORKSPACE.get(ctx.weight, "grad", (p, n), dws.dtype)
-            dw = _scatter(dws, 1, index, full, ctx.unique)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0)
-        return dx, dw, db, None, None, None
+            dxs.mul_(scale.to(dxs.dtype))
+        full = WORKSPACE.get("dx", (dy2.shape[0], n), dxs.dtype, dy.device)
+        dx = _scatter(dxs, 1, index, full, unique).view(x_shape)
+    if need_w:
+        dws = WORKSPACE.get("dws", (p, index.numel()), xs.dtype, dy.device)
+        torch.mm(dy2.t(), xs, out=dws)
+        full = WORKSPACE.get("grad", (p, n), dws.dtype, dy.device)
+        dw = _scatter(dws, 1, index, full, unique)
+    return dx, dw
 
 
-class SampledConvFn(torch.autograd.Function):
-    """``conv(x[:, I], W[:, I] * s, b)`` over a sample ``I`` of input channels (groups = 1).
+@sampled_linear_product_backward.register_fake
+def _linear_backward_fake(
+    dy: Tensor,
+    xs: Tensor,
+    ws: Tensor,
+    index: Tensor,
+    scale: Tensor | None,
+    x_shape: Sequence[int],
+    n: int,
+    unique: bool,
+    need_x: bool,
+    need_w: bool,
+) -> tuple[Tensor, Tensor]:
+    dx = dy.new_empty(x_shape) if need_x else dy.new_empty(0)
+    return dx, dy.new_empty((ws.shape[0], n)) if need_w else dy.new_empty(0)
+
+
+def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bias, index, scale, unique = inputs
+    _, xs, ws = output
+    ctx.mark_non_differentiable(xs, ws)
+    ctx.save_for_backward(xs, ws, index, scale)
+    ctx.x_shape, ctx.n, ctx.unique, ctx.has_bias = x.shape, weight.shape[1], unique, bias is not None
+
+
+def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    amp.refuse_double_backward("sampled_linear")
+    xs, ws, index, scale = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx, dw = torch.ops.approxcompile.sampled_linear_product_backward(
+        dy, xs, ws, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w
+    )
+    db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and need_b else None
+    return dx if need_x else None, dw if need_w else None, db, None, None, None
+
+
+sampled_linear_product.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.custom_op("approxcompile::sampled_conv_product", mutates_args=())
+def sampled_conv_product(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    index: Tensor,
+    scale: Tensor | None,
+    unique: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``conv(x[:, I], W[:, I] * s, b)`` over input channels ``I`` (groups = 1) -> ``(y, xs, ws)``.
 
     The scale rides on the (small) weight slice. Backward calls
     ``aten.convolution_backward`` with an output mask from ``ctx.needs_input_grad`` and
     scatters the channel gradients into reusable workspace memory.
     """
+    xs = x.index_select(1, index)
+    ws = weight.index_select(1, index)
+    if scale is not None:
+        ws.mul_(scale.to(ws.dtype).view(1, -1, *([1] * (ws.dim() - 2))))
+    y = torch.ops.aten.convolution(xs, ws, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+    return y, xs, ws
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        index: Tensor,
-        scale: Tensor | None,
-        unique: bool,
-        stride: list[int],
-        padding: list[int],
-        dilation: list[int],
-    ) -> Tensor:
-        xs = x.index_select(1, index)
-        ws = weight.index_select(1, index)
+
+@sampled_conv_product.register_fake
+def _conv_fake(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    index: Tensor,
+    scale: Tensor | None,
+    unique: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    xs, ws = x.index_select(1, index), weight.index_select(1, index)
+    y = torch.ops.aten.convolution(xs, ws, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+    return y, xs, ws
+
+
+@torch.library.custom_op("approxcompile::sampled_conv_product_backward", mutates_args=())
+def sampled_conv_product_backward(
+    dy: Tensor,
+    xs: Tensor,
+    ws: Tensor,
+    index: Tensor,
+    scale: Tensor | None,
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    unique: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dW, db)`` of :func:`sampled_conv_product`; an empty tensor for one not needed."""
+    dxs, dws, db = torch.ops.aten.convolution_backward(
+        dy.contiguous(memory_format=_memory_format(xs)),
+        xs,
+        ws,
+        [dy.shape[1]] if need_b else None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0] * len(stride),
+        1,
+        [need_x, need_w, need_b],
+    )
+    dx = dw = dy.new_empty(0)
+    if need_x:
+        dx = _scatter(dxs, 1, index, WORKSPACE.get("dx", x_shape, dxs.dtype, dy.device), unique)
+    if need_w:
         if scale is not None:
-            ws.mul_(scale.to(ws.dtype).view(1, -1, *([1] * (ws.dim() - 2))))
-        conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
-        y = conv(xs, ws, bias, stride, padding, dilation)
-        ctx.save_for_backward(xs, ws, index, scale)
-        ctx.conv = (stride, padding, dilation)
-        ctx.x_shape = x.shape
-        ctx.unique = unique
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
-        ctx.weight = weight  # workspace key and shape only
-        return y
+            dws.mul_(scale.to(dws.dtype).view(1, -1, *([1] * (dws.dim() - 2))))
+        dw = _scatter(dws, 1, index, WORKSPACE.get("grad", w_shape, dws.dtype, dy.device), unique)
+    return dx, dw, db if need_b else dy.new_empty(0)
 
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        refuse_double_backward("sampled_conv")
-        xs, ws, index, scale = ctx.saved_tensors
-        stride, padding, dilation = ctx.conv
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = ctx.bias_sizes is not None and ctx.needs_input_grad[2]
-        dxs, dws, db = torch.ops.aten.convolution_backward(
-            dy.contiguous(memory_format=_memory_format(xs)),
-            xs,
-            ws,
-            ctx.bias_sizes,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0] * len(stride),
-            1,
-            [need_x, need_w, need_b],
-        )
-        dx = dw = None
-        if need_x:
-            full = WORKSPACE.get(ctx.weight, "dx", ctx.x_shape, dxs.dtype)
-            dx = _scatter(dxs, 1, index, full, ctx.unique)
-        if need_w:
-            if scale is not None:
-                dws.mul_(scale.to(dws.dtype).view(1, -1, *([1] * (dws.dim() - 2))))
-            full = WORKSPACE.get(ctx.weight, "grad", ctx.weight.shape, dws.dtype)
-            dw = _scatter(dws, 1, index, full, ctx.unique)
-        return dx, dw, db if need_b else None, None, None, None, None, None, None
+
+@sampled_conv_product_backward.register_fake
+def _conv_backward_fake(
+    dy: Tensor,
+    xs: Tensor,
+    ws: Tensor,
+    index: Tensor,
+    scale: Tensor | None,
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    unique: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx = dy.new_empty(x_shape) if need_x else dy.new_empty(0)
+    dw = dy.new_empty(w_shape) if need_w else dy.new_empty(0)
+    return dx, dw, dy.new_empty((dy.shape[1],)) if need_b else dy.new_empty(0)
+
+
+def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bias, index, scale, unique, stride, padding, dilation = inputs
+    _, xs, ws = output
+    ctx.mark_non_differentiable(xs, ws)
+    ctx.save_for_backward(xs, ws, index, scale)
+    ctx.conv = (stride, padding, dilation)
+    ctx.shapes, ctx.unique, ctx.has_bias = (x.shape, weight.shape), unique, bias is not None
+
+
+def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    amp.refuse_double_backward("sampled_conv")
+    xs, ws, index, scale = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = ctx.has_bias and ctx.needs_input_grad[2]
+    dx, dw, db = torch.ops.approxcompile.sampled_conv_product_backward(
+        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b
+    )
+    grads = (dx if need_x else None, dw if need_w else None, db if need_b else None)
+    return (*grads, None, None, None, None, None, None)
+
+
+sampled_conv_product.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:

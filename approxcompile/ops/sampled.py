@@ -16,22 +16,34 @@ the op is the exact one.
 
 These are the runtime ops; ``approxcompile.export_onnx`` first lowers every call to an
 exportable twin in plain tensor ops (``approxcompile/export/estimators.py``).
+
+Under ``torch.compile`` these functions are traced like any Python: the scores become
+Inductor code, the draw and the linear / conv products are custom ops (``draw.py``,
+``kernels.py``), so a rewritten model compiles as one graph (``fullgraph=True``).
+
+Mixed precision: under ``torch.autocast`` a sampled op computes in the autocast dtype, as
+the exact op it replaces does (``F.linear``, ``F.conv2d``, ``torch.matmul`` and
+``torch.addmm`` are on autocast's lower-precision list): floating inputs other than float64
+are cast first, and gradients come back in each input's own dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from approxcompile.ops import amp, shared
+from approxcompile.ops.draw import draw_pairs
 from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
-from approxcompile.ops.kernels import SampledConvFn, SampledLinearFn, column_norms, slice_norms
-from approxcompile.ops.sampling import sample_pairs
+from approxcompile.ops.kernels import (
+    autocast_inputs,
+    column_norms,
+    sampled_conv_product,
+    sampled_linear_product,
+    slice_norms,
+)
 from approxcompile.plan import kept_count
 
 
@@ -53,6 +65,7 @@ def _sample_slices(
     generator: torch.Generator | None,
     by_b: bool = False,
     noise: Tensor | None = None,
+    seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gather the sampled slices of ``a`` (along ``a_dim``) and ``b`` (along ``b_dim``).
 
@@ -62,8 +75,7 @@ def _sample_slices(
     """
     with torch.no_grad():
         scores = slice_norms(b, b_dim) if by_b else slice_norms(a, a_dim) * slice_norms(b, b_dim)
-        index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator, noise=noise)
-    shared.record(b, index)
+    index, scale = draw_pairs(scores, b, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
     a_s = a.index_select(a_dim, index)
     b_s = b.index_select(b_dim, index)
     if a_s.numel() <= b_s.numel():
@@ -99,22 +111,13 @@ def sampled_linear(
     if not training or k >= n or x.numel() == 0:
         return F.linear(x, weight, bias)
     by_weights = _check_scores(scores)
-    generator = shared.stream(weight, seed) if by_weights and generator is None else generator
-    owner, dtype = weight, amp.autocast_dtype(x)
-    with _autocast_off(x, dtype):
-        if dtype is not None:
-            x, weight, bias = amp.cast(dtype, x, weight, bias)  # type: ignore[assignment]
-        with torch.no_grad():
-            w_norms = column_norms(weight)
-            a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
-            index, scale = sample_pairs(a, k, method, eps=eps, generator=generator, noise=noise)
-        shared.record(owner, index)
-        return SampledLinearFn.apply(x, weight, bias, index, scale, method != "crs")
-
-
-def _autocast_off(x: Tensor, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
-    """Autocast off around a sampled Function whose operands were cast already (ops/amp.py)."""
-    return torch.autocast(x.device.type, enabled=False) if dtype is not None else nullcontext()
+    with torch.no_grad():
+        w_norms = column_norms(weight)
+        a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
+    seed = seed if by_weights else None
+    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
+    x, w, b = autocast_inputs(x, weight, bias)
+    return sampled_linear_product(x, w, b, index, scale, method != "crs")[0]
 
 
 def sampled_matmul(
@@ -137,7 +140,7 @@ def sampled_matmul(
         return torch.matmul(a, b)
     n = a.shape[-1]
     k = kept_count(keep, n)
-    if not training or k >= n:
+    if not training or k >= n or a.numel() == 0 or b.numel() == 0:
         return torch.matmul(a, b)
     a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator, noise=noise)
     return torch.matmul(a_s, b_s)
@@ -214,50 +217,20 @@ def sampled_conv(
     if not training or k >= n or x.dim() != weight.dim() or x.numel() == 0:
         return conv(x, weight, bias, stride, padding, dilation)
     by_weights = _check_scores(scores)
-    generator = shared.stream(weight, seed) if by_weights and generator is None else generator
+    seed = seed if by_weights else None
     if isinstance(padding, str):  # 'same' / 'valid': let F.conv resolve the padding
-        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights, noise)
+        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights, noise, seed)
         return conv(xs, ws, bias, stride, padding, dilation)
-    owner, dtype = weight, amp.autocast_dtype(x)
-    with _autocast_off(x, dtype):
-        if dtype is not None:
-            x, weight, bias = amp.cast(dtype, x, weight, bias)  # type: ignore[assignment]
-        return _sampled_conv_fn(
-            x, weight, bias, owner, k, (stride, padding, dilation), method, eps, generator, by_weights, noise
-        )
-
-
-def _sampled_conv_fn(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    owner: Tensor,
-    k: int,
-    conv: tuple[Any, Any, Any],
-    method: str,
-    eps: float,
-    generator: torch.Generator | None,
-    by_weights: bool,
-    noise: Tensor | None,
-) -> Tensor:
-    stride, padding, dilation = conv
     with torch.no_grad():
         w_norms = slice_norms(weight, 1)
         a = w_norms if by_weights else slice_norms(x, 1) * w_norms
-        index, scale = sample_pairs(a, k, method, eps=eps, generator=generator, noise=noise)
-    shared.record(owner, index)
+    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
     d = weight.dim() - 2
-    return SampledConvFn.apply(
-        x,
-        weight,
-        bias,
-        index,
-        scale,
-        method != "crs",
-        _ints(stride, d),
-        _ints(padding, d),
-        _ints(dilation, d),
-    )
+    x, w, b = autocast_inputs(x, weight, bias)
+    unique = method != "crs"
+    return sampled_conv_product(
+        x, w, b, index, scale, unique, _ints(stride, d), _ints(padding, d), _ints(dilation, d)
+    )[0]
 
 
 def _ints(v: int | Sequence[int], d: int) -> list[int]:

@@ -32,12 +32,15 @@ _STREAMS = WeakIdKeyDictionary()
 _WATCHED = WeakIdKeyDictionary()  # weight -> list of index tensors since the last take()
 
 
-def stream(weight: Tensor, seed: int | None) -> torch.Generator | None:
+def stream(weight: Tensor, seed: int | None, enabled: bool | None = None) -> torch.Generator | None:
     """The generator of ``weight``'s sampling stream, created from ``seed`` on first use.
 
-    ``None`` (torch's global generator) when there is no seed or autograd is off.
+    ``None`` (torch's global generator) when there is no seed or autograd is off. The
+    custom-op kernels run with autograd off, so they pass the caller's state as ``enabled``.
     """
-    if seed is None or not torch.is_grad_enabled():
+    if enabled is None:
+        enabled = torch.is_grad_enabled()
+    if seed is None or not enabled:
         return None
     gen = _STREAMS.get(weight)
     if gen is None:
@@ -61,9 +64,14 @@ def unwatch(weight: Tensor) -> None:
     _WATCHED.pop(weight, None)
 
 
-def record(weight: Tensor, index: Tensor) -> None:
-    """Called by the sampled ops: ``weight``'s slices ``index`` (along its dim 1) were kept."""
-    if not torch.is_grad_enabled():
+def record(weight: Tensor, index: Tensor, enabled: bool | None = None) -> None:
+    """Called by the sampled ops: ``weight``'s slices ``index`` (along its dim 1) were kept.
+
+    ``enabled`` as for :func:`stream` (default: whether autograd is on).
+    """
+    if enabled is None:
+        enabled = torch.is_grad_enabled()
+    if not enabled:
         return  # no gradient will come of this forward
     seen = _WATCHED.get(weight)
     if seen is not None:
