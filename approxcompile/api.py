@@ -49,8 +49,12 @@ def optimize(
         config = dataclasses.replace(config, method=check_method(method))
     example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else example_inputs
 
-    # trace: a GraphModule over new module objects that share the user's tensors
-    gm = passes.trace(model, leaf_modules=config.leaf_modules).graph_module
+    # capture: a GraphModule over new module objects that share the user's tensors (fx / export / dynamo)
+    front = passes.capture(model, example_inputs, frontend=config.frontend, leaf_modules=config.leaf_modules)
+    gm, model = front.graph_module, front.stats["model"]  # model: behind torch.compile / optimize
+    if front.stats["frontend"] == "dynamo":  # data-dependent control flow: planned region by region
+        passes.plan_regions(gm, example_inputs, budget=budget, config=config)
+        return gm
     # shapes: every node's shape / requires_grad, and the operands of each product
     captured = passes.propagate_shapes(gm, example_inputs).stats["captured"]
     # cost: dense forward / input-grad / weight-grad FLOPs and sampling overhead per node
@@ -81,5 +85,7 @@ def optimize(
         note=note,
         mode=config.mode,
         scores=config.scores,
+        frontend=front.stats["frontend"],
+        frontend_reason=gm.meta[passes.CAPTURE_KEY].reason,
     )
     return gm

@@ -1,12 +1,14 @@
 """Graph passes of approxcompile, in pipeline order.
 
-trace -> propagate_shapes -> annotate_costs -> apply_exclusions -> measure_sensitivity
--> [measure_timing] -> allocate -> rewrite -> verify. Each takes a ``GraphModule`` and returns a
-:class:`PassResult`; only ``trace`` (new module) and ``rewrite`` (in place) change graphs.
+capture (fx trace / torch.export / dynamo) -> propagate_shapes -> annotate_costs -> apply_exclusions
+-> measure_sensitivity -> [measure_timing] -> allocate -> rewrite -> verify. Each takes a ``GraphModule`` and returns a
+:class:`PassResult`; only ``capture`` (new module) and ``rewrite`` (in place) change graphs.
 """
 
 from approxcompile.passes.base import PassResult
+from approxcompile.passes.capture import CAPTURE_KEY, CaptureInfo, capture, unwrap
 from approxcompile.passes.cost import annotate_costs, measure_other_flops, measure_step_flops
+from approxcompile.passes.dynamo import plan_regions
 from approxcompile.passes.match import Site, match
 from approxcompile.passes.rewrite import rewrite
 from approxcompile.passes.select import allocate, apply_exclusions
@@ -17,19 +19,24 @@ from approxcompile.passes.trace import share_parameters, trace
 from approxcompile.passes.verify import verify
 
 __all__ = [
+    "CAPTURE_KEY",
+    "CaptureInfo",
     "PassResult",
     "Site",
     "allocate",
     "annotate_costs",
     "apply_exclusions",
+    "capture",
     "match",
     "measure_other_flops",
     "measure_sensitivity",
     "measure_step_flops",
     "measure_timing",
+    "plan_regions",
     "propagate_shapes",
     "rewrite",
     "share_parameters",
     "trace",
+    "unwrap",
     "verify",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from approxcompile.passes.match_aten import aten_site, product_name
 from torch import nn
 
 from approxcompile import ops
@@ -98,7 +99,8 @@ def match(gm: fx.GraphModule, node: fx.Node) -> Site | None:
     name, owner = _qualified(node), _owner(node)
     if node.target is F.linear:
         x, w, b = _args(node, ("input", "weight", "bias"), (None,))
-        return Site("linear", "F.linear", name, owner, (x, w, b))
+        name, owner = product_name(node)  # dynamo graphs: nn.Linear's own call takes its name
+        return Site("linear", "Linear" if name == owner else "F.linear", name, owner, (x, w, b))
     if node.target in _MATMULS:
         second = "other" if _MATMULS[node.target] == "matmul" else "mat2"
         a, b = _args(node, ("input", second), ())
@@ -113,4 +115,4 @@ def match(gm: fx.GraphModule, node: fx.Node) -> Site | None:
         why = None if groups == 1 else f"grouped convolution (groups={groups}) is left exact"
         op = _CONV_FUNCS[node.target]
         return Site("conv", op, name, owner, (x, w, b), (stride, padding, dilation), groups, why)
-    return None
+    return aten_site(node, Site)

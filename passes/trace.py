@@ -102,7 +102,7 @@ def trace(model: nn.Module, *, leaf_modules: tuple[type[nn.Module], ...] = ()) -
         raise TraceError(
             f"[trace] torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
             f"  failing code: {where or 'unknown (no frame outside torch)'}\n"
-            f"  fix: {fix}; torch.export graphs are not accepted as input yet"
+            f"  fix: {fix}, or let ApproxConfig(frontend='auto') capture it with torch.export or dynamo"
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _adopt_tree(gm, root)

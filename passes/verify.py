@@ -10,17 +10,23 @@ import torch.fx as fx
 from approxcompile.passes.base import PassResult
 from approxcompile.passes.trace import share_parameters
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from approxcompile.errors import VerificationError
+
+
+def _detach(v: Any) -> Any:
+    return v.detach() if isinstance(v, torch.Tensor) else v
 
 
 def _eval_outputs(module: nn.Module, example_inputs: Sequence[Any]) -> Any:
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
-            return module(*example_inputs)
+        # Grad mode on: some modules take another code path without it (nn.TransformerEncoderLayer's
+        # fused eval kernel), which a graph captured with autograd on does not follow.
+        with torch.enable_grad():
+            return tree_map(_detach, module(*example_inputs))
     finally:
         module.train(was_training)
 
