@@ -1,8 +1,9 @@
 """Graph passes of approxcompile, in pipeline order.
 
 capture (fx trace / torch.export / dynamo) -> propagate_shapes -> annotate_costs -> apply_exclusions
--> measure_sensitivity -> [measure_timing] -> allocate -> rewrite -> verify. Each takes a ``GraphModule`` and returns a
-:class:`PassResult`; only ``capture`` (new module) and ``rewrite`` (in place) change graphs.
+-> measure_sensitivity -> [measure_timing] -> allocate -> rewrite -> verify. Each takes a
+``GraphModule`` and returns a :class:`PassResult`; only ``capture`` (new module) and ``rewrite``
+(in place) change graphs.
 """
 
 from approxcompile.passes.base import PassResult

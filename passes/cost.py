@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from approxcompile.passes.base import PassResult
+from approxcompile.passes.flops import FLOP_FIXES
 from approxcompile.passes.match import Site, match
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -151,7 +152,7 @@ def measure_step_flops(module: torch.nn.Module, example_inputs: Sequence[Any]) -
     module runs in its current mode.
     """
     params = [p for p in module.parameters() if p.requires_grad]
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FIXES) as counter:
         outputs = [t for t in tree_leaves(module(*example_inputs)) if isinstance(t, torch.Tensor)]
         loss = sum((t.float().sum() for t in outputs if t.requires_grad), torch.zeros(()))
         if params and loss.requires_grad:

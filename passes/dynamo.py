@@ -10,7 +10,7 @@
 
 The function compiled is ``_call``, defined here rather than inside torch: dynamo skips frames
 of torch's own files, so ``model.compile()`` on e.g. ``nn.TransformerEncoder`` captures
-nothing. Every region meets the budget on its own, so the whole step does too; a region
+nothing. Each region's budget keeps the regions run so far in the call within the model's; a region
 dynamo compiles later (a branch first taken during training, a new input shape) is planned
 then. The returned ``GraphModule`` calls the compiled function on a parameter-sharing copy of
 the model and sets that copy's ``training`` flag on every call, since dynamo guards on
@@ -30,6 +30,8 @@ import torch.fx as fx
 from approxcompile.passes.trace import _adopt_tree, share_parameters
 from torch import nn
 
+from approxcompile.plan import META_KEY, Plan
+
 _SELF = re.compile(r"^L\['self'\]\.?")
 
 
@@ -45,6 +47,7 @@ class RegionPlanner:
         self.settings: tuple[float, Any] | None = None  # (budget, ApproxConfig), set by plan_regions
         self.regions: list[fx.GraphModule] = []
         self.owner: fx.GraphModule | None = None
+        self.ran: list[int] = []  # regions run so far in the current call, in order
 
     def __call__(self, region: fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
         if self.settings is None:  # not planned yet: run exact
@@ -56,13 +59,19 @@ class RegionPlanner:
             if stack:
                 node.meta["nn_module_stack"] = {k: (_SELF.sub("", p), c) for k, (p, c) in stack.items()}
         budget, config = self.settings
-        plan_region(region, example_inputs, budget=budget, config=config, index=len(self.regions))
+        before = [self.regions[i].meta[META_KEY] for i in self.ran]
+        spent = (sum(p.approx_flops for p in before), sum(p.dense_flops for p in before))
+        index = len(self.regions)
+        plan_region(region, example_inputs, budget=budget, config=config, index=index, spent=spent)
         self.regions.append(region)
         if self.owner is not None:
             self.owner.meta["approxcompile"] = self.plan()
         root = self.root
 
+        ran = self.ran
+
         def run(*args: Any) -> Any:
+            ran.append(index)
             region.training = root.training  # sampled ops read the region's own flag
             return region.forward(*args)
 
@@ -70,8 +79,6 @@ class RegionPlanner:
 
     def plan(self) -> Any:
         """One ``Plan`` over the regions compiled so far."""
-        from approxcompile.plan import META_KEY, Plan
-
         plans = [r.meta[META_KEY] for r in self.regions if META_KEY in r.meta]
         budget = self.settings[0] if self.settings else 1.0
         nodes = tuple(n for p in plans for n in p.nodes)
@@ -96,6 +103,7 @@ class _Runner:
 
     def __call__(self, training: bool, *args: Any) -> Any:
         self.planner.root.train(training)
+        self.planner.ran.clear()
         return self.compiled(self.planner.root, args)
 
 

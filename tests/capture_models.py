@@ -73,7 +73,7 @@ class Branchy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.a(x))
-        h = self.pos(h) if h.mean() > 0.2 else self.neg(h)
+        h = self.pos(h) if h.mean() > 0.1 else self.neg(h)
         return self.out(F.relu(h))
 
 
