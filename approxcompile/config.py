@@ -14,39 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("topk", "crs", "bernoulli", "uniform")
-OP_KINDS = ("linear", "matmul", "conv")
-MODES = ("forward", "backward")  # design.md, "Modes"
-SCORES = ("activations", "weights")
-FRONTENDS = ("auto", "fx", "export", "dynamo")
-ROW_SCORES = ("x_dy", "x")
+from approxcompile import kinds
+from approxcompile.choices import FRONTENDS, METHODS, MODES, OP_TYPES, ROW_SCORES, SCORES, OpType
 
-# Python objects a user may name instead of an op kind string.
-_OP_ALIASES: dict[Any, str] = {
-    nn.Linear: "linear",
-    F.linear: "linear",
-    torch.addmm: "linear",
-    torch.matmul: "matmul",
-    operator.matmul: "matmul",
-    torch.bmm: "matmul",
-    torch.mm: "matmul",
-    nn.Conv1d: "conv",
-    nn.Conv2d: "conv",
-    nn.Conv3d: "conv",
-    F.conv1d: "conv",
-    F.conv2d: "conv",
-    F.conv3d: "conv",
-}
+OP_KINDS = OP_TYPES  # the op types overrides are keyed by
+
+# Python objects a user may name instead of an op kind string: every matcher's target.
+_OP_ALIASES: dict[Any, OpType] = kinds.aliases()
 
 
 def op_kind(op: str | type | Callable[..., Any]) -> str:

@@ -7,7 +7,11 @@ ad-hoc attributes on nodes.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from approxcompile.site import Site
 
 META_KEY = "approxcompile"
 
@@ -81,6 +85,9 @@ class NodePlan:
     # dimension) and ``rows`` the batch rows M (dW's), both sampled at ratio ``keep``.
     mode: str = "forward"
     rows: int = 0
+    # How the node multiplies, as the cost pass matched it; later passes read it instead of
+    # matching again. It refers to graph nodes, so rewrite drops it once the graph changed.
+    site: Site | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.k == 0:

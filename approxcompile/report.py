@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from approxcompile import kinds
 from approxcompile.plan import META_KEY, Flops, NodePlan, Plan
 
 # Bumped when a key of to_dict() is renamed or removed (adding keys keeps the version).
@@ -33,7 +34,7 @@ def human_flops(n: float) -> str:
 
 def format_shapes(node: NodePlan) -> str:
     """Operand shapes then the output, e.g. ``64x784 @ 512x784 -> 64x512``."""
-    sep = " * " if node.kind == "conv" else " @ "
+    sep = f" {kinds.symbol(node.kind)} "
     operands = sep.join("x".join(map(str, s)) or "()" for s in node.shapes)
     return f"{operands} -> {'x'.join(map(str, node.out_shape)) or '()'}"
 

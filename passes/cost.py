@@ -28,6 +28,7 @@ from approxcompile.passes.match import Site, match
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from approxcompile import kinds
 from approxcompile.plan import META_KEY, Flops, NodePlan
 
 
@@ -43,34 +44,18 @@ def _shape_grad(gm: fx.GraphModule, operand: Any) -> tuple[tuple[int, ...], bool
 
 
 def _products(site: Site, gm: fx.GraphModule, node: fx.Node) -> tuple[Any, ...] | str:
-    """(shapes, inner, forward FLOPs, x needs grad, w needs grad, overhead_fixed, per_kept) or a reason."""
-    operands = site.operands[1:] if site.kind == "addmm" else site.operands[:2]
-    known = [_shape_grad(gm, o) for o in operands]
+    """(operand shapes, out shape, products, x needs grad, w needs grad) or why the shapes are unknown."""
+    kind = kinds.KINDS[site.kind]
+    known = [_shape_grad(gm, site.operands[i]) for i in kind.factors]
     out = node.meta.get("tensor_meta")
     if any(k is None for k in known) or out is None:
         return "unknown shape (not a tensor in shape propagation)"
     (xs, xg), (ws, wg) = known  # type: ignore[misc]
     out_shape = tuple(out.shape)
-    if site.kind == "linear":
-        n, p = ws[-1], ws[0]
-        rows = math.prod(xs) // n
-        fwd = 2 * rows * n * p
-        return (xs, ws), out_shape, n, fwd, xg, wg, 2 * n * (rows + p) + 2 * n, 2 * (rows + p)
-    if site.kind in ("matmul", "addmm"):
-        if len(xs) < 2 or len(ws) < 2:
-            return "matmul with a vector operand is left exact"
-        batch = math.prod(torch.broadcast_shapes(xs[:-2], ws[:-2]))
-        m, n, p = xs[-2], xs[-1], ws[-1]
-        fwd = 2 * batch * m * n * p
-        numel = math.prod(xs) + math.prod(ws)
-        return (xs, ws), out_shape, n, fwd, xg, wg, 2 * numel + 2 * n, 2 * numel // n
-    # conv: x (N, C, *in), w (O, C/groups, *k), out (N, O, *out)
-    if len(xs) != len(ws):
-        return "unbatched convolution input is left exact"
-    n = xs[1]
-    fwd = 2 * xs[0] * ws[0] * ws[1] * math.prod(ws[2:]) * math.prod(out_shape[2:])
-    numel = math.prod(xs) + math.prod(ws)
-    return (xs, ws), out_shape, n, fwd, xg, wg, 2 * numel + 2 * n, 2 * numel // n
+    products = kind.products(xs, ws, out_shape)
+    if isinstance(products, str):
+        return products
+    return (xs, ws), out_shape, products, xg, wg
 
 
 def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
@@ -83,14 +68,16 @@ def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
     plan = plan.with_(mode="backward")
     if plan.reason is not None:
         return plan
-    if site.kind not in ("linear", "conv"):
-        return plan.with_(reason="backward mode samples linear and conv nodes only (not matmul / addmm)")
-    if site.kind == "conv" and site.conv is not None and isinstance(site.conv[1], str):
-        return plan.with_(reason=f"padding={site.conv[1]!r} is left exact in backward mode (use integers)")
+    kind = kinds.KINDS[site.kind]
+    if kind.backward_op is None or kind.backward_rows is None:
+        return plan.with_(reason=kinds.backward_only_message())
+    why = kind.backward_unsupported(site)
+    if why is not None:
+        return plan.with_(reason=why)
     (xs, ws), out = plan.shapes, plan.out_shape
     x_numel, w_numel, y_numel = math.prod(xs), math.prod(ws), math.prod(out)
     p = ws[0]
-    rows = x_numel // ws[-1] if site.kind == "linear" else xs[0]
+    rows = kind.backward_rows(xs, ws)
     fixed = 2 * (w_numel + 2 * y_numel + x_numel)
     per_kept = y_numel // p + w_numel // p + (x_numel + y_numel) // p
     return plan.with_(inner=p, k=p, rows=rows, overhead_fixed=fixed, overhead_per_kept=per_kept)
@@ -105,7 +92,7 @@ def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: s
         out = node.meta.get("tensor_meta")
         return NodePlan(
             name=site.name,
-            kind=site.config_kind,
+            kind=kinds.KINDS[site.kind].op_type,
             op=site.op,
             shapes=(),
             out_shape=tuple(out.shape) if out is not None else (),
@@ -113,20 +100,23 @@ def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: s
             flops=Flops(0, 0, 0),
             method=method,
             reason=facts,
+            site=site,
         )
-    shapes, out_shape, n, fwd, xg, wg, fixed, per_kept = facts
+    shapes, out_shape, products, xg, wg = facts
+    fwd = products.forward
     return NodePlan(
         name=site.name,
-        kind=site.config_kind,
+        kind=kinds.KINDS[site.kind].op_type,
         op=site.op,
         shapes=shapes,
         out_shape=out_shape,
-        inner=n,
+        inner=products.inner,
         flops=Flops(fwd, fwd if xg else 0, fwd if wg else 0),
-        overhead_fixed=fixed,
-        overhead_per_kept=per_kept,
+        overhead_fixed=products.overhead_fixed,
+        overhead_per_kept=products.overhead_per_kept,
         method=method,
         reason=site.unsupported,
+        site=site,
     )
 
 

@@ -23,30 +23,16 @@ mutates ``gm`` in place and reports ``modified`` exactly when a node was replace
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import torch.fx as fx
 from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import Site, match
+from approxcompile.passes.match import Site, site_of
 
-from approxcompile import ops
+from approxcompile import kinds, ops
 from approxcompile.config import ApproxConfig
 from approxcompile.ops.sampling import DEFAULT_EPS
 from approxcompile.plan import META_KEY, NodePlan
-
-_OPS: dict[str, Callable[..., Any]] = {
-    "linear": ops.sampled_linear,
-    "matmul": ops.sampled_matmul,
-    "addmm": ops.sampled_addmm,
-    "conv": ops.sampled_conv,
-}
-
-
-_BACKWARD_OPS: dict[str, Callable[..., Any]] = {
-    "linear": ops.backward_sampled_linear,
-    "conv": ops.backward_sampled_conv,
-}
 
 
 def _training_flag(graph: fx.Graph) -> fx.Node:
@@ -70,7 +56,7 @@ def _mode_kwargs(site: Site, plan: NodePlan, config: ApproxConfig) -> dict[str, 
     """Keyword arguments of backward mode and of weight-only scores (none by default)."""
     if plan.mode == "backward":
         return {"row_scores": config.row_scores} if config.row_scores != "x_dy" else {}
-    if config.scores != "weights" or site.kind not in ("linear", "conv"):
+    if config.scores != "weights" or not kinds.KINDS[site.kind].weight_scores:
         return {}
     if plan.method == "topk":
         return {"scores": "weights"}
@@ -78,36 +64,52 @@ def _mode_kwargs(site: Site, plan: NodePlan, config: ApproxConfig) -> dict[str, 
     return {"scores": "weights", "seed": (config.seed * 1_000_003 + zlib.crc32(plan.name.encode())) % 2**63}
 
 
-def _replace(gm: fx.GraphModule, node: fx.Node, site: Site, plan: NodePlan, config: ApproxConfig) -> None:
+def _replace(
+    gm: fx.GraphModule,
+    node: fx.Node,
+    site: Site,
+    plan: NodePlan,
+    config: ApproxConfig,
+    replaced: dict[fx.Node, fx.Node],
+) -> None:
     graph = gm.graph
     training = _training_flag(graph)
     with graph.inserting_before(node):
-        args = tuple(_operand(graph, o) for o in site.operands)
+        # An operand the site recorded may be a node replaced earlier in this pass.
+        args = tuple(
+            _operand(graph, replaced.get(o, o) if isinstance(o, fx.Node) else o) for o in site.operands
+        )
         if site.conv is not None:
             args = (*args, *site.conv)
         kwargs: dict[str, Any] = {"keep": plan.keep, "method": plan.method, "training": training}
         if config.eps != DEFAULT_EPS:
             kwargs["eps"] = config.eps
         kwargs.update(_mode_kwargs(site, plan, config))
-        target = _BACKWARD_OPS[site.kind] if plan.mode == "backward" else _OPS[site.kind]
+        target = kinds.KINDS[site.kind].runtime_op(plan.mode)  # type: ignore[arg-type]
         new = graph.call_function(target, args, kwargs)
     new.meta.update({k: v for k, v in node.meta.items() if k != "tensor_meta"})
     new.meta["tensor_meta"] = node.meta.get("tensor_meta")
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    replaced[node] = new
 
 
 def rewrite(gm: fx.GraphModule, config: ApproxConfig) -> PassResult:
-    """Replace every node whose plan samples (``k < inner``) by its sampled op, in place."""
-    replaced = 0
+    """Replace every node whose plan samples (``k < inner``) by its sampled op, in place.
+
+    Afterwards no plan keeps its ``site``: the Site refers to nodes of the graph as it was, and
+    the plans outlive this pass (``optimize`` collects them into the module's ``Plan``).
+    """
+    replaced: dict[fx.Node, fx.Node] = {}
     for node in list(gm.graph.nodes):
         plan = node.meta.get(META_KEY)
         if plan is None or not plan.sampled or node.target in ops.SAMPLED_OPS:
             continue
-        site = match(gm, node)
-        assert site is not None, node.format_node()
-        _replace(gm, node, site, plan, config)
-        replaced += 1
+        _replace(gm, node, site_of(gm, node, plan), plan, config, replaced)
+    for node in gm.graph.nodes:
+        plan = node.meta.get(META_KEY)
+        if plan is not None and plan.site is not None:
+            node.meta[META_KEY] = plan.with_(site=None)
     if replaced:
         gm.recompile()
-    return PassResult(gm, modified=replaced > 0, stats={"replaced": replaced})
+    return PassResult(gm, modified=len(replaced) > 0, stats={"replaced": len(replaced)})

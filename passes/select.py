@@ -15,7 +15,7 @@ import math
 
 import torch.fx as fx
 from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import match
+from approxcompile.passes.match import site_of
 
 from approxcompile.config import ApproxConfig
 from approxcompile.errors import BudgetError
@@ -34,8 +34,7 @@ def apply_exclusions(gm: fx.GraphModule, config: ApproxConfig) -> PassResult:
     excluded = 0
     for node in nodes:
         plan: NodePlan = node.meta[META_KEY]
-        site = match(gm, node)
-        assert site is not None
+        site = site_of(gm, node, plan)
         s = config.resolve(kind=plan.kind, names=(plan.name, site.owner) if site.owner else (plan.name,))
         reason = plan.reason
         if reason is None and s.exact:
@@ -126,7 +125,7 @@ def _holders(plans: dict[str, NodePlan], dense: int) -> str:
     exact = sorted((p for p in plans.values() if p.reason is not None), key=lambda p: -p.flops.total)[:5]
     if not exact:
         return ""
-    rows = "; ".join(f"{p.name} ({p.flops.total / dense:.3f}: {p.reason})" for p in exact)
+    rows = ", ".join(f"{p.name} {p.flops.total / dense:.3f} [{p.reason}]" for p in exact)
     return f"; the largest exact nodes: {rows}"
 
 
@@ -152,8 +151,8 @@ def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> PassResu
         raise BudgetError(
             f"[select] budget={budget:g} cannot be met: the nodes left exact, the fixed keep ratios and "
             f"the smallest keep ratios allowed (keep_grid, min_k) cost {smallest / dense:.4f} of the dense "
-            f"training step ({fixed / dense:.4f} of it cannot be sampled at all); the smallest feasible "
-            f"budget is {math.ceil(smallest / dense * 1000) / 1000:.3f}{_holders(plans, dense)}"
+            f"training step ({fixed / dense:.4f} of it cannot be sampled at all{_holders(plans, dense)}); "
+            f"the smallest feasible budget is {math.ceil(smallest / dense * 1000) / 1000:.3f}"
         )
     at = dict.fromkeys(choices, 0)
     total = fixed + sum(opts[0][0] for opts in choices.values())

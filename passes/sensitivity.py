@@ -14,39 +14,23 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import match
+from approxcompile.passes.match import site_of
 
+from approxcompile import kinds
+from approxcompile.choices import Mode
 from approxcompile.config import ApproxConfig
-from approxcompile.ops import sampled_conv, sampled_linear, sampled_matmul
-from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
 from approxcompile.plan import META_KEY, aligned_count
-
-_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
 
 def product_fn(
-    kind: str, operands: tuple[Any, ...], conv: Any, mode: str = "forward"
+    kind: str, operands: tuple[Any, ...], conv: Any, mode: Mode = "forward"
 ) -> Callable[..., torch.Tensor]:
     """A function ``(keep, training, generator) -> output`` of the node's product, bias left out.
 
     ``mode="backward"``: the backward-sampling op (exact output, sampled gradients).
     """
-    if mode == "backward" and kind == "linear":
-        x, w = operands[0], operands[1]
-        return lambda keep, **kw: backward_sampled_linear(x, w, None, keep=keep, **kw)
-    if mode == "backward":
-        x, w = operands[0], operands[1]
-        return lambda keep, **kw: backward_sampled_conv(x, w, None, *conv, keep=keep, **kw)
-    if kind == "linear":
-        x, w = operands[0], operands[1]
-        return lambda keep, **kw: sampled_linear(x, w, None, keep=keep, **kw)
-    if kind in ("matmul", "addmm"):
-        a, b = operands[-2], operands[-1]
-        return lambda keep, **kw: sampled_matmul(a, b, keep=keep, **kw)
-    x, w = operands[0], operands[1]
-    return lambda keep, **kw: sampled_conv(x, w, None, *conv, keep=keep, **kw)
+    return kinds.KINDS[kind].probe(operands, conv, mode)
 
 
 def _gradients(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[..., torch.Tensor]:
@@ -100,8 +84,7 @@ def measure_sensitivity(
             plan = node.meta.get(META_KEY)
             if plan is None or plan.reason is not None or node.name not in captured:
                 continue
-            site = match(gm, node)
-            assert site is not None
+            site = site_of(gm, node, plan)
             ks = {aligned_count(r, plan.inner, config.align) for r in config.keep_grid}
             grid = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import match
+from approxcompile.passes.match import site_of
 from approxcompile.passes.sensitivity import product_fn
 
+from approxcompile import kinds
 from approxcompile.config import ApproxConfig
 from approxcompile.plan import META_KEY, NodePlan
 
@@ -83,11 +84,13 @@ def measure_timing(
         plan = node.meta.get(META_KEY)
         if plan is None or plan.reason is not None or not plan.sensitivity or node.name not in captured:
             continue
-        site = match(gm, node)
-        assert site is not None
-        needs: tuple[bool, ...] = (plan.flops.input_grad > 0, plan.flops.weight_grad > 0)
-        if site.kind == "addmm":
-            needs = (False, *needs)
+        site = site_of(gm, node, plan)
+        # requires_grad of each operand: the two factors' as the graph's, the rest (bias) none
+        x_at, w_at = kinds.KINDS[site.kind].factors
+        needs = tuple(
+            (i == x_at and plan.flops.input_grad > 0) or (i == w_at and plan.flops.weight_grad > 0)
+            for i in range(max(x_at, w_at) + 1)
+        )
         operands = _leaves(captured[node.name], needs)
         timing = _node_timing(plan, site.kind, operands, site.conv, config)
         node.meta[META_KEY] = plan.with_(timing=timing)

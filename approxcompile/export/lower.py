@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from approxcompile import ops
+from approxcompile import kinds, ops
 from approxcompile.errors import ApproxCompileError
 from approxcompile.export import estimators
 from approxcompile.plan import META_KEY, kept_count
@@ -40,12 +40,13 @@ Noise = Literal["draw", "input"]
 TRANSPOSED_SUFFIX = "__t"
 
 
+# runtime op -> its exportable twin, for every kind that has one
 TWINS: dict[Callable[..., Any], Callable[..., Any]] = {
-    ops.sampled_linear: estimators.export_linear,
-    ops.sampled_matmul: estimators.export_matmul,
-    ops.sampled_addmm: estimators.export_addmm,
-    ops.sampled_conv: estimators.export_conv,
+    kind.forward_op: getattr(estimators, kind.export_twin)
+    for kind in kinds.KINDS.values()
+    if kind.export_twin is not None
 }
+_RUNTIME_OPS = kinds.runtime_ops()
 
 
 class ExportError(ApproxCompileError, RuntimeError):
@@ -88,15 +89,23 @@ def _noise_size(node: fx.Node) -> int:
 
 
 def _check_exportable(node: fx.Node) -> None:
-    """Backward sampling and weight-only scores (issue 6) have no export twin yet: refuse them."""
-    if node.op != "call_function":
+    """Refuse what the export backend does not run: backward sampling, weight-only scores."""
+    found = _RUNTIME_OPS.get(node.target) if node.op == "call_function" else None  # type: ignore[arg-type]
+    if found is None:
         return
-    if node.target in (ops.backward_sampled_linear, ops.backward_sampled_conv):
+    kind, mode = found
+    support = kind.support("export")
+    if mode == "backward" and mode not in support.modes:
         raise ExportError(
             f"lower_for_export: {node.format_node()} samples in backward mode, which does not export "
             "(ONNX Runtime builds its own exact gradient); optimize with ApproxConfig(mode='forward')"
         )
-    if node.kwargs.get("scores", "activations") != "activations":
+    if mode not in support.modes:
+        raise ExportError(
+            f"lower_for_export: {node.format_node()} is a {kind.name} op, which has no export twin; "
+            f"leave it exact with ApproxConfig().set_op_type({kind.op_type!r}, NodeOverride(exact=True))"
+        )
+    if node.kwargs.get("scores", "activations") not in support.scores:
         raise ExportError(
             f"lower_for_export: {node.format_node()} uses scores='weights', which has no export twin "
             "yet; optimize with ApproxConfig(scores='activations') for export"
