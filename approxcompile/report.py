@@ -138,6 +138,7 @@ class Report:
             f"counted by FlopCounter    {human_flops(p.counted_flops)}  (products, no overhead)",
             f"outside matmul/conv       {human_flops(p.other_flops)}",
             f"sampled nodes             {len(self.sampled)} / {len(p.nodes)} candidates",
+            f"captured by               {p.frontend}" + (f" ({p.frontend_reason})" if p.frontend_reason else ""),
         ]
         if p.note:
             out.append(f"note: {p.note}")
@@ -151,7 +152,8 @@ class Report:
         Keys (stable; see ``SCHEMA_VERSION``):
 
         - ``schema``, ``budget``, ``method``, ``mode`` (``forward``/``backward``), ``scores``
-          (``activations``/``weights``), ``note`` (str or null)
+          (``activations``/``weights``), ``frontend`` (``fx``/``export``/``dynamo``),
+          ``frontend_reason``, ``note`` (str or null)
         - ``totals``: ``dense_flops``, ``planned_flops`` (overhead included, what the budget
           limits), ``counted_flops`` (products only, what ``FlopCounterMode`` measures),
           ``other_flops`` (outside matmul/linear/conv), ``fraction`` (planned / dense),
@@ -174,6 +176,8 @@ class Report:
             "method": p.method,
             "mode": p.mode,
             "scores": p.scores,
+            "frontend": p.frontend,
+            "frontend_reason": p.frontend_reason,
             "note": p.note,
             "totals": {
                 "dense_flops": p.dense_flops,
@@ -230,6 +234,8 @@ class Report:
                 note=data["note"],
                 mode=data.get("mode", "forward"),
                 scores=data.get("scores", "activations"),
+                frontend=data.get("frontend", "fx"),
+                frontend_reason=data.get("frontend_reason", ""),
             )
         )
 
