@@ -61,6 +61,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from approxcompile.passes import CAPTURE_KEY
 from bench_models import FACTORIES, Workload, build
 from paper_style import paper_style
 from torch import nn
@@ -108,8 +109,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _plan_info(plan: Plan) -> dict[str, Any]:
+def _plan_info(plan: Plan, gm: fx.GraphModule) -> dict[str, Any]:
+    capture = gm.meta.get(CAPTURE_KEY)
     return {
+        "frontend": plan.frontend,
+        "frontend_reason": plan.frontend_reason,
+        "capture_s": capture.seconds if capture is not None else None,
+        "optimize_s": gm.meta.get("bench_optimize_s"),
         "budget": plan.budget,
         "planned_fraction": plan.fraction,
         "counted_fraction": plan.counted_flops / plan.dense_flops if plan.dense_flops else 1.0,
@@ -137,7 +143,9 @@ def make_variant(
     b = float(budget)
     if b not in optimized:
         config = approxcompile.ApproxConfig(measure_time=measure_time)
+        start = time.perf_counter()
         optimized[b] = approxcompile.optimize(copy.deepcopy(w.model), b, example_inputs=(w.x,), config=config)
+        optimized[b].meta["bench_optimize_s"] = time.perf_counter() - start
     plan = optimized[b].meta[META_KEY]
     if kind == "paper":
         paper = paper_style(w.model, plan)
@@ -145,12 +153,15 @@ def make_variant(
             name, paper.model, {"plan_budget": b, "sampled": paper.sampled, "left_exact": paper.left_exact}
         )
     if kind == "approx":
-        return Variant(name, optimized[b], _plan_info(plan))
+        return Variant(name, optimized[b], _plan_info(plan, optimized[b]))
     raise ValueError(f"unknown variant {name!r}")
 
 
-def variant_names(args: argparse.Namespace) -> list[str]:
-    return ["exact", label("paper", args.paper_budget), *(label("approx", b) for b in args.budgets)]
+def variant_names(args: argparse.Namespace, model: str = "") -> list[str]:
+    """``gpt2`` has no paper-style variant: that implementation swaps ``nn.Linear`` modules, and
+    GPT-2's projections are ``Conv1D`` modules."""
+    paper = [] if model == "gpt2" else [label("paper", args.paper_budget)]
+    return ["exact", *paper, *(label("approx", b) for b in args.budgets)]
 
 
 def build_variants(
@@ -315,21 +326,22 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
     """Every variant of one model: timings, FLOPs, memory; one row per variant."""
     w = build(name, args.size, seed=args.seed)
     print(w.describe(), flush=True)
-    variants = build_variants(w, variant_names(args), device, args.measure_time)
+    variants = build_variants(w, variant_names(args, name), device, args.measure_time)
     x, y = w.x.to(device), w.y.to(device)
     for v in variants:
         v.flops = training_flops(v.model, x, y)
     time_variants(variants, x, y, args)
     if args.memory_steps > 0:
         measure_memory(variants, Workload(w.name, w.model, x, y), args)
-    exact, paper = variants[0], variants[1]
+    exact = variants[0]
+    paper = next((v for v in variants if v.name.startswith("paper")), None)
     return [
         {
             "model": name,
             "variant": v.name,
             "median_step_ms": v.median_ms,
             "speedup_vs_exact": exact.median_ms / v.median_ms,
-            "speedup_vs_paper": paper.median_ms / v.median_ms,
+            "speedup_vs_paper": paper.median_ms / v.median_ms if paper is not None else float("nan"),
             "flops": v.flops,
             "flop_fraction": v.flops / exact.flops if exact.flops else float("nan"),
             "peak_mem_mb": v.memory.get("peak_mb"),
@@ -370,7 +382,7 @@ def format_table(result: dict[str, Any], markdown: bool) -> str:
             r["variant"],
             f"{r['median_step_ms']:.1f}",
             f"{r['speedup_vs_exact']:.2f}x",
-            f"{r['speedup_vs_paper']:.2f}x",
+            "n/a" if r["speedup_vs_paper"] != r["speedup_vs_paper"] else f"{r['speedup_vs_paper']:.2f}x",
             f"{r['flop_fraction']:.3f}",
             "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}",
         ]
@@ -380,6 +392,12 @@ def format_table(result: dict[str, Any], markdown: bool) -> str:
     where = (
         f"{m['platform']}, {m['cpu_count']} cores, torch {m['torch']}, {m['threads']} threads, {m['device']}"
     )
+    captures = [
+        f"{r['model']} {r['variant']}: captured by {r['info']['frontend']} in {r['info']['capture_s']:.1f} s "
+        f"(optimize {r['info']['optimize_s']:.1f} s)"
+        for r in result["rows"]
+        if r["info"].get("capture_s") is not None
+    ]
     if markdown:
         lines = [f"Command: `{result['command']}`", "", f"Machine: {where}", ""]
         lines += [
@@ -387,7 +405,7 @@ def format_table(result: dict[str, Any], markdown: bool) -> str:
             "|" + "|".join("---:" if i > 1 else "---" for i in range(7)) + "|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
+        return "\n".join(lines + ([""] + captures if captures else []))
     widths = [max(len(c), *(len(row[i]) for row in body)) for i, c in enumerate(head)]
 
     def fmt(row: list[str]) -> str:
@@ -395,7 +413,9 @@ def format_table(result: dict[str, Any], markdown: bool) -> str:
             c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(row, widths, strict=True))
         )
 
-    return "\n".join([f"command: {result['command']}", f"machine: {where}", fmt(head), *map(fmt, body)])
+    return "\n".join(
+        [f"command: {result['command']}", f"machine: {where}", fmt(head), *map(fmt, body), *captures]
+    )
 
 
 def _floats(text: str) -> list[float]:
