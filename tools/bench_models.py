@@ -1,7 +1,7 @@
 """The models of the speed benchmark (issue 3), each with fixed random inputs and targets.
 
-``mlp``, ``cnn`` and ``transformer`` are plain ``nn.Module`` code that ``torch.fx.symbolic_trace`` can trace, so
-``approxcompile.optimize`` sees each product as its own node: attention is written with
+``mlp``, ``cnn`` and ``transformer`` are plain ``nn.Module`` code that ``torch.fx.symbolic_trace``
+can trace, so ``approxcompile.optimize`` sees each product as its own node: attention is written with
 ``nn.Linear`` projections and ``@`` rather than ``nn.MultiheadAttention`` (whose fused
 kernel hides the products from the tracer).
 
