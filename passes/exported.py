@@ -156,7 +156,7 @@ class ModeGraphModule(fx.GraphModule):
                 return train_forward(self, *args, **kwargs)
             return eval_module.forward(*args, **kwargs)
 
-        cls.forward = forward  # type: ignore[method-assign]
+        cls.forward = forward
         return code
 
 

@@ -24,12 +24,11 @@ aten = torch.ops.aten
 
 def grouped_conv_backward_flop(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     """``conv_backward_flop`` with the weight-gradient part divided by ``groups``."""
-    total = int(conv_backward_flop(*args, out_val=out_shape, **kwargs))
+    formula: Any = conv_backward_flop  # registered shape-wrapped: it takes the output as out_val
+    total = int(formula(*args, out_val=out_shape, **kwargs))
     groups, mask = args[9], args[10]
     if groups > 1 and mask[1]:
-        weight_grad = int(
-            conv_backward_flop(*args[:10], [False, True, False], *args[11:], out_val=out_shape, **kwargs)
-        )
+        weight_grad = int(formula(*args[:10], [False, True, False], *args[11:], out_val=out_shape, **kwargs))
         total -= weight_grad - weight_grad // groups
     return total
 
