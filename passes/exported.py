@@ -18,6 +18,7 @@ yields two different graphs: the result then runs the eval graph in ``eval()``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -150,6 +151,7 @@ class ModeGraphModule(fx.GraphModule):
         cls = type(self)
         train_forward = cls.forward
 
+        @functools.wraps(train_forward)  # callers that inspect the signature see the graph's inputs
         def forward(self: ModeGraphModule, *args: Any, **kwargs: Any) -> Any:
             eval_module = self.__dict__.get("_eval_module")
             if self.training or eval_module is None:
