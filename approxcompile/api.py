@@ -51,15 +51,15 @@ def optimize(
 
     # capture: a GraphModule over new module objects that share the user's tensors (fx / export / dynamo)
     front = passes.capture(model, example_inputs, frontend=config.frontend, leaf_modules=config.leaf_modules)
-    gm, model = front.graph_module, front.stats["model"]  # model: behind torch.compile / optimize
-    if front.stats["frontend"] == "dynamo":  # data-dependent control flow: planned region by region
+    gm, model = front.graph_module, front.model  # model: behind torch.compile / optimize
+    if front.frontend == "dynamo":  # data-dependent control flow: planned region by region
         passes.plan_regions(gm, example_inputs, budget=budget, config=config)
         return gm
     # shapes: every node's shape / requires_grad, and the operands of each product
-    captured = passes.propagate_shapes(gm, example_inputs).stats["captured"]
+    captured = passes.propagate_shapes(gm, example_inputs).captured
     # cost: dense forward / input-grad / weight-grad FLOPs and sampling overhead per node
     passes.annotate_costs(gm, method=config.method, mode=config.mode)
-    other_flops = passes.measure_other_flops(gm, example_inputs)
+    other_flops = passes.measure_other_flops(gm, example_inputs).other
     # exclusions: overrides, first/last node, unsupported forms, small inner dimensions
     passes.apply_exclusions(gm, config)
     # sensitivity: measured output error of each node at each keep ratio
@@ -85,7 +85,7 @@ def optimize(
         note=note,
         mode=config.mode,
         scores=config.scores,
-        frontend=front.stats["frontend"],
-        frontend_reason=gm.meta[passes.CAPTURE_KEY].reason,
+        frontend=front.frontend,
+        frontend_reason=front.reason,
     )
     return gm

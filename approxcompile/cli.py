@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
+from approxcompile.choices import Method, Mode, Scores
 from approxcompile.config import METHODS, MODES, SCORES, ApproxConfig
 from approxcompile.errors import ApproxCompileError
 
@@ -241,8 +242,9 @@ def _optimized(args: argparse.Namespace) -> tuple[Any, tuple[torch.Tensor, ...]]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         # --mode / --scores exist for `inspect` only (export keeps forward sampling).
-        mode, scores = getattr(args, "mode", "forward"), getattr(args, "scores", "activations")
-        method = args.method or ("bernoulli" if mode == "backward" else "topk")
+        mode: Mode = getattr(args, "mode", "forward")
+        scores: Scores = getattr(args, "scores", "activations")
+        method: Method = args.method or ("bernoulli" if mode == "backward" else "topk")
         config = ApproxConfig(method=method, mode=mode, scores=scores)
         gm = optimize(model, args.budget, example_inputs=inputs, config=config)
     return gm, inputs

@@ -17,12 +17,24 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from approxcompile import kinds
-from approxcompile.choices import FRONTENDS, METHODS, MODES, OP_TYPES, ROW_SCORES, SCORES, OpType
+from approxcompile.choices import (
+    FRONTENDS,
+    METHODS,
+    MODES,
+    OP_TYPES,
+    ROW_SCORES,
+    SCORES,
+    Method,
+    Mode,
+    OpType,
+    RowScores,
+    Scores,
+)
 
 OP_KINDS = OP_TYPES  # the op types overrides are keyed by
 
@@ -45,10 +57,10 @@ def op_kind(op: str | type | Callable[..., Any]) -> str:
         ) from None
 
 
-def check_method(method: str) -> str:
+def check_method(method: str) -> Method:
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; expected one of {METHODS}")
-    return method
+    return cast(Method, method)
 
 
 def check_keep(keep: float, what: str = "keep") -> float:
@@ -69,7 +81,7 @@ class NodeOverride:
 
     exact: bool | None = None
     keep: float | None = None
-    method: str | None = None
+    method: Method | None = None
     min_k: int | None = None
 
     def __post_init__(self) -> None:
@@ -87,7 +99,7 @@ class NodeSettings:
 
     exact: bool
     keep: float | None
-    method: str
+    method: Method
     min_k: int
     source: str  # which override level decided `exact`/`keep`, for the report
 
@@ -126,7 +138,7 @@ class ApproxConfig:
         saves only the sampled rows).
     """
 
-    method: str = "topk"
+    method: Method = "topk"
     exclude_first_last: bool = True
     min_inner: int = 16
     min_k: int = 4
@@ -139,9 +151,9 @@ class ApproxConfig:
     frontend: str = "auto"
     measure_time: bool = False
     time_repeats: int = 3
-    mode: str = "forward"
-    scores: str = "activations"
-    row_scores: str = "x_dy"
+    mode: Mode = "forward"
+    scores: Scores = "activations"
+    row_scores: RowScores = "x_dy"
     op_type_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_regex_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)

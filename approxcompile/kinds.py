@@ -155,6 +155,12 @@ def _addmm(gm: fx.GraphModule, node: fx.Node, display: str) -> Site:
     return Site("addmm", display, qualified(node), owner(node), (bias, a, b), unsupported=why)
 
 
+def _baddbmm(gm: fx.GraphModule, node: fx.Node, display: str) -> Site:
+    bias, a, b, beta, alpha = call_args(node, ("input", "batch1", "batch2", "beta", "alpha"), (1, 1))
+    why = None if (beta, alpha) == (1, 1) else "baddbmm with beta/alpha other than 1 is left exact"
+    return Site("baddbmm", display, qualified(node), owner(node), (bias, a, b), unsupported=why)
+
+
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = (None, 1, 0, 1, 1)  # bias, stride, padding, dilation, groups
 
@@ -276,6 +282,16 @@ KINDS: dict[str, OpKind] = {
             forward_op=ops.sampled_addmm,
             probe=_matmul_probe,
             export_twin="export_addmm",
+        ),
+        OpKind(
+            name="baddbmm",
+            op_type="matmul",
+            matchers=(Matcher(node_op="call_function", targets={torch.baddbmm: "baddbmm"}, build=_baddbmm),),
+            factors=(1, 2),
+            products=_matmul_products,
+            forward_op=ops.sampled_baddbmm,
+            probe=_matmul_probe,
+            export_twin="export_baddbmm",
         ),
         OpKind(
             name="conv",

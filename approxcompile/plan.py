@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from approxcompile.choices import Method, Mode, OpType, Scores
+
 if TYPE_CHECKING:
     from approxcompile.site import Site
 
@@ -63,7 +65,7 @@ class NodePlan:
     """
 
     name: str
-    kind: str  # "linear" | "matmul" | "conv"
+    kind: OpType
     op: str  # what the user wrote: "Linear", "F.linear", "matmul", "Conv2d", ...
     shapes: tuple[tuple[int, ...], ...]  # operand shapes (input first)
     out_shape: tuple[int, ...]
@@ -73,7 +75,7 @@ class NodePlan:
     overhead_per_kept: int = 0  # sampling overhead FLOPs per kept column (gathers, scatters)
     sensitivity: tuple[tuple[float, float], ...] = ()  # (keep, relative squared error)
     timing: tuple[tuple[float, float], ...] = ()  # (keep, seconds); keep 1.0 is the dense op
-    method: str = "topk"
+    method: Method = "topk"
     min_k: int = 1
     fixed_keep: float | None = None  # set by an override: the allocation leaves it alone
     keep: float = 1.0
@@ -83,7 +85,7 @@ class NodePlan:
     settings_source: str = "global"
     # "backward": forward exact; ``inner`` is then the output features p (dX's inner
     # dimension) and ``rows`` the batch rows M (dW's), both sampled at ratio ``keep``.
-    mode: str = "forward"
+    mode: Mode = "forward"
     rows: int = 0
     # How the node multiplies, as the cost pass matched it; later passes read it instead of
     # matching again. It refers to graph nodes, so rewrite drops it once the graph changed.
@@ -132,12 +134,12 @@ class Plan:
     """The whole decision for a model, stored in ``GraphModule.meta["approxcompile"]``."""
 
     budget: float
-    method: str
+    method: Method
     nodes: tuple[NodePlan, ...]
     other_flops: int  # FLOPs FlopCounterMode counts outside matmul/linear/conv nodes
     note: str | None = None  # e.g. "no candidate nodes"
-    mode: str = "forward"  # ApproxConfig.mode: which products the sampled nodes shrink
-    scores: str = "activations"  # ApproxConfig.scores: what the forward samples are scored by
+    mode: Mode = "forward"  # ApproxConfig.mode: which products the sampled nodes shrink
+    scores: Scores = "activations"  # ApproxConfig.scores: what the forward samples are scored by
     frontend: str = "fx"  # how the model was captured: "fx" | "export" | "dynamo"
     frontend_reason: str = ""  # why that frontend (auto's choice, the mode handling)
 

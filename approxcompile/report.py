@@ -10,6 +10,7 @@ this module only reads it, so a report can be rebuilt from a saved JSON file as 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -37,10 +38,6 @@ def format_shapes(node: NodePlan) -> str:
     sep = f" {kinds.symbol(node.kind)} "
     operands = sep.join("x".join(map(str, s)) or "()" for s in node.shapes)
     return f"{operands} -> {'x'.join(map(str, node.out_shape)) or '()'}"
-
-
-def _flops_dict(f: Flops) -> dict[str, int]:
-    return {"forward": f.forward, "input_grad": f.input_grad, "weight_grad": f.weight_grad, "total": f.total}
 
 
 def report(module: Any) -> Report:
@@ -152,34 +149,31 @@ class Report:
 
         Keys (stable; see ``SCHEMA_VERSION``):
 
-        - ``schema``, ``budget``, ``method``, ``mode`` (``forward``/``backward``), ``scores``
-          (``activations``/``weights``), ``frontend`` (``fx``/``export``/``dynamo``),
-          ``frontend_reason``, ``note`` (str or null)
+        - ``schema``, then every field of :class:`~approxcompile.plan.Plan` but ``nodes`` and
+          ``other_flops``: ``budget``, ``method``, ``mode`` (``forward``/``backward``), ``scores``
+          (``activations``/``weights``), ``note`` (str or null)
         - ``totals``: ``dense_flops``, ``planned_flops`` (overhead included, what the budget
           limits), ``counted_flops`` (products only, what ``FlopCounterMode`` measures),
           ``other_flops`` (outside matmul/linear/conv), ``fraction`` (planned / dense),
           ``sampled``, ``candidates``
-        - ``nodes``: one object per candidate node with ``name``, ``kind``, ``op``, ``shapes``
-          (list of int lists), ``out_shape``, ``inner``, ``keep``, ``k``, ``sampled``,
-          ``method``, ``min_k``, ``fixed_keep``, ``est_error`` (relative squared error),
-          ``reason`` (null when sampled), ``settings_source``, ``mode``, ``rows`` (backward
-          mode: the batch rows dW samples), ``dense_flops`` and
-          ``approx_flops`` (each ``forward``/``input_grad``/``weight_grad``/``total``),
-          ``overhead``, ``overhead_fixed``, ``overhead_per_kept``, ``cost`` (approx total
-          plus overhead), ``sensitivity`` (list of ``[keep, error]``) and ``timing`` (list of
-          ``[keep, seconds]`` measured with ``measure_time``; keep 1.0 is the dense op, empty
-          when not measured).
+        - ``nodes``: one object per candidate node with every field of
+          :class:`~approxcompile.plan.NodePlan` (but ``site``, which refers to graph nodes):
+          ``name``, ``kind``, ``op``, ``shapes`` (list of int lists), ``out_shape``, ``inner``,
+          ``keep``, ``k``, ``method``, ``min_k``, ``fixed_keep``, ``est_error`` (relative
+          squared error), ``reason`` (null when sampled), ``settings_source``, ``mode``, ``rows``
+          (backward mode: the batch rows dW samples), ``dense_flops`` (the ``flops`` field),
+          ``overhead_fixed``, ``overhead_per_kept``, ``sensitivity`` (list of ``[keep, error]``),
+          ``timing`` (list of ``[keep, seconds]`` measured with ``measure_time``; keep 1.0 is
+          the dense op, empty when not measured); and what follows from them: ``sampled``,
+          ``approx_flops`` (FLOPs as ``dense_flops``: ``forward``/``input_grad``/``weight_grad``/
+          ``total``), ``overhead`` and ``cost`` (approx total plus overhead).
         """
         p = self._plan
+        fields = dataclasses.fields(p)
+        top = {f.name: _json(getattr(p, f.name)) for f in fields if f.name not in _PLAN_ELSEWHERE}
         return {
             "schema": SCHEMA_VERSION,
-            "budget": p.budget,
-            "method": p.method,
-            "mode": p.mode,
-            "scores": p.scores,
-            "frontend": p.frontend,
-            "frontend_reason": p.frontend_reason,
-            "note": p.note,
+            **top,
             "totals": {
                 "dense_flops": p.dense_flops,
                 "planned_flops": p.approx_flops,
@@ -198,74 +192,61 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
-        """Rebuild a report from :meth:`to_dict` output, e.g. to compare two saved runs."""
-        nodes = tuple(
-            NodePlan(
-                name=d["name"],
-                kind=d["kind"],
-                op=d["op"],
-                shapes=tuple(tuple(s) for s in d["shapes"]),
-                out_shape=tuple(d["out_shape"]),
-                inner=d["inner"],
-                flops=Flops(**{k: v for k, v in d["dense_flops"].items() if k != "total"}),
-                overhead_fixed=d["overhead_fixed"],
-                overhead_per_kept=d["overhead_per_kept"],
-                sensitivity=tuple((float(r), float(e)) for r, e in d["sensitivity"]),
-                timing=tuple((float(r), float(t)) for r, t in d.get("timing", ())),
-                method=d["method"],
-                min_k=d["min_k"],
-                fixed_keep=d["fixed_keep"],
-                keep=d["keep"],
-                k=d["k"],
-                est_error=d["est_error"],
-                reason=d["reason"],
-                settings_source=d["settings_source"],
-                mode=d.get("mode", "forward"),
-                rows=d.get("rows", 0),
-            )
-            for d in data["nodes"]
-        )
-        other = data["totals"]["other_flops"]
-        return cls(
-            Plan(
-                budget=data["budget"],
-                method=data["method"],
-                nodes=nodes,
-                other_flops=other,
-                note=data["note"],
-                mode=data.get("mode", "forward"),
-                scores=data.get("scores", "activations"),
-                frontend=data.get("frontend", "fx"),
-                frontend_reason=data.get("frontend_reason", ""),
-            )
-        )
+        """Rebuild a report from :meth:`to_dict` output, e.g. to compare two saved runs.
+
+        A key missing from ``data`` (written by an older version) takes the field's default.
+        """
+        nodes = tuple(NodePlan(**_fields_from(NodePlan, d)) for d in data["nodes"])
+        plan = _fields_from(Plan, {**data, "nodes": nodes, "other_flops": data["totals"]["other_flops"]})
+        return cls(Plan(**plan))
+
+
+# Plan fields to_dict writes elsewhere than the top level, and NodePlan fields it leaves out.
+_PLAN_ELSEWHERE = ("nodes", "other_flops")
+_NODE_LEFT_OUT = ("site",)
+# Fields whose JSON key is not their name.
+_KEYS = {"flops": "dense_flops"}
+
+
+def _json(value: Any) -> Any:
+    """A field value as plain JSON types (tuples become lists, FLOP records objects)."""
+    if isinstance(value, Flops):
+        return {"forward": value.forward, "input_grad": value.input_grad, "weight_grad": value.weight_grad,
+                "total": value.total}  # fmt: skip
+    if isinstance(value, tuple):
+        return [_json(v) for v in value]
+    return value
+
+
+def _from_json(name: str, value: Any) -> Any:
+    """The inverse of :func:`_json` for the field ``name``."""
+    if name == "flops":
+        return Flops(**{k: v for k, v in value.items() if k != "total"})
+    if name in ("sensitivity", "timing"):
+        return tuple((float(r), float(e)) for r, e in value)
+    if name == "shapes":
+        return tuple(tuple(s) for s in value)
+    if name == "out_shape":
+        return tuple(value)
+    return value
+
+
+def _fields_from(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of ``cls`` from a to_dict object; absent keys are left to the defaults."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = _KEYS.get(f.name, f.name)
+        if f.name not in _NODE_LEFT_OUT and key in data:
+            out[f.name] = _from_json(f.name, data[key])
+    return out
 
 
 def _node_dict(n: NodePlan) -> dict[str, Any]:
-    return {
-        "name": n.name,
-        "kind": n.kind,
-        "op": n.op,
-        "shapes": [list(s) for s in n.shapes],
-        "out_shape": list(n.out_shape),
-        "inner": n.inner,
-        "keep": n.keep,
-        "k": n.k,
-        "sampled": n.sampled,
-        "method": n.method,
-        "min_k": n.min_k,
-        "fixed_keep": n.fixed_keep,
-        "est_error": n.est_error,
-        "reason": n.reason,
-        "settings_source": n.settings_source,
-        "mode": n.mode,
-        "rows": n.rows,
-        "dense_flops": _flops_dict(n.flops),
-        "approx_flops": _flops_dict(n.approx_flops),
-        "overhead": n.overhead,
-        "overhead_fixed": n.overhead_fixed,
-        "overhead_per_kept": n.overhead_per_kept,
-        "cost": n.cost(),
-        "sensitivity": [[r, e] for r, e in n.sensitivity],
-        "timing": [[r, t] for r, t in n.timing],
+    fields = {
+        _KEYS.get(f.name, f.name): _json(getattr(n, f.name))
+        for f in dataclasses.fields(n)
+        if f.name not in _NODE_LEFT_OUT
     }
+    derived = {"sampled": n.sampled, "approx_flops": _json(n.approx_flops)}
+    derived.update(overhead=n.overhead, cost=n.cost())
+    return {**fields, **derived}

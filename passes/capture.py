@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.trace import _user_frame, trace
 from torch import nn
 
 from approxcompile.errors import TraceError
+from approxcompile.passes.base import PassResult
+from approxcompile.passes.trace import _user_frame, trace
 
 FRONTENDS = ("auto", "fx", "export", "dynamo")
 CAPTURE_KEY = "approxcompile.capture"  # GraphModule.meta key of the CaptureInfo
@@ -39,6 +39,14 @@ SOURCE_KEY = "approxcompile.source"  # GraphModule.meta key of the model optimiz
 _TORCH_DIR = os.path.dirname(torch.__file__)
 # Code that symbolic tracing would get wrong: grad-mode changes and reads of the mode flag.
 _UNFAITHFUL = re.compile(r"\bno_grad\b|\bset_grad_enabled\b|\benable_grad\b|\binference_mode\b|\.training\b")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptureResult(PassResult):
+    frontend: str  # "fx" | "export" | "dynamo"
+    reason: str  # why that frontend, and how the modes were handled
+    seconds: float
+    model: nn.Module  # the module captured: behind torch.compile / an earlier optimize
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +123,7 @@ def capture(
     *,
     frontend: str = "auto",
     leaf_modules: tuple[type[nn.Module], ...] = (),
-) -> PassResult:
+) -> CaptureResult:
     """``model`` -> ``GraphModule`` sharing its tensors; ``meta[CAPTURE_KEY]`` says how it was made."""
     if frontend not in FRONTENDS:
         raise ValueError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
@@ -166,7 +174,9 @@ def capture(
     seconds = time.perf_counter() - start
     gm.meta[CAPTURE_KEY] = CaptureInfo(frontend=used, reason=reason, seconds=seconds)
     gm.meta[SOURCE_KEY] = model
-    return PassResult(gm, modified=True, stats={"frontend": used, "seconds": seconds, "model": model})
+    return CaptureResult(
+        graph_module=gm, modified=True, frontend=used, reason=reason, seconds=seconds, model=model
+    )
 
 
 def _short(e: BaseException) -> str:

@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.flops import FLOP_FIXES
-from approxcompile.passes.match import Site, match
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from approxcompile import kinds
+from approxcompile.choices import Method, Mode
+from approxcompile.passes.base import CostResult, StepFlops
+from approxcompile.passes.flops import FLOP_FIXES
+from approxcompile.passes.match import Site, match
 from approxcompile.plan import META_KEY, Flops, NodePlan
 
 
@@ -83,7 +84,9 @@ def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
     return plan.with_(inner=p, k=p, rows=rows, overhead_fixed=fixed, overhead_per_kept=per_kept)
 
 
-def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: str = "forward") -> NodePlan:
+def plan_for(
+    site: Site, gm: fx.GraphModule, node: fx.Node, method: Method, mode: Mode = "forward"
+) -> NodePlan:
     """The dense cost record of one node (nothing decided yet)."""
     if mode == "backward":
         return _backward_costs(plan_for(site, gm, node, method), site)
@@ -120,7 +123,7 @@ def plan_for(site: Site, gm: fx.GraphModule, node: fx.Node, method: str, mode: s
     )
 
 
-def annotate_costs(gm: fx.GraphModule, *, method: str, mode: str = "forward") -> PassResult:
+def annotate_costs(gm: fx.GraphModule, *, method: Method, mode: Mode = "forward") -> CostResult:
     """Write a dense :class:`NodePlan` to every matched node's meta (graph unchanged).
 
     ``mode="backward"`` costs linear and conv nodes for backward sampling and gives every other
@@ -132,7 +135,7 @@ def annotate_costs(gm: fx.GraphModule, *, method: str, mode: str = "forward") ->
         if site is not None:
             node.meta[META_KEY] = plan_for(site, gm, node, method, mode)
             count += 1
-    return PassResult(gm, modified=False, stats={"candidates": count})
+    return CostResult(graph_module=gm, modified=False, candidates=count)
 
 
 def measure_step_flops(module: torch.nn.Module, example_inputs: Sequence[Any]) -> int:
@@ -150,8 +153,11 @@ def measure_step_flops(module: torch.nn.Module, example_inputs: Sequence[Any]) -
     return int(counter.get_total_flops())
 
 
-def measure_other_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> int:
-    """FLOPs of a dense training step that fall outside the matched nodes."""
+def measure_other_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> StepFlops:
+    """A dense training step's FLOPs as ``FlopCounterMode`` counts them, against the planned nodes'.
+
+    ``.other`` is what falls outside the matched nodes (0 when the step could not be counted).
+    """
     matched = sum(n.meta[META_KEY].flops.total for n in gm.graph.nodes if META_KEY in n.meta)
     was_training = gm.training
     gm.eval()  # same products, and BatchNorm statistics stay untouched
@@ -163,7 +169,7 @@ def measure_other_flops(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> in
             "FLOPs outside matmul/linear/conv nodes are taken as 0",
             stacklevel=2,
         )
-        return 0
+        return StepFlops(step=0, matched=matched, counted=False)
     finally:
         gm.train(was_training)
-    return max(0, total - matched)
+    return StepFlops(step=total, matched=matched, counted=True)

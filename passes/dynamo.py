@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.trace import _adopt_tree, share_parameters
 from torch import nn
 
+from approxcompile.passes.trace import _adopt_tree, share_parameters
 from approxcompile.plan import META_KEY, Plan
 
 _SELF = re.compile(r"^L\['self'\]\.?")

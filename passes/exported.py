@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.trace import _adopt_tree, share_parameters
 from torch import nn
 from torch.export import Dim
 from torch.utils._pytree import tree_map
+
+from approxcompile.passes.trace import _adopt_tree, share_parameters
 
 # ATen ops whose arguments say whether the model is training, by argument name.
 _TRAIN_ARGS = ("train", "training", "use_input_stats")

@@ -17,13 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.fx as fx
-from approxcompile.passes.cost import annotate_costs, measure_other_flops
-from approxcompile.passes.rewrite import rewrite
-from approxcompile.passes.select import allocate, apply_exclusions
-from approxcompile.passes.sensitivity import measure_sensitivity
-from approxcompile.passes.shapes import propagate_shapes
 
 from approxcompile.errors import BudgetError
+from approxcompile.passes.allocation import allocate
+from approxcompile.passes.cost import annotate_costs, measure_other_flops
+from approxcompile.passes.exclusions import apply_exclusions
+from approxcompile.passes.rewrite import rewrite
+from approxcompile.passes.sensitivity import measure_sensitivity
+from approxcompile.passes.shapes import propagate_shapes
 from approxcompile.plan import META_KEY, Plan
 
 _SMALLEST = re.compile(r"smallest feasible budget is ([0-9.]+)")
@@ -45,9 +46,9 @@ def plan_region(
     """
     exclude_first = config.exclude_first_last
     config = dataclasses.replace(config, exclude_first_last=False)
-    captured = propagate_shapes(region, inputs).stats["captured"]
+    captured = propagate_shapes(region, inputs).captured
     annotate_costs(region, method=config.method, mode=config.mode)
-    other = measure_other_flops(region, inputs)
+    other = measure_other_flops(region, inputs).other
     apply_exclusions(region, config)
     if index == 0 and exclude_first:  # the model's first product is the first region's first
         first = next((n for n in region.graph.nodes if META_KEY in n.meta and n.meta[META_KEY].shapes), None)

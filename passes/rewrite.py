@@ -26,12 +26,12 @@ import zlib
 from typing import Any
 
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import Site, site_of
 
 from approxcompile import kinds, ops
 from approxcompile.config import ApproxConfig
 from approxcompile.ops.sampling import DEFAULT_EPS
+from approxcompile.passes.base import RewriteResult
+from approxcompile.passes.match import Site, site_of
 from approxcompile.plan import META_KEY, NodePlan
 
 
@@ -85,7 +85,7 @@ def _replace(
         if config.eps != DEFAULT_EPS:
             kwargs["eps"] = config.eps
         kwargs.update(_mode_kwargs(site, plan, config))
-        target = kinds.KINDS[site.kind].runtime_op(plan.mode)  # type: ignore[arg-type]
+        target = kinds.KINDS[site.kind].runtime_op(plan.mode)
         new = graph.call_function(target, args, kwargs)
     new.meta.update({k: v for k, v in node.meta.items() if k != "tensor_meta"})
     new.meta["tensor_meta"] = node.meta.get("tensor_meta")
@@ -94,7 +94,7 @@ def _replace(
     replaced[node] = new
 
 
-def rewrite(gm: fx.GraphModule, config: ApproxConfig) -> PassResult:
+def rewrite(gm: fx.GraphModule, config: ApproxConfig) -> RewriteResult:
     """Replace every node whose plan samples (``k < inner``) by its sampled op, in place.
 
     Afterwards no plan keeps its ``site``: the Site refers to nodes of the graph as it was, and
@@ -112,4 +112,4 @@ def rewrite(gm: fx.GraphModule, config: ApproxConfig) -> PassResult:
             node.meta[META_KEY] = plan.with_(site=None)
     if replaced:
         gm.recompile()
-    return PassResult(gm, modified=len(replaced) > 0, stats={"replaced": len(replaced)})
+    return RewriteResult(graph_module=gm, modified=len(replaced) > 0, replaced=len(replaced))

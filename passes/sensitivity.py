@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import site_of
 
 from approxcompile import kinds
 from approxcompile.choices import Mode
 from approxcompile.config import ApproxConfig
+from approxcompile.passes.base import SensitivityResult
+from approxcompile.passes.match import site_of
 from approxcompile.plan import META_KEY, aligned_count
 
 
@@ -75,8 +75,8 @@ def _curve(
 
 def measure_sensitivity(
     gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]], config: ApproxConfig
-) -> PassResult:
-    """Fill ``sensitivity`` of every node not already excluded (a fixed keep is measured alone)."""
+) -> SensitivityResult:
+    """Fill ``sensitivity of every node not already excluded (a fixed keep is measured alone)."""
     generator = torch.Generator().manual_seed(config.seed)
     measured = 0
     with torch.no_grad():
@@ -96,4 +96,4 @@ def measure_sensitivity(
             curve = _curve(product, plan.inner, grid, plan.method, config, generator)
             node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1
-    return PassResult(gm, modified=False, stats={"measured": measured})
+    return SensitivityResult(graph_module=gm, modified=False, measured=measured)

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import match
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from approxcompile.errors import ExampleInputError
+from approxcompile.passes.base import ShapeResult
+from approxcompile.passes.match import match
 
 
 def _describe(values: Sequence[Any]) -> str:
@@ -55,6 +55,7 @@ class _Recorder(fx.Interpreter):
                 f"[shapes] the model failed on the example inputs at node {n.format_node()}\n"
                 f"  its inputs: ({_describe(args)})\n  the model's error: {type(e).__name__}: {e}"
             ) from e
+        assert isinstance(self.module, fx.GraphModule)
         site = match(self.module, n)
         if site is not None:
             self.captured[n.name] = tuple(self._value(o) for o in site.operands)
@@ -63,8 +64,8 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> PassResult:
-    """Annotate ``gm`` in place with ``tensor_meta``; ``stats["captured"]`` maps node name -> operands."""
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> ShapeResult:
+    """Annotate ``gm`` in place with ``tensor_meta``; ``.captured`` maps node name -> operands."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(example_inputs) > len(placeholders) or not isinstance(example_inputs, (tuple, list)):
         raise ExampleInputError(
@@ -80,4 +81,4 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> PassR
             recorder.run(*example_inputs)
     finally:
         gm.train(was_training)
-    return PassResult(gm, modified=False, stats={"captured": recorder.captured})
+    return ShapeResult(graph_module=gm, modified=False, captured=recorder.captured)

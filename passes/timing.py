@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import site_of
-from approxcompile.passes.sensitivity import product_fn
 
 from approxcompile import kinds
 from approxcompile.config import ApproxConfig
+from approxcompile.passes.base import TimingResult
+from approxcompile.passes.match import site_of
+from approxcompile.passes.sensitivity import product_fn
 from approxcompile.plan import META_KEY, NodePlan
 
 
@@ -77,8 +77,8 @@ def _time_step(step: Callable[[float, bool], None], keep: float, training: bool,
 
 def measure_timing(
     gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]], config: ApproxConfig
-) -> PassResult:
-    """Fill ``timing`` of every node that has a sensitivity curve (graph unchanged)."""
+) -> TimingResult:
+    """Fill ``timing of every node that has a sensitivity curve (graph unchanged)."""
     measured = 0
     for node in gm.graph.nodes:
         plan = node.meta.get(META_KEY)
@@ -95,4 +95,4 @@ def measure_timing(
         timing = _node_timing(plan, site.kind, operands, site.conv, config)
         node.meta[META_KEY] = plan.with_(timing=timing)
         measured += 1
-    return PassResult(gm, modified=False, stats={"timed": measured})
+    return TimingResult(graph_module=gm, modified=False, timed=measured)

@@ -14,10 +14,10 @@ import traceback
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
 from torch import nn
 
 from approxcompile.errors import TraceError
+from approxcompile.passes.base import TraceResult
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -78,7 +78,7 @@ def _adopt_tree(gm: fx.GraphModule, root: nn.Module) -> None:
     gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set) | traced_constants
 
 
-def trace(model: nn.Module, *, leaf_modules: tuple[type[nn.Module], ...] = ()) -> PassResult:
+def trace(model: nn.Module, *, leaf_modules: tuple[type[nn.Module], ...] = ()) -> TraceResult:
     """``model`` -> ``GraphModule`` (a new module; ``model`` is not mutated)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize() needs an nn.Module, got {type(model).__name__}")
@@ -106,4 +106,4 @@ def trace(model: nn.Module, *, leaf_modules: tuple[type[nn.Module], ...] = ()) -
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _adopt_tree(gm, root)
     gm.train(model.training)
-    return PassResult(gm, modified=True, stats={"nodes": len(gm.graph.nodes)})
+    return TraceResult(graph_module=gm, modified=True, nodes=len(gm.graph.nodes))

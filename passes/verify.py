@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.trace import share_parameters
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from approxcompile.errors import VerificationError
+from approxcompile.passes.base import VerifyResult
+from approxcompile.passes.trace import share_parameters
 
 
 def _detach(v: Any) -> Any:
@@ -31,7 +31,7 @@ def _eval_outputs(module: nn.Module, example_inputs: Sequence[Any]) -> Any:
         module.train(was_training)
 
 
-def verify(gm: fx.GraphModule, original: nn.Module, example_inputs: Sequence[Any]) -> PassResult:
+def verify(gm: fx.GraphModule, original: nn.Module, example_inputs: Sequence[Any]) -> VerifyResult:
     """``gm.graph.lint()``, then eval outputs of ``gm`` equal those of ``original`` exactly.
 
     ``original`` runs as a parameter-sharing copy, so its training flags stay as they were.
@@ -51,4 +51,4 @@ def verify(gm: fx.GraphModule, original: nn.Module, example_inputs: Sequence[Any
                 f"[verify] in eval mode output {i} of the rewritten module differs from the original "
                 f"(max abs difference {diff}); please report this with the model"
             )
-    return PassResult(gm, modified=False, stats={"outputs": len(want)})
+    return VerifyResult(graph_module=gm, modified=False, outputs=len(want))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from approxcompile.passes import measure_step_flops
 from torch.utils.flop_counter import FlopCounterMode
 
 import approxcompile
 from approxcompile import ApproxConfig, NodeOverride, ops
 from approxcompile.ops import backward as backward_mod
 from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
+from approxcompile.passes import measure_step_flops
 from approxcompile.plan import META_KEY, kept_count
 from tests.models import attention, cnn, mlp
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from approxcompile.passes import measure_step_flops
-from approxcompile.passes.exported import ModeGraphModule
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
 import approxcompile
 from approxcompile import ApproxConfig, BudgetError, TraceError, ops
+from approxcompile.passes import measure_step_flops
+from approxcompile.passes.exported import ModeGraphModule
 from approxcompile.plan import META_KEY
 from tests.capture_models import Built, hf, small
 

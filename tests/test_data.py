@@ -10,12 +10,11 @@ import pickle
 from collections.abc import Callable
 from pathlib import Path
 
+import image_data as data
 import numpy as np
 import pytest
 import torch
-
-from approxcompile import data
-from approxcompile.data import DatasetUnavailable, Split
+from image_data import DatasetUnavailable, Split
 
 LOADERS: dict[str, tuple[Callable[..., Split], int, int]] = {
     # name: (loader, total images, side)

@@ -1,4 +1,4 @@
-"""Each measured export pitfall (design.md) has a test here that fails if it comes back."""
+"""Each export pitfall met while building the export path has a test here that fails if it comes back."""
 
 from __future__ import annotations
 

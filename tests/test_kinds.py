@@ -8,9 +8,9 @@ from torch import nn
 import approxcompile
 from approxcompile import kinds, ops, passes
 from approxcompile.choices import MODES, OP_TYPES
-from approxcompile.config import ApproxConfig, op_kind
+from approxcompile.config import ApproxConfig, NodeOverride, op_kind
 from approxcompile.export import estimators
-from approxcompile.export.lower import TWINS
+from approxcompile.export.lower import TWINS, lower_for_export
 from approxcompile.plan import META_KEY
 
 
@@ -92,3 +92,46 @@ def test_plans_carry_the_site_until_rewrite_drops_it() -> None:
     assert sampled[1].args[0] is sampled[0] and sampled[2].args[1] is sampled[1]
     assert sampled[3].args[0] is sampled[2]
     fx.GraphModule(fast, fast.graph).graph.lint()
+
+
+class _Batched(nn.Module):
+    """Attention-like scores through torch.baddbmm, the kind added through docs/contributing.md."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 64)
+        self.bias = nn.Parameter(torch.zeros(1, 1, 16))
+        self.out = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(torch.baddbmm(self.bias, h, h.transpose(1, 2)))
+
+
+def test_baddbmm_is_costed_rewritten_sampled_in_training_and_exact_in_eval() -> None:
+    torch.manual_seed(0)
+    model, x = _Batched(), torch.randn(4, 16, 64)
+    config = ApproxConfig(exclude_first_last=False).set_op_type(nn.Linear, NodeOverride(exact=True))
+    fast = approxcompile.optimize(model, 0.85, example_inputs=(x,), config=config)
+    (node,) = [n for n in approxcompile.report(fast).nodes if n.op == "baddbmm"]
+    assert node.kind == "matmul" and node.inner == 64 and node.sampled
+    assert node.flops.forward == 2 * 4 * 16 * 64 * 16
+    assert "approxcompile_ops_sampled_baddbmm(" in fast.code
+    fast.eval()
+    assert torch.equal(fast(x), model(x))
+    fast.train()
+    assert not torch.allclose(fast(x), model(x))
+    lowered = lower_for_export(fast)
+    assert estimators.export_baddbmm in [n.target for n in lowered.module.graph.nodes]
+
+
+def test_baddbmm_with_alpha_stays_exact_with_a_reason() -> None:
+    class Scaled(_Batched):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return self.out(torch.baddbmm(self.bias, h, h.transpose(1, 2), alpha=0.5))
+
+    torch.manual_seed(0)
+    fast = approxcompile.optimize(Scaled(), 1.0, example_inputs=(torch.randn(4, 16, 64),))
+    (node,) = [n for n in approxcompile.report(fast).nodes if n.op == "baddbmm"]
+    assert node.reason == "baddbmm with beta/alpha other than 1 is left exact" and node.flops.total > 0

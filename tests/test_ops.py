@@ -87,7 +87,7 @@ def test_the_unbiasedness_check_catches_a_biased_estimator(op: str) -> None:
 
 
 def test_crs_error_matches_the_variance_formula() -> None:
-    """E|AB - CR|_F^2 = (1/k)(sum a_i^2 / p_i - |AB|_F^2) for crs (design.md), within 10%."""
+    """E|AB - CR|_F^2 = (1/k)(sum a_i^2 / p_i - |AB|_F^2) for crs (Drineas et al. 2006), within 10%."""
     g = torch.Generator().manual_seed(7)
     x, w = torch.randn(16, 40, generator=g), torch.randn(8, 40, generator=g)
     k, eps = 10, 0.1

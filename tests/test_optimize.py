@@ -8,11 +8,11 @@ import textwrap
 
 import pytest
 import torch
-from approxcompile.passes import measure_step_flops
 from torch import nn
 
 import approxcompile
 from approxcompile import ApproxConfig, NodeOverride, ops
+from approxcompile.passes import measure_step_flops
 from approxcompile.plan import META_KEY
 from tests.models import attention, cnn, mlp
 

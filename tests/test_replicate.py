@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import torch
+from image_data import Split, load_mnist
 
 import approxcompile.ops.sampled as sampled
-from approxcompile.data import Split, load_mnist
 
 TOOL = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "replicate.py"))
 SEEDS = (0, 1)

@@ -6,9 +6,9 @@ import runpy
 from pathlib import Path
 
 import torch
-from approxcompile.passes.select import _spend_leftover
 
 import approxcompile
+from approxcompile.passes.allocation import _spend_leftover
 
 
 def test_leftover_goes_to_the_best_error_reduction_per_flop() -> None:

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from image_data import load_digits
 
 import approxcompile
-from approxcompile.data import load_digits
 from tests.models import MLP
 
 

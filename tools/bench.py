@@ -61,7 +61,6 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from approxcompile.passes import CAPTURE_KEY
 from bench_models import FACTORIES, Workload, build
 from paper_style import paper_style
 from torch import nn
@@ -69,6 +68,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import approxcompile
+from approxcompile.passes import CAPTURE_KEY
 from approxcompile.plan import META_KEY, Plan
 
 # Starts the memory child from a small process: ru_maxrss survives exec, so a child exec'd

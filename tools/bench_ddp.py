@@ -65,9 +65,10 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    from image_data import load_mnist_5k
+
     import approxcompile
     import approxcompile.distributed as adist
-    from approxcompile.data import load_mnist_5k
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

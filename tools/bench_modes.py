@@ -33,8 +33,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from image_data import load_mnist_5k  # noqa: E402
+
 import approxcompile  # noqa: E402
-from approxcompile.data import load_mnist_5k  # noqa: E402
 
 
 def mlp(sizes: tuple[int, ...]) -> nn.Module:

@@ -14,12 +14,12 @@ import datetime
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from image_data import load_mnist_5k
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import approxcompile
 import approxcompile.distributed
-from approxcompile.data import load_mnist_5k
 
 
 def main() -> None:

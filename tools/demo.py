@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from image_data import Split, load_mnist_5k
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import approxcompile
-from approxcompile.data import Split, load_mnist_5k
 
 BATCH = 64
 

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from demo import accuracy, lr_factor, make_cnn, make_mlp  # tools/ is on sys.path when this runs as a script
+from image_data import Split, load_mnist, load_mnist_5k
 from torch import nn
 from tqdm import tqdm
 
 import approxcompile
-from approxcompile.data import Split, load_mnist, load_mnist_5k
 from approxcompile.export import OrtTrainer, export_training
 
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": make_mlp, "cnn": make_cnn}

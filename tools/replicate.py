@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from image_data import Split, load_mnist
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import approxcompile
 from approxcompile.config import ApproxConfig, NodeOverride
-from approxcompile.data import Split, load_mnist
 from approxcompile.plan import META_KEY, Plan, kept_count
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Rerun the CNN's budget-0.4 and 0.6 cells of the replication grid with the current allocation.
 
-The grid in docs/results.md ran before ``passes/select.py`` learned to spend the budget
-the hull walk leaves over; this reruns top-k with the cost-model allocation and with the
+The grid in docs/results.md ran before the allocation pass (then in passes/select.py) learned
+to spend the budget the hull walk leaves over; this reruns top-k with the cost-model allocation and with the
 single keep ratio (3 seeds, 1 epoch, full MNIST, one torch thread) into
 ``docs/replicate-rerun/`` and prints paired differences against the grid's exact runs.
 
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import replicate as R
 import torch
-
-from approxcompile.data import load_mnist
+from image_data import load_mnist
 
 CACHE = Path("docs/replicate-rerun")
 BUDGETS = (0.4, 0.6)

@@ -39,16 +39,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from approxcompile.ops.sampling import DEFAULT_EPS
+from approxcompile.ops import estimator
+from approxcompile.ops.estimator import CONV, DEFAULT_EPS, noise_size, scale_along
 from approxcompile.plan import kept_count
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+__all__ = [
+    "export_addmm",
+    "export_baddbmm",
+    "export_conv",
+    "export_linear",
+    "export_matmul",
+    "noise_size",
+    "sample",
+    "stop_gradient",
+]
+
 _MANTISSA_SHIFT = 40  # q = v * 2^(40 - e) is an integer below 2^42 (see stop_gradient)
-
-
-def noise_size(method: str, n: int, k: int) -> int:
-    """How many uniform draws one sampling of ``k`` of ``n`` pairs reads (0 for ``topk``)."""
-    return {"topk": 0, "crs": k}.get(method, n)
 
 
 def stop_gradient(t: Tensor) -> Tensor:
@@ -115,15 +121,6 @@ def _norms(t: Tensor, dim: int) -> Tensor:
     return _float(t).square().sum(dims).sqrt()
 
 
-def _probabilities(scores: Tensor, eps: float) -> Tensor:
-    """``(1-eps)·a/sum(a) + eps/n``, uniform when the scores are all zero (as the runtime op)."""
-    n = int(scores.shape[0])
-    a = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores)).clamp(min=0.0)
-    total = a.sum()
-    p = a / torch.where(total > 0, total, torch.ones_like(total)) * (1.0 - eps) + eps / n
-    return torch.where(total > 0, p, torch.full_like(p, 1.0 / n))
-
-
 def _uniform(noise: Tensor | None, size: int, like: Tensor) -> Tensor:
     if noise is not None:
         return _float(noise)
@@ -138,21 +135,18 @@ def sample(
     ``topk``: TopK. ``uniform``: TopK of ``n`` uniforms, scale ``n/k``. ``crs``: inverse-CDF
     draws (``CumSum``, ``LessOrEqual``, ``ReduceSum``), scale ``1/(k p_i)``. ``bernoulli``: ``u < k p``,
     ``NonZero``, scale ``1/p_i`` (one pair scaled by 0 when nothing is drawn, as the runtime).
+    Scales pass through :func:`stop_gradient`.
     """
     n = int(scores.shape[0])
     if method == "topk":
-        clean = torch.where(torch.isnan(scores), torch.zeros_like(scores), scores)
-        return torch.sort(torch.topk(clean, k).indices).values, None
+        return estimator.topk_index(scores, k, ordered=True), None
     if method == "uniform":
-        u = _uniform(noise, n, scores)
-        index = torch.sort(torch.topk(u, k).indices).values
-        return index, torch.full((k,), n / k, device=scores.device)
-    p = _probabilities(scores, eps)
+        index = estimator.uniform_index(_uniform(noise, n, scores), k)
+        return index, estimator.uniform_scale(n, k, scores)
+    p = estimator.probabilities(scores, eps)
     if method == "crs":
-        u = _uniform(noise, k, scores)
-        below = torch.cumsum(p, 0)[:-1].unsqueeze(0) <= u.unsqueeze(1)  # (k, n-1)
-        index = torch.sort(below.to(torch.int64).sum(1)).values
-        return index, stop_gradient(1.0 / (k * p.index_select(0, index)))
+        index = estimator.crs_index(p, _uniform(noise, k, scores))
+        return index, stop_gradient(estimator.crs_scale(p.index_select(0, index), k))
     if method == "bernoulli":
         drawn, fallback, scale = _bernoulli(p, k, _uniform(noise, n, scores))
         index = torch.nonzero(drawn | fallback).squeeze(1)
@@ -162,19 +156,11 @@ def sample(
 
 def _bernoulli(p: Tensor, k: int, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(drawn, fallback, scale)``, all of length n; ``scale`` is 0 where nothing is kept."""
-    keep_p = (p * k).clamp(max=1.0)
-    drawn = u < keep_p
+    q = estimator.inclusion(p, k)
+    drawn = estimator.bernoulli_drawn(q, u)
     # Nothing drawn: keep the most likely pair, scaled by 0, so every shape stays non-empty.
-    fallback = (torch.arange(p.shape[0], device=p.device) == torch.argmax(keep_p)) & ~drawn.any()
-    return drawn, fallback, stop_gradient(torch.where(drawn, 1.0 / keep_p, torch.zeros_like(keep_p)))
-
-
-def _scaled(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
-    if scale is None:
-        return t
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    return t * (scale if scale.dtype == t.dtype else scale.to(t.dtype)).view(shape)
+    fallback = (torch.arange(p.shape[0], device=p.device) == torch.argmax(q)) & ~drawn.any()
+    return drawn, fallback, stop_gradient(torch.where(drawn, 1.0 / q, torch.zeros_like(q)))
 
 
 def _slices(
@@ -184,8 +170,8 @@ def _slices(
     index, scale = sample(_norms(a, a_dim) * _norms(b, b_dim), k, method, eps=eps, noise=noise)
     a_s, b_s = take(a, a_dim, index), take(b, b_dim, index)
     if int(a.numel()) // int(a.shape[a_dim]) <= int(b.numel()) // int(b.shape[b_dim]):
-        return _scaled(a_s, scale, a_dim), b_s
-    return a_s, _scaled(b_s, scale, b_dim)
+        return scale_along(a_s, scale, a_dim), b_s
+    return a_s, scale_along(b_s, scale, b_dim)
 
 
 def export_linear(
@@ -211,7 +197,7 @@ def export_linear(
         return _dense(x, weight, bias, transposed)
     w_dim = 0 if transposed else 1  # the input-feature axis of the stored weight
     index, scale = sample(_norms(x, -1) * _norms(weight, w_dim), k, method, eps=eps, noise=noise)
-    xs = _scaled(take(x, -1, index), scale, -1)
+    xs = scale_along(take(x, -1, index), scale, -1)
     return _dense(xs, take(weight, w_dim, index), bias, transposed)
 
 
@@ -258,6 +244,25 @@ def export_addmm(
     return torch.addmm(bias, *_slices(a, -1, b, 0, k, method, eps, noise))
 
 
+def export_baddbmm(
+    bias: Tensor,
+    a: Tensor,
+    b: Tensor,
+    *,
+    keep: float,
+    method: str = "topk",
+    training: bool = True,
+    eps: float = DEFAULT_EPS,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """``sampled_baddbmm`` -> GatherND of the contracted slices of both batches, then MatMul + Add."""
+    n = int(a.shape[-1])
+    k = kept_count(keep, n)
+    if not training or k >= n:
+        return torch.baddbmm(bias, a, b)
+    return torch.baddbmm(bias, *_slices(a, -1, b, -2, k, method, eps, noise))
+
+
 def export_conv(
     x: Tensor,
     weight: Tensor,
@@ -273,7 +278,7 @@ def export_conv(
     noise: Tensor | None = None,
 ) -> Tensor:
     """``sampled_conv`` -> GatherND of input channels of ``x`` and ``W``, then Conv."""
-    conv = _CONV[weight.dim() - 2]
+    conv = CONV[weight.dim() - 2]
     n = int(weight.shape[1])
     k = kept_count(keep, n)
     if not training or k >= n or x.dim() != weight.dim():
@@ -283,7 +288,7 @@ def export_conv(
         # a Conv whose kernel shape is unknown. Zeroing the channels not drawn gives the same
         # estimate and the same (zero) gradients for them, without the compute saving.
         scores = _norms(x, 1) * _norms(weight, 1)
-        _, _, scale = _bernoulli(_probabilities(scores, eps), k, _uniform(noise, n, scores))
-        return conv(_scaled(x, scale, 1), weight, bias, stride, padding, dilation)
+        _, _, scale = _bernoulli(estimator.probabilities(scores, eps), k, _uniform(noise, n, scores))
+        return conv(scale_along(x, scale, 1), weight, bias, stride, padding, dilation)
     xs, ws = _slices(x, 1, weight, 1, k, method, eps, noise)
     return conv(xs, ws, bias, stride, padding, dilation)

@@ -1,6 +1,6 @@
 """``export_onnx``: the lowered training graph, or the exact eval graph, as an ONNX file.
 
-Exporter settings, each for a measured reason (design.md):
+Exporter settings, each for a reason measured while building the export path:
 
 - the TorchScript exporter (``dynamo=False``): the dynamo exporter constant-folds
   expressions of the weights alone, so a weight's column norms would become a frozen

@@ -1,13 +1,20 @@
 """Runtime sampled operations that rewritten graphs call."""
 
 from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
-from approxcompile.ops.sampled import sampled_addmm, sampled_conv, sampled_linear, sampled_matmul
+from approxcompile.ops.sampled import (
+    sampled_addmm,
+    sampled_baddbmm,
+    sampled_conv,
+    sampled_linear,
+    sampled_matmul,
+)
 from approxcompile.ops.sampling import sample_pairs
 
 SAMPLED_OPS = (
     sampled_linear,
     sampled_matmul,
     sampled_addmm,
+    sampled_baddbmm,
     sampled_conv,
     backward_sampled_linear,
     backward_sampled_conv,
@@ -24,6 +31,7 @@ __all__ = [
     "backward_sampled_linear",
     "sample_pairs",
     "sampled_addmm",
+    "sampled_baddbmm",
     "sampled_conv",
     "sampled_linear",
     "sampled_matmul",

@@ -10,7 +10,7 @@ The forward product ``Y = X·Wᵀ + b`` is exact. In backward, with ``dY`` of sh
 - the input gradient ``dX = dY·W`` sums over the ``p`` output features; it keeps output
   feature ``o`` with score ``|W[o]|·|dY[:, o]|``;
 - the weight gradient ``dW = dYᵀ·X`` sums over the ``M`` batch rows; it keeps row ``b``
-  with score ``|X[b]|·|dY[b]|`` (``row_scores="x_dy"``, design.md) or ``|X[b]|``
+  with score ``|X[b]|·|dY[b]|`` (``row_scores="x_dy"``, the default) or ``|X[b]|``
   (``row_scores="x"``);
 - the bias gradient ``db = dY.sum(0)`` stays exact (it costs ``M·p``, no product).
 
@@ -37,13 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from approxcompile.ops.kernels import column_norms, scale_along, slice_norms
-from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
+from approxcompile.choices import ROW_SCORES, UNBIASED_METHODS
+from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
+from approxcompile.ops.kernels import column_norms, slice_norms
+from approxcompile.ops.sampling import sample_pairs
 from approxcompile.plan import kept_count
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-UNBIASED_METHODS = ("bernoulli", "crs", "uniform")
-ROW_SCORES = ("x_dy", "x")
 
 
 class BackwardSampledLinearFn(torch.autograd.Function):
@@ -217,7 +215,8 @@ def backward_sampled_linear(
         raise ValueError(f"row_scores must be one of {ROW_SCORES}, got {row_scores!r}")
     rows = x.numel() // max(weight.shape[-1], 1)
     exact = kept_count(keep, weight.shape[0]) >= weight.shape[0] and kept_count(keep, rows) >= rows
-    # Exporters would see through the Function to an exact gradient anyway (design.md).
+    # An exporter traces through the Function's forward only, and ONNX Runtime then builds
+    # the exact gradient of that forward: sampling here would change nothing exported.
     if not training or exact or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return F.linear(x, weight, bias)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
@@ -249,7 +248,7 @@ def backward_sampled_conv(
     if row_scores not in ROW_SCORES:
         raise ValueError(f"row_scores must be one of {ROW_SCORES}, got {row_scores!r}")
     d = weight.dim() - 2
-    conv = _CONV[d]
+    conv = CONV[d]
     o, batch = weight.shape[0], x.shape[0]
     exact = kept_count(keep, o) >= o and kept_count(keep, batch) >= batch
     if (

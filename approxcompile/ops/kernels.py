@@ -1,6 +1,6 @@
 """Fast building blocks of the sampled ops: score norms and the sampled linear / conv products.
 
-Where the time goes on a CPU (design.md, docs/performance.md):
+Where the time goes on a CPU (measured in docs/performance.md):
 
 - reducing a weight over its rows with ``W.norm(dim=0)`` is a strided reduction that
   costs more than a dense GEMM's tenth; :func:`column_norms` reads rows in cache-sized
@@ -65,15 +65,6 @@ def slice_norms(t: Tensor, dim: int) -> Tensor:
         return torch.linalg.vector_norm(per_sample, dim=0)
     dims = tuple(d for d in range(t.dim()) if d != dim % t.dim())
     return torch.linalg.vector_norm(t, dim=dims)
-
-
-def scale_along(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
-    """``t`` with index ``i`` of ``dim`` multiplied by ``scale[i]`` (``t`` itself when ``scale`` is None)."""
-    if scale is None:
-        return t
-    shape = [1] * t.dim()
-    shape[dim] = -1
-    return t * scale.to(t.dtype).view(shape)
 
 
 def _scatter(cols: Tensor, dim: int, index: Tensor, full: Tensor, unique: bool) -> Tensor:

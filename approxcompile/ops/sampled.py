@@ -5,6 +5,7 @@ The rewrite pass emits, for example::
     linear(x, W, b)           -> sampled_linear(x, W, b, keep=0.35, method='topk', training=training)
     matmul(q, k_t)            -> sampled_matmul(q, k_t, keep=0.5, method='topk', training=training)
     addmm(b, x, w_t)          -> sampled_addmm(b, x, w_t, keep=0.5, method='topk', training=training)
+    baddbmm(b, q, k_t)        -> sampled_baddbmm(b, q, k_t, keep=0.5, method='topk', training=training)
     conv2d(x, W, b, s, p, d)  -> sampled_conv(x, W, b, s, p, d, keep=0.4, method='topk', training=training)
 
 In training mode each op samples its inner dimension once in the forward pass and
@@ -26,11 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from approxcompile.ops import shared
-from approxcompile.ops.kernels import SampledConvFn, SampledLinearFn, column_norms, scale_along, slice_norms
-from approxcompile.ops.sampling import DEFAULT_EPS, sample_pairs
+from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
+from approxcompile.ops.kernels import SampledConvFn, SampledLinearFn, column_norms, slice_norms
+from approxcompile.ops.sampling import sample_pairs
 from approxcompile.plan import kept_count
-
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _check_scores(scores: str) -> bool:
@@ -50,6 +50,7 @@ def _sample_slices(
     eps: float,
     generator: torch.Generator | None,
     by_b: bool = False,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gather the sampled slices of ``a`` (along ``a_dim``) and ``b`` (along ``b_dim``).
 
@@ -59,7 +60,7 @@ def _sample_slices(
     """
     with torch.no_grad():
         scores = slice_norms(b, b_dim) if by_b else slice_norms(a, a_dim) * slice_norms(b, b_dim)
-        index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator)
+        index, scale = sample_pairs(scores, k, method, eps=eps, generator=generator, noise=noise)
     shared.record(b, index)
     a_s = a.index_select(a_dim, index)
     b_s = b.index_select(b_dim, index)
@@ -80,11 +81,14 @@ def sampled_linear(
     generator: torch.Generator | None = None,
     scores: str = "activations",
     seed: int | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``F.linear(x, weight, bias)`` over a sample of the input features.
 
     ``scores="weights"`` scores feature i by ``|W[:, i]|`` alone and draws from the weight's
     own stream seeded with ``seed`` (``approxcompile.ops.shared``), so data-parallel ranks agree.
+    ``noise`` (every op here): uniform draws to use instead of drawing (``estimator.noise_size``
+    of them); the export twin fed the same draws keeps the same pairs.
 
     >>> y = sampled_linear(torch.randn(8, 64), torch.randn(32, 64), keep=0.25)  # k = 16 of 64
     """
@@ -97,7 +101,7 @@ def sampled_linear(
     with torch.no_grad():
         w_norms = column_norms(weight)
         a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
-        index, scale = sample_pairs(a, k, method, eps=eps, generator=generator)
+        index, scale = sample_pairs(a, k, method, eps=eps, generator=generator, noise=noise)
     shared.record(weight, index)
     return SampledLinearFn.apply(x, weight, bias, index, scale, method != "crs")
 
@@ -111,6 +115,7 @@ def sampled_matmul(
     training: bool = True,
     eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``torch.matmul(a, b)`` over a sample of the contracted dimension.
 
@@ -123,7 +128,7 @@ def sampled_matmul(
     k = kept_count(keep, n)
     if not training or k >= n:
         return torch.matmul(a, b)
-    a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator)
+    a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator, noise=noise)
     return torch.matmul(a_s, b_s)
 
 
@@ -137,14 +142,36 @@ def sampled_addmm(
     training: bool = True,
     eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``torch.addmm(bias, a, b)`` over a sample of the contracted dimension."""
     n = a.shape[-1]
     k = kept_count(keep, n)
     if not training or k >= n:
         return torch.addmm(bias, a, b)
-    a_s, b_s = _sample_slices(a, -1, b, 0, k, method, eps, generator)
+    a_s, b_s = _sample_slices(a, -1, b, 0, k, method, eps, generator, noise=noise)
     return torch.addmm(bias, a_s, b_s)
+
+
+def sampled_baddbmm(
+    bias: Tensor,
+    a: Tensor,
+    b: Tensor,
+    *,
+    keep: float,
+    method: str = "topk",
+    training: bool = True,
+    eps: float = DEFAULT_EPS,
+    generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """``torch.baddbmm(bias, a, b)`` over a sample of the contracted dimension, one for the whole batch."""
+    n = a.shape[-1]
+    k = kept_count(keep, n)
+    if not training or k >= n:
+        return torch.baddbmm(bias, a, b)
+    a_s, b_s = _sample_slices(a, -1, b, -2, k, method, eps, generator, noise=noise)
+    return torch.baddbmm(bias, a_s, b_s)
 
 
 def sampled_conv(
@@ -162,6 +189,7 @@ def sampled_conv(
     generator: torch.Generator | None = None,
     scores: str = "activations",
     seed: int | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation)`` over a sample of input channels.
 
@@ -169,7 +197,7 @@ def sampled_conv(
     ``|x[:, c]|_F * |W[:, c]|_F`` (``|W[:, c]|_F`` alone with ``scores="weights"``, as
     :func:`sampled_linear`).
     """
-    conv = _CONV[weight.dim() - 2]
+    conv = CONV[weight.dim() - 2]
     n = weight.shape[1]
     k = kept_count(keep, n)
     if not training or k >= n or x.dim() != weight.dim():
@@ -177,12 +205,12 @@ def sampled_conv(
     by_weights = _check_scores(scores)
     generator = shared.stream(weight, seed) if by_weights and generator is None else generator
     if isinstance(padding, str):  # 'same' / 'valid': let F.conv resolve the padding
-        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights)
+        xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights, noise)
         return conv(xs, ws, bias, stride, padding, dilation)
     with torch.no_grad():
         w_norms = slice_norms(weight, 1)
         a = w_norms if by_weights else slice_norms(x, 1) * w_norms
-        index, scale = sample_pairs(a, k, method, eps=eps, generator=generator)
+        index, scale = sample_pairs(a, k, method, eps=eps, generator=generator, noise=noise)
     shared.record(weight, index)
     d = weight.dim() - 2
     return SampledConvFn.apply(

@@ -1,16 +1,10 @@
-"""Which column-row pairs to keep, and how to rescale them.
+"""Which column-row pairs to keep, and how to rescale them, in the runtime ops.
 
-Every sampled product is ``sum_i A[:, i] B[i, :]`` restricted to the pairs this module
-picks, each multiplied by its scale. Scores ``a_i = |A[:, i]| * |B[i, :]|`` come from the
-caller; the four methods (design.md) are:
-
-- ``topk``: the k largest scores, no scaling (deterministic, biased);
-- ``crs``: k draws with replacement from ``p = (1-eps) a/sum(a) + eps/n``, scale ``1/(k p_i)``;
-- ``bernoulli``: pair i kept with ``p_i = min(1, k q_i)``, ``q`` as for crs, scale ``1/p_i``;
-- ``uniform``: k pairs uniformly without replacement, scale ``n/k``.
-
-Indices come back sorted so gathers read memory in order. Randomness uses torch's
-generator (``torch.manual_seed``) unless one is passed.
+The methods, their probabilities and scales are those of :mod:`approxcompile.ops.estimator`
+(shared with the exportable twins). Scores ``a_i = |A[:, i]| * |B[i, :]|`` come from the
+caller. Indices come back sorted so gathers read memory in order. Randomness uses torch's
+generator (``torch.manual_seed``) unless one is passed; ``noise`` (uniform draws, as many as
+``estimator.noise_size``) replaces the draws, and then the export twin picks the same pairs.
 """
 
 from __future__ import annotations
@@ -18,18 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-DEFAULT_EPS = 0.1
+from approxcompile.ops import estimator
+from approxcompile.ops.estimator import DEFAULT_EPS
 
-
-def _probabilities(scores: Tensor, eps: float) -> Tensor:
-    """``(1-eps)·a/sum(a) + eps/n``; uniform when the scores carry no information."""
-    n = scores.numel()
-    a = torch.nan_to_num(scores.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min_(0.0)
-    total = a.sum()
-    # Dead ReLUs or zero weights give all-zero scores: fall back to uniform, never 0/0.
-    if not bool(torch.isfinite(total)) or float(total) <= 0.0:
-        return torch.full_like(a, 1.0 / n)
-    return a.div_(total).mul_(1.0 - eps).add_(eps / n)
+__all__ = ["DEFAULT_EPS", "sample_pairs"]
 
 
 def sample_pairs(
@@ -39,6 +25,7 @@ def sample_pairs(
     *,
     eps: float = DEFAULT_EPS,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Pick pairs from ``scores`` (shape ``(n,)``): returns ``(index, scale)``.
 
@@ -49,24 +36,27 @@ def sample_pairs(
     n = scores.numel()
     device = scores.device
     if method == "topk":
-        clean = torch.nan_to_num(scores.float(), nan=0.0, posinf=torch.finfo(torch.float32).max)
-        index = torch.topk(clean, k, sorted=False).indices
-        return torch.sort(index).values, None
+        return estimator.topk_index(scores, k), None
     if method == "uniform":
-        index = torch.randperm(n, device=device, generator=generator)[:k]
-        index = torch.sort(index).values
-        return index, torch.full((k,), n / k, device=device)
-    p = _probabilities(scores, eps)
+        if noise is None:
+            index = torch.sort(torch.randperm(n, device=device, generator=generator)[:k]).values
+        else:
+            index = estimator.uniform_index(noise.to(device), k)
+        return index, estimator.uniform_scale(n, k, scores)
+    p = estimator.probabilities(scores, eps)
     if method == "crs":
-        index = torch.sort(torch.multinomial(p, k, replacement=True, generator=generator)).values
-        return index, 1.0 / (k * p[index])
+        if noise is None:
+            index = torch.sort(torch.multinomial(p, k, replacement=True, generator=generator)).values
+        else:
+            index = estimator.crs_index(p, noise.to(device).float())
+        return index, estimator.crs_scale(p[index], k)
     if method == "bernoulli":
-        keep_p = (p * k).clamp_(max=1.0)
-        u = torch.rand(n, device=device, generator=generator)
-        index = torch.nonzero(u < keep_p).squeeze(1)
+        q = estimator.inclusion(p, k)
+        u = torch.rand(n, device=device, generator=generator) if noise is None else noise.to(device)
+        index = torch.nonzero(estimator.bernoulli_drawn(q, u)).squeeze(1)
         if index.numel() == 0:
             # Nothing drawn: the estimate is 0. One pair scaled by 0 keeps every shape
             # (a 0-channel convolution is not one) and gives zero gradients.
-            return torch.argmax(keep_p).view(1), torch.zeros(1, device=device)
-        return index, 1.0 / keep_p[index]
+            return torch.argmax(q).view(1), torch.zeros(1, device=device)
+        return index, 1.0 / q[index]
     raise ValueError(f"unknown sampling method {method!r}")

@@ -4,7 +4,7 @@ Why: a training step of a sampled layer allocates full-size buffers (the weight 
 the input gradient, the gathered weight columns). PyTorch's CPU allocator hands large
 blocks back to the operating system when they are freed, so every step pays for fresh
 pages: on the development machines, ``torch.zeros(4096, 4096)`` takes 19 ms on fresh
-memory and 1.5 ms on memory touched before (design.md, docs/performance.md). A
+memory and 1.5 ms on memory touched before (docs/performance.md). A
 :class:`Workspace` keeps one storage per (tensor, slot) alive and hands it out again once
 nobody holds it any more.
 

@@ -1,12 +1,10 @@
-"""Selection: which nodes to sample, and how much, under the FLOP budget.
+"""Allocation: how much to sample each node under the FLOP budget.
 
-``apply_exclusions`` resolves each node's settings (overrides, QConfigMapping precedence)
-and records why a node must stay exact: unsupported form, an override, first / last
-candidate, inner dimension too small. ``allocate`` then picks a keep ratio per remaining
-node that minimises the summed relative error subject to
-``sum(cost) <= budget * dense``: each node's (cost, error) options are reduced to their
-lower convex hull, and the cheapest error-per-FLOP step is taken until the budget holds.
-Both passes update ``node.meta["approxcompile"]`` only; the graph is unchanged.
+``allocate`` picks a keep ratio per node the exclusions left eligible that minimises the
+summed relative error subject to ``sum(cost) <= budget * dense``: each node's (cost, error)
+options are reduced to their lower convex hull, and the cheapest error-per-FLOP step is
+taken until the budget holds. It updates ``node.meta["approxcompile"]`` only; the graph is
+unchanged.
 """
 
 from __future__ import annotations
@@ -14,45 +12,14 @@ from __future__ import annotations
 import math
 
 import torch.fx as fx
-from approxcompile.passes.base import PassResult
-from approxcompile.passes.match import site_of
 
-from approxcompile.config import ApproxConfig
 from approxcompile.errors import BudgetError
+from approxcompile.passes.base import AllocationResult
 from approxcompile.plan import META_KEY, NodePlan, kept_count
 
 
 def _planned(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if META_KEY in n.meta]
-
-
-def apply_exclusions(gm: fx.GraphModule, config: ApproxConfig) -> PassResult:
-    """Resolve per-node settings and record a reason on every node that must stay exact."""
-    nodes = _planned(gm)
-    shaped = [n for n in nodes if n.meta[META_KEY].shapes]
-    ends = {shaped[0].name: "first", shaped[-1].name: "last"} if shaped else {}
-    excluded = 0
-    for node in nodes:
-        plan: NodePlan = node.meta[META_KEY]
-        site = site_of(gm, node, plan)
-        s = config.resolve(kind=plan.kind, names=(plan.name, site.owner) if site.owner else (plan.name,))
-        reason = plan.reason
-        if reason is None and s.exact:
-            reason = f"left exact by override ({s.source})"
-        elif reason is None and s.keep is None and config.exclude_first_last and node.name in ends:
-            reason = f"{ends[node.name]} candidate node (kept exact, as in the paper)"
-        elif reason is None and plan.inner < config.min_inner:
-            reason = f"inner dimension {plan.inner} is too small to sample (min_inner={config.min_inner})"
-        elif reason is None and plan.inner <= s.min_k:
-            reason = f"inner dimension {plan.inner} is not above min_k={s.min_k}"
-        fixed = None
-        if reason is None and s.keep is not None:
-            fixed = max(s.keep, s.min_k / plan.inner)
-        node.meta[META_KEY] = plan.with_(
-            method=s.method, min_k=s.min_k, fixed_keep=fixed, reason=reason, settings_source=s.source
-        )
-        excluded += reason is not None
-    return PassResult(gm, modified=False, stats={"excluded": excluded})
 
 
 def _hull(options: list[tuple[int, float, float]]) -> list[tuple[int, float, float]]:
@@ -129,7 +96,7 @@ def _holders(plans: dict[str, NodePlan], dense: int) -> str:
     return f"; the largest exact nodes: {rows}"
 
 
-def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> PassResult:
+def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> AllocationResult:
     """Choose ``keep`` / ``k`` for every eligible node so the step fits ``budget`` of dense FLOPs."""
     nodes = _planned(gm)
     plans = {n.name: n.meta[META_KEY] for n in nodes}
@@ -187,6 +154,6 @@ def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> PassResu
             continue
         node.meta[META_KEY] = p.with_(keep=keep, k=k, est_error=_error_at(p, keep))
         sampled += 1
-    return PassResult(
-        gm, modified=False, stats={"sampled": sampled, "fraction": total / dense if dense else 1.0}
+    return AllocationResult(
+        graph_module=gm, modified=False, sampled=sampled, fraction=total / dense if dense else 1.0
     )
