@@ -425,7 +425,11 @@ def _floats(text: str) -> list[float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
-    p.add_argument("--models", default=",".join(FACTORIES), help="comma-separated: " + ", ".join(FACTORIES))
+    p.add_argument(
+        "--models",
+        default="mlp,cnn,transformer",
+        help="comma-separated: " + ", ".join(FACTORIES) + " (gpt2 needs the [hf] extra; name it to run it)",
+    )
     p.add_argument("--budgets", type=_floats, default=[0.2, 0.4, 0.6, 0.8], help="approxcompile budgets")
     p.add_argument("--paper-budget", type=float, default=0.4, help="the plan paper-style copies")
     p.add_argument("--steps", type=int, help="training steps per timed block (default 5; quick 2)")
