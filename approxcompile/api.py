@@ -56,7 +56,7 @@ def optimize(
     config: ApproxConfig | None = None,
     plan: SavedPlan | dict[str, Any] | str | os.PathLike[str] | fx.GraphModule | None = None,
     progress: bool | None = None,
-) -> ApproxModule:
+) -> fx.GraphModule:
     """Return ``model`` rewritten so one training step costs at most ``budget`` of its FLOPs.
 
     The result shares parameters and buffers with ``model`` (which is not mutated; see
@@ -93,7 +93,9 @@ def optimize(
     # Planning runs forward about four times; the global RNG stream stays as it was.
     with torch.random.fork_rng(devices=[]), progress_enabled(progress):
         gm = _plan(model, budget, inputs, config, saved)
-    fast = finalize(gm, model)
+    if gm.meta[passes.CAPTURE_KEY].frontend == "dynamo":
+        return gm  # planned region by region as dynamo hands the regions over
+    fast = finalize(gm, passes.unwrap(model))
     result: Plan = fast.meta[META_KEY]
     logger.info(
         "optimize: %d/%d nodes sampled, %.3f of the dense FLOPs, %.2fs",
@@ -137,8 +139,18 @@ def _plan(
 ) -> fx.GraphModule:
     """The planned and rewritten graph, over a copy of ``model`` (no hooks, cloned buffers)."""
     concrete = dict.fromkeys(inputs.fixed_none)
-    # trace: a GraphModule over new module objects that share the user's tensors
-    gm = passes.trace(model, leaf_modules=config.leaf_modules, concrete_args=concrete).graph_module
+    # capture: a GraphModule over new module objects that share the user's tensors (fx / export / dynamo)
+    front = passes.capture(
+        model,
+        clone_inputs(inputs.args),
+        frontend=config.frontend,
+        leaf_modules=config.leaf_modules,
+        concrete_args=concrete,
+    )
+    gm, model = front.graph_module, front.model  # model: behind torch.compile / optimize
+    if front.frontend == "dynamo":  # data-dependent control flow: planned region by region
+        passes.plan_regions(gm, clone_inputs(inputs.args), budget=budget, config=config)
+        return gm
     isolate(gm)  # every forward below writes cloned buffers and fresh input copies only
     example = inputs.positional(gm)
     # shapes: every node's shape / requires_grad, and the operands of each product
@@ -181,6 +193,8 @@ def _plan(
         note=note,
         mode=config.mode,
         scores=config.scores,
+        frontend=front.frontend,
+        frontend_reason=front.reason,
     )
     gm.meta[CONFIG_META_KEY] = config  # for save_plan
     return gm

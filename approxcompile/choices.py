@@ -41,3 +41,8 @@ ROW_SCORES: tuple[RowScores, ...] = get_args(RowScores)
 # kind of ``approxcompile.kinds`` belongs to one of them.
 OpType = Literal["linear", "matmul", "conv"]
 OP_TYPES: tuple[OpType, ...] = get_args(OpType)
+
+# How optimize() turns the model into a graph: symbolic tracing, torch.export (one graph per
+# mode), torch.compile's dynamo (data-dependent control flow), or the first faithful of these.
+Frontend = Literal["auto", "fx", "export", "dynamo"]
+FRONTENDS: tuple[Frontend, ...] = get_args(Frontend)

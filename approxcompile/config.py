@@ -24,6 +24,7 @@ from torch import nn
 
 from approxcompile import kinds
 from approxcompile.choices import (
+    FRONTENDS,
     METHODS,
     MODES,
     OP_TYPES,
@@ -158,7 +159,10 @@ class ApproxConfig:
     eps: weight of the uniform distribution mixed into ``crs`` / ``bernoulli`` probabilities.
     sensitivity_draws: draws averaged when measuring the error of a random method.
     seed: seed of the private generator used while measuring sensitivities.
-    leaf_modules: module types torch.fx should not trace into.
+    leaf_modules: module types torch.fx should not trace into (``frontend="fx"``).
+    frontend: how the model becomes a graph: ``fx`` (symbolic tracing), ``export``
+        (torch.export, one graph per mode), ``dynamo`` (torch.compile, for data-dependent
+        control flow) or ``auto`` (fx where it is faithful, else export, else dynamo).
     measure_time: time every candidate node dense and sampled on the example inputs and
         never pick a keep ratio that is not faster than the dense op (see passes/timing.py).
     time_repeats: timed runs per (node, keep ratio) when ``measure_time`` is on; the median counts.
@@ -184,6 +188,7 @@ class ApproxConfig:
     sensitivity_draws: int = 3
     seed: int = 0
     leaf_modules: tuple[type[nn.Module], ...] = ()
+    frontend: str = "auto"
     measure_time: bool = False
     time_repeats: int = 3
     mode: Mode = "forward"
@@ -235,6 +240,7 @@ class ApproxConfig:
             ("mode", self.mode, MODES),
             ("scores", self.scores, SCORES),
             ("row_scores", self.row_scores, ROW_SCORES),
+            ("frontend", self.frontend, FRONTENDS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from approxcompile import aten_matchers as aten
 from approxcompile import ops
 from approxcompile.choices import METHODS, MODES, SCORES, Method, Mode, OpType, Scores
 from approxcompile.site import Site, call_args, owner, qualified
@@ -151,7 +152,8 @@ def _conv_module(gm: fx.GraphModule, node: fx.Node, display: str) -> Site:
 
 def _f_linear(gm: fx.GraphModule, node: fx.Node, display: str) -> Site:
     x, w, b = call_args(node, ("input", "weight", "bias"), (None,))
-    return Site("linear", display, qualified(node), owner(node), (x, w, b))
+    name, where = aten.product_name(node)  # dynamo graphs: nn.Linear's own call takes its name
+    return Site("linear", "Linear" if name == where else display, name, where, (x, w, b))
 
 
 def _matmul(gm: fx.GraphModule, node: fx.Node, display: str) -> Site:
@@ -256,6 +258,7 @@ KINDS: dict[str, OpKind] = {
             matchers=(
                 Matcher(node_op="call_module", targets={nn.Linear: "Linear"}, build=_linear_module),
                 Matcher(node_op="call_function", targets={F.linear: "F.linear"}, build=_f_linear),
+                Matcher(node_op="call_function", targets=aten.LINEARS, build=aten.aten_linear),
             ),
             factors=(0, 1),
             products=_linear_products,
@@ -269,7 +272,10 @@ KINDS: dict[str, OpKind] = {
         OpKind(
             name="matmul",
             op_type="matmul",
-            matchers=(Matcher(node_op="call_function", targets=_MATMULS, build=_matmul),),
+            matchers=(
+                Matcher(node_op="call_function", targets=_MATMULS, build=_matmul),
+                Matcher(node_op="call_function", targets=aten.MATMULS, build=aten.aten_matmul),
+            ),
             factors=(0, 1),
             products=_matmul_products,
             forward_op=ops.sampled_matmul,
@@ -279,7 +285,10 @@ KINDS: dict[str, OpKind] = {
         OpKind(
             name="addmm",
             op_type="linear",  # what nn.Linear traces to in older torch versions
-            matchers=(Matcher(node_op="call_function", targets={torch.addmm: "addmm"}, build=_addmm),),
+            matchers=(
+                Matcher(node_op="call_function", targets={torch.addmm: "addmm"}, build=_addmm),
+                Matcher(node_op="call_function", targets=aten.ADDMMS, build=aten.aten_addmm),
+            ),
             factors=(1, 2),
             products=_matmul_products,
             forward_op=ops.sampled_addmm,
@@ -302,6 +311,7 @@ KINDS: dict[str, OpKind] = {
             matchers=(
                 Matcher(node_op="call_module", targets=_CONV_MODULES, build=_conv_module),
                 Matcher(node_op="call_function", targets=_CONV_FUNCTIONS, build=_f_conv),
+                Matcher(node_op="call_function", targets=aten.CONVS, build=aten.aten_conv),
             ),
             factors=(0, 1),
             products=_conv_products,

@@ -140,6 +140,8 @@ class Plan:
     note: str | None = None  # e.g. "no candidate nodes"
     mode: Mode = "forward"  # ApproxConfig.mode: which products the sampled nodes shrink
     scores: Scores = "activations"  # ApproxConfig.scores: what the forward samples are scored by
+    frontend: str = "fx"  # how the model was captured: "fx" | "export" | "dynamo"
+    frontend_reason: str = ""  # why that frontend (auto's choice, the mode handling)
 
     @property
     def dense_flops(self) -> int:

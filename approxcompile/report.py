@@ -160,6 +160,8 @@ class Report:
             f"counted by FlopCounter    {human_flops(p.counted_flops)}  (products, no overhead)",
             f"outside matmul/conv       {human_flops(p.other_flops)}",
             f"sampled nodes             {len(self.sampled)} / {len(p.nodes)} candidates",
+            f"captured by               {p.frontend}"
+            + (f" ({p.frontend_reason})" if p.frontend_reason else ""),
         ]
         if p.note:
             out.append(f"note: {p.note}")

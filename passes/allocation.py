@@ -87,6 +87,15 @@ def _spend_leftover(
         chosen[name] = opt
 
 
+def _holders(plans: dict[str, NodePlan], dense: int) -> str:
+    """The exact nodes that hold most of the unsampleable FLOPs, largest first, for the budget error."""
+    exact = sorted((p for p in plans.values() if p.reason is not None), key=lambda p: -p.flops.total)[:5]
+    if not exact:
+        return ""
+    rows = ", ".join(f"{p.name} {p.flops.total / dense:.3f} [{p.reason}]" for p in exact)
+    return f"; the largest exact nodes: {rows}"
+
+
 def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> AllocationResult:
     """Choose ``keep`` / ``k`` for every eligible node so the step fits ``budget`` of dense FLOPs."""
     nodes = _planned(gm)
@@ -110,8 +119,8 @@ def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> Allocati
             smallest / dense,
             f"[select] budget={budget:g} cannot be met: the nodes left exact, the fixed keep ratios and "
             f"the smallest keep ratios allowed (keep_grid, min_k) cost {smallest / dense:.4f} of the dense "
-            f"training step ({fixed / dense:.4f} of it cannot be sampled at all); the smallest feasible "
-            f"budget is {math.ceil(smallest / dense * 1000) / 1000:.3f}",
+            f"training step ({fixed / dense:.4f} of it cannot be sampled at all{_holders(plans, dense)}); "
+            f"the smallest feasible budget is {math.ceil(smallest / dense * 1000) / 1000:.3f}",
         )
     at = dict.fromkeys(choices, 0)
     total = fixed + sum(opts[0][0] for opts in choices.values())

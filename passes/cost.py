@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from approxcompile import kinds
 from approxcompile.choices import Method, Mode
 from approxcompile.passes.base import CostResult, StepFlops
+from approxcompile.passes.flops import FLOP_FIXES
 from approxcompile.passes.match import Site, match, operand_tensor
 from approxcompile.plan import META_KEY, Flops, NodePlan
 
@@ -144,7 +145,7 @@ def measure_step_flops(module: torch.nn.Module, example_inputs: Sequence[Any]) -
     module runs in its current mode.
     """
     params = [p for p in module.parameters() if p.requires_grad]
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FIXES) as counter:
         outputs = [t for t in tree_leaves(module(*example_inputs)) if isinstance(t, torch.Tensor)]
         loss = sum((t.float().sum() for t in outputs if t.requires_grad), torch.zeros(()))
         if params and loss.requires_grad:

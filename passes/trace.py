@@ -70,12 +70,11 @@ def _adopt_tree(gm: fx.GraphModule, root: nn.Module) -> None:
     as a persistent buffer; unused submodules would vanish and non-persistent buffers
     would appear in checkpoints.
     """
-    for name, child in root._modules.items():
-        gm._modules[name] = child
-    for name, p in root._parameters.items():
-        gm._parameters[name] = p
-    for name, b in root._buffers.items():
-        gm._buffers[name] = b
+    # Rebuilt in the root's order (then whatever the graph added), so state_dict() lists the
+    # keys in the original's order, not in the order the graph first used them.
+    for attr in ("_modules", "_parameters", "_buffers"):
+        ours, theirs = getattr(gm, attr), getattr(root, attr)
+        gm.__dict__[attr] = {**theirs, **{k: v for k, v in ours.items() if k not in theirs}}
     traced_constants = set(gm._buffers) - set(root._buffers)  # e.g. _tensor_constant0
     gm._non_persistent_buffers_set = set(root._non_persistent_buffers_set) | traced_constants
 
@@ -111,7 +110,7 @@ def trace(
         raise TraceError(
             f"[trace] torch.fx could not trace {type(model).__name__}: {type(e).__name__}: {e}\n"
             f"  failing code: {where or 'unknown (no frame outside torch)'}\n"
-            f"  fix: {fix}; torch.export graphs are not accepted as input yet"
+            f"  fix: {fix}, or let ApproxConfig(frontend='auto') capture it with torch.export or dynamo"
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _adopt_tree(gm, root)

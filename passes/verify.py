@@ -8,11 +8,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from approxcompile.errors import VerificationError
 from approxcompile.passes.base import VerifyResult
 from approxcompile.passes.trace import share_parameters
+
+
+def _detach(v: Any) -> Any:
+    return v.detach() if isinstance(v, torch.Tensor) else v
 
 
 def _eval_outputs(
@@ -21,8 +25,10 @@ def _eval_outputs(
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad():
-            return module(*example_inputs, **(kwargs or {}))
+        # Grad mode on: some modules take another code path without it (nn.TransformerEncoderLayer's
+        # fused eval kernel), which a graph captured with autograd on does not follow.
+        with torch.enable_grad():
+            return tree_map(_detach, module(*example_inputs, **(kwargs or {})))
     finally:
         module.train(was_training)
 

@@ -51,20 +51,20 @@ class Holder(nn.Module):
 
 def test_untraceable_model_names_the_code_and_suggests_a_leaf_module() -> None:
     with pytest.raises(TraceError) as info:
-        approxcompile.optimize(Holder(), 0.5, example_inputs=(X,))
+        approxcompile.optimize(Holder(), 0.5, example_inputs=(X,), config=ApproxConfig(frontend="fx"))
     msg = str(info.value)
     assert "if x.sum() > 0" in msg and "test_errors.py" in msg
     assert "leaf_modules=(Branchy,)" in msg
     assert info.value.__cause__ is not None
     fast = approxcompile.optimize(
-        Holder(), 0.9, example_inputs=(X,), config=ApproxConfig(leaf_modules=(Branchy,))
+        Holder(), 0.9, example_inputs=(X,), config=ApproxConfig(leaf_modules=(Branchy,), frontend="fx")
     )
     assert any(n.op == "call_module" and n.target == "c" for n in fast.graph.nodes)
 
 
 def test_untraceable_root_suggests_moving_the_code_into_a_submodule() -> None:
     with pytest.raises(TraceError, match="move the data-dependent code into a submodule"):
-        approxcompile.optimize(Branchy(), 0.5, example_inputs=(X,))
+        approxcompile.optimize(Branchy(), 0.5, example_inputs=(X,), config=ApproxConfig(frontend="fx"))
 
 
 def test_example_inputs_that_do_not_fit_give_the_models_error_with_context() -> None:

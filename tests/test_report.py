@@ -190,17 +190,8 @@ def test_json_round_trips_and_totals_are_the_hand_computed_ones() -> None:
 
 def test_json_node_fields() -> None:
     data = report(_planned()).to_dict()
-    assert set(data) == {
-        "schema",
-        "budget",
-        "method",
-        "mode",
-        "scores",
-        "note",
-        "totals",
-        "nodes",
-        "warnings",
-    }
+    keys = {"schema", "budget", "method", "mode", "scores", "frontend", "frontend_reason", "note", "totals"}
+    assert set(data) == keys | {"nodes", "warnings"}
     fc2 = data["nodes"][1]
     assert set(fc2) == {
         "name", "kind", "op", "shapes", "out_shape", "inner", "keep", "k", "sampled", "method", "min_k",

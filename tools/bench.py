@@ -75,6 +75,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import approxcompile
+from approxcompile.passes import CAPTURE_KEY
 from approxcompile.plan import META_KEY, Plan
 
 # Starts the memory child from a small process: ru_maxrss survives exec, so a child exec'd
@@ -128,8 +129,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _plan_info(plan: Plan) -> dict[str, Any]:
+def _plan_info(plan: Plan, gm: fx.GraphModule) -> dict[str, Any]:
+    capture = gm.meta.get(CAPTURE_KEY)
     return {
+        "frontend": plan.frontend,
+        "frontend_reason": plan.frontend_reason,
+        "capture_s": capture.seconds if capture is not None else None,
+        "optimize_s": gm.meta.get("bench_optimize_s"),
         "budget": plan.budget,
         "planned_fraction": plan.fraction,
         "counted_fraction": plan.counted_flops / plan.dense_flops if plan.dense_flops else 1.0,
@@ -179,7 +185,9 @@ def _base_variant(
     b = float(budget)
     if b not in optimized:
         config = approxcompile.ApproxConfig(measure_time=measure_time)
+        start = time.perf_counter()
         optimized[b] = approxcompile.optimize(copy.deepcopy(w.model), b, example_inputs=(w.x,), config=config)
+        optimized[b].meta["bench_optimize_s"] = time.perf_counter() - start
     plan = optimized[b].meta[META_KEY]
     if kind == "paper":
         paper = paper_style(w.model, plan)
@@ -187,14 +195,17 @@ def _base_variant(
             name, paper.model, {"plan_budget": b, "sampled": paper.sampled, "left_exact": paper.left_exact}
         )
     if kind == "approx":
-        return Variant(name, optimized[b], _plan_info(plan))
+        return Variant(name, optimized[b], _plan_info(plan, optimized[b]))
     raise ValueError(f"unknown variant {name!r}")
 
 
-def variant_names(args: argparse.Namespace) -> list[str]:
+def variant_names(args: argparse.Namespace, model: str = "") -> list[str]:
+    """``gpt2`` has no paper-style variant: that implementation swaps ``nn.Linear`` modules, and
+    GPT-2's projections are ``Conv1D`` modules."""
     if args.variants:
         return args.variants
-    names = ["exact", label("paper", args.paper_budget), *(label("approx", b) for b in args.budgets)]
+    paper = [] if model == "gpt2" else [label("paper", args.paper_budget)]
+    names = ["exact", *paper, *(label("approx", b) for b in args.budgets)]
     plain = ["exact", *(label("approx", b) for b in args.budgets)]
     if args.compile:
         names += [n + "+compile" for n in plain]
@@ -369,7 +380,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
     """Every variant of one model: timings, FLOPs, memory; one row per variant."""
     w = build(name, args.size, seed=args.seed)
     print(w.describe(), flush=True)
-    variants = build_variants(w, variant_names(args), device, args.measure_time)
+    variants = build_variants(w, variant_names(args, name), device, args.measure_time)
     x, y = w.x.to(device), w.y.to(device)
     for v in variants:
         v.flops = training_flops(v.model, x, y)
@@ -378,14 +389,14 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
         measure_memory(variants, Workload(w.name, w.model, x, y), args)
     by_name = {v.name: v for v in variants}
     exact = by_name.get("exact", variants[0])
-    paper = next((v for v in variants if v.name.startswith("paper@")), exact)
+    paper = next((v for v in variants if v.name.startswith("paper@")), None)
     return [
         {
             "model": name,
             "variant": v.name,
             "median_step_ms": v.median_ms,
             "speedup_vs_exact": exact.median_ms / v.median_ms,
-            "speedup_vs_paper": paper.median_ms / v.median_ms,
+            "speedup_vs_paper": paper.median_ms / v.median_ms if paper is not None else float("nan"),
             # compiled sampled over compiled exact, bf16 over bf16: the exact twin with this suffix
             "speedup_vs_base": by_name.get(_base_of(v.name), exact).median_ms / v.median_ms,
             "flops": v.flops,
@@ -436,7 +447,7 @@ def format_table(result: dict[str, Any], markdown: bool) -> str:
             f"{r['median_step_ms']:.1f}",
             f"{r['speedup_vs_exact']:.2f}x",
             f"{r['speedup_vs_base']:.2f}x",
-            f"{r['speedup_vs_paper']:.2f}x",
+            "n/a" if r["speedup_vs_paper"] != r["speedup_vs_paper"] else f"{r['speedup_vs_paper']:.2f}x",
             f"{r['flop_fraction']:.3f}",
             "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}",
         ]
@@ -446,6 +457,12 @@ def format_table(result: dict[str, Any], markdown: bool) -> str:
     where = (
         f"{m['platform']}, {m['cpu_count']} cores, torch {m['torch']}, {m['threads']} threads, {m['device']}"
     )
+    captures = [
+        f"{r['model']} {r['variant']}: captured by {r['info']['frontend']} in {r['info']['capture_s']:.1f} s "
+        f"(optimize {r['info']['optimize_s']:.1f} s)"
+        for r in result["rows"]
+        if r["info"].get("capture_s") is not None
+    ]
     if markdown:
         lines = [f"Command: `{result['command']}`", "", f"Machine: {where}", ""]
         lines += [
@@ -453,7 +470,7 @@ def format_table(result: dict[str, Any], markdown: bool) -> str:
             "|" + "|".join("---:" if i > 1 else "---" for i in range(len(head))) + "|",
         ]
         lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
+        return "\n".join(lines + ([""] + captures if captures else []))
     widths = [max(len(c), *(len(row[i]) for row in body)) for i, c in enumerate(head)]
 
     def fmt(row: list[str]) -> str:
@@ -461,7 +478,9 @@ def format_table(result: dict[str, Any], markdown: bool) -> str:
             c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(row, widths, strict=True))
         )
 
-    return "\n".join([f"command: {result['command']}", f"machine: {where}", fmt(head), *map(fmt, body)])
+    return "\n".join(
+        [f"command: {result['command']}", f"machine: {where}", fmt(head), *map(fmt, body), *captures]
+    )
 
 
 def _floats(text: str) -> list[float]:
@@ -471,7 +490,11 @@ def _floats(text: str) -> list[float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     raw = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
-    p.add_argument("--models", default=",".join(FACTORIES), help="comma-separated: " + ", ".join(FACTORIES))
+    p.add_argument(
+        "--models",
+        default="mlp,cnn,transformer",
+        help="comma-separated: " + ", ".join(FACTORIES) + " (gpt2 needs the [hf] extra; name it to run it)",
+    )
     p.add_argument("--budgets", type=_floats, default=[0.2, 0.4, 0.6, 0.8], help="approxcompile budgets")
     p.add_argument("--paper-budget", type=float, default=0.4, help="the plan paper-style copies")
     p.add_argument("--steps", type=int, help="training steps per timed block (default 5; quick 2)")

@@ -1,12 +1,16 @@
-"""The three models of the speed benchmark (issue 3), each with fixed random inputs and targets.
+"""The models of the speed benchmark (issue 3), each with fixed random inputs and targets.
 
-Every model is plain ``nn.Module`` code that ``torch.fx.symbolic_trace`` can trace, so
-``approxcompile.optimize`` sees each product as its own node: attention is written with
+``mlp``, ``cnn`` and ``transformer`` are plain ``nn.Module`` code that ``torch.fx.symbolic_trace``
+can trace, so ``approxcompile.optimize`` sees each product as its own node: attention is written with
 ``nn.Linear`` projections and ``@`` rather than ``nn.MultiheadAttention`` (whose fused
 kernel hides the products from the tracer).
 
     workload = build("mlp", size="full", seed=0)   # .model, .x, .y
     workload = build("cnn", size="quick")          # tiny dims for smoke tests
+
+``gpt2`` is a Hugging Face ``GPT2LMHeadModel`` (6 layers, d=384, a byte vocabulary of 256,
+sequence 256, batch 8; quick: 2 layers, d=64, sequence 32), captured by ``torch.export``; its
+output is the logits of every position, its targets one byte per position.
 
 ``size="full"`` is the issue's configuration; ``size="quick"`` keeps every layer type and
 the layer count but shrinks widths and batches so a whole benchmark run takes seconds.
@@ -150,10 +154,36 @@ def transformer(size: Size) -> tuple[nn.Module, tuple[int, ...]]:
     return Transformer(64, 2, 128, 2), (2, 32, 64)
 
 
+class ByteGPT2(nn.Module):
+    """``GPT2LMHeadModel`` over bytes: ids (B, T) -> logits (B*T, 256), for cross-entropy per position."""
+
+    def __init__(self, d: int, layers: int, heads: int, seq: int) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.GPT2Config(
+            vocab_size=BYTES, n_embd=d, n_layer=layers, n_head=heads, n_positions=seq, use_cache=False,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        self.lm = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.lm(ids).logits.flatten(0, 1)
+
+
+def gpt2(size: Size) -> tuple[nn.Module, tuple[int, ...]]:
+    """Hugging Face GPT-2, 6 layers, d=384, 6 heads, byte vocabulary; batch 8 of sequence 256."""
+    if size == "full":
+        return ByteGPT2(384, 6, 6, 256), (8, 256)
+    return ByteGPT2(64, 2, 2, 32), (2, 32)
+
+
+BYTES = 256
 FACTORIES: dict[str, Callable[[Size], tuple[nn.Module, tuple[int, ...]]]] = {
     "mlp": mlp,
     "cnn": cnn,
     "transformer": transformer,
+    "gpt2": gpt2,
 }
 
 
@@ -170,6 +200,9 @@ def build(name: str, size: Size = "full", seed: int = 0) -> Workload:
     torch.manual_seed(seed)
     model, shape = FACTORIES[name](size)
     g = torch.Generator().manual_seed(seed + 1)
+    if name == "gpt2":  # token ids in, one target byte per position
+        x = torch.randint(0, BYTES, shape, generator=g)
+        return Workload(name, model, x, torch.randint(0, BYTES, (shape[0] * shape[1],), generator=g))
     x = torch.randn(shape, generator=g)
     y = torch.randint(0, CLASSES, (shape[0],), generator=g)
     return Workload(name, model, x, y)
