@@ -18,7 +18,7 @@ import approxcompile.passes as passes
 from approxcompile import checks, guards
 from approxcompile.config import ApproxConfig, check_method
 from approxcompile.errors import BudgetError, PlanError, PlanWarning
-from approxcompile.module import ApproxModule, clone_inputs, finalize, isolate, planning_view
+from approxcompile.module import clone_inputs, finalize, isolate, planning_view
 from approxcompile.plan import META_KEY, Plan
 from approxcompile.progress import enabled as progress_enabled
 from approxcompile.progress import logger
