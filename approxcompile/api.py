@@ -19,6 +19,7 @@ from approxcompile import checks, guards
 from approxcompile.config import ApproxConfig, check_method
 from approxcompile.errors import BudgetError, PlanError, PlanWarning
 from approxcompile.module import clone_inputs, finalize, isolate, planning_view
+from approxcompile.passes.exported import ModeGraphModule
 from approxcompile.plan import META_KEY, Plan
 from approxcompile.progress import enabled as progress_enabled
 from approxcompile.progress import logger
@@ -95,6 +96,10 @@ def optimize(
         gm = _plan(model, budget, inputs, config, saved)
     if gm.meta[passes.CAPTURE_KEY].frontend == "dynamo":
         return gm  # planned region by region as dynamo hands the regions over
+    if isinstance(gm, ModeGraphModule):
+        # Its eval graph differs from the train graph (code reads self.training): it switches
+        # graphs itself, which ApproxModule does not know how to rebuild yet.
+        return gm
     fast = finalize(gm, passes.unwrap(model))
     result: Plan = fast.meta[META_KEY]
     logger.info(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.fx as fx
+from torch import nn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,7 +27,9 @@ class PassResult:
     def stats(self) -> Mapping[str, Any]:
         """The pass's own fields by name, for logging (read the attributes in code)."""
         base = {f.name for f in dataclasses.fields(PassResult)}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in base}
+        fields = (f for f in dataclasses.fields(self) if f.name not in base)
+        # Modules (the captured model) would print their whole repr into a log line.
+        return {f.name: v for f in fields if not isinstance(v := getattr(self, f.name), nn.Module)}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -96,14 +96,14 @@ def test_not_a_module() -> None:
             lambda: ApproxConfig(keep_grid=(0.5, 1.5)),
             r"every keep_grid entry must be a number in \(0, 1\], got 1.5",
         ),
-        (lambda: ApproxConfig(eps=1.0), r"eps must be in \[0, 1\), got 1.0"),
+        (lambda: ApproxConfig(eps=1.0), r"eps must be a number in \[0, 1\), got 1.0"),
         (
             lambda: ApproxConfig(min_k=0),
-            "min_k, min_inner, align, sensitivity_draws and time_repeats must be positive",
+            "min_k must be >= 1, got 0",
         ),
         (lambda: NodeOverride(keep=0.0), r"keep must be a number in \(0, 1\], got 0.0"),
         (lambda: NodeOverride(method="top"), "unknown sampling method 'top'"),
-        (lambda: NodeOverride(min_k=-1), "min_k must be a positive integer, got -1"),
+        (lambda: NodeOverride(min_k=-1), "NodeOverride.min_k must be >= 1, got -1"),
         (
             lambda: ApproxConfig().set_op_type("softmax", NodeOverride(exact=True)),
             r"unknown op type 'softmax'; expected one of \('linear', 'matmul', 'conv'\)",

@@ -87,7 +87,7 @@ def test_logger_names_each_pass_and_its_time(caplog: pytest.LogCaptureFixture) -
         approxcompile.optimize(mlp(), 0.9, example_inputs=(x,))
     passes = [r.getMessage().split(":")[0] for r in caplog.records if r.name == "approxcompile"]
     assert passes == [
-        "trace", "shapes", "cost", "other-flops", "exclusions", "sensitivity", "selection", "rewrite",
+        "capture", "shapes", "cost", "other-flops", "exclusions", "sensitivity", "selection", "rewrite",
         "verify", "optimize",
     ]  # fmt: skip
     assert "sensitivity: " in caplog.text and "s (measured=" in caplog.text
