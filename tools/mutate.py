@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -35,8 +36,8 @@ _STATISTICAL = (
     "-k 'not unbiased and not random_shapes and not random_conv and not crs_error and not catches_a_biased'"
 )
 TESTS = {
-    "approxcompile/ops/estimator.py": "tests/test_estimators.py tests/test_estimator_core.py "
-    f"tests/test_ops.py {_STATISTICAL}",
+    "approxcompile/ops/estimator.py": "tests/test_mut_estimator.py tests/test_estimators.py "
+    f"tests/test_estimator_core.py tests/test_ops.py {_STATISTICAL}",
     "approxcompile/ops/sampling.py": f"tests/test_estimators.py tests/test_ops.py {_STATISTICAL}",
     "approxcompile/ops/kernels.py": f"tests/test_kernels.py tests/test_ops.py tests/test_estimators.py "
     f"{_STATISTICAL}",
@@ -48,7 +49,7 @@ TESTS = {
     "approxcompile/distributed.py": "tests/test_hook.py tests/test_distributed.py",
     "passes/cost.py": "tests/test_flops.py tests/test_report_table.py tests/test_optimize.py "
     "-k 'flop or override'",
-    "passes/allocation.py": "tests/test_allocation.py tests/test_select.py "
+    "passes/allocation.py": "tests/test_mut_allocation.py tests/test_allocation.py tests/test_select.py "
     "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision",
     "passes/exclusions.py": "tests/test_allocation.py::test_every_exclusion_names_its_reason "
     "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision "
@@ -129,6 +130,14 @@ def main() -> int:
         help="run the surviving mutants of the last session again (after adding tests)",
     )
     ap.add_argument("--list", action="store_true", help="print the modules and their test selections")
+    ap.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with a new session: run only N mutants drawn at random (the rest are marked skipped)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --sample draw (default 0)")
     args = ap.parse_args()
     if args.list or not args.module:
         for module, tests in TESTS.items():
@@ -201,6 +210,29 @@ def _skip_annotations(session: Path, module: Path) -> None:
     print(f"mutate: {len(skipped)} mutants inside annotations skipped", flush=True)
 
 
+def _sample(session: Path, n: int, seed: int) -> None:
+    """Keep ``n`` of the pending mutants, drawn with ``random.Random(seed)``; mark the rest skipped.
+
+    For modules with more mutants than a session can run: the score of a uniform sample
+    estimates the module's. Mutants are ordered by position and operator before the draw
+    (cosmic-ray's job ids are random), so the same seed on the same source draws the same set."""
+    with sqlite3.connect(session) as db:
+        pending = [
+            job
+            for (job,) in db.execute(
+                "SELECT job_id FROM mutation_specs WHERE job_id NOT IN (SELECT job_id FROM work_results) "
+                "ORDER BY start_pos_row, start_pos_col, end_pos_row, end_pos_col, operator_name, occurrence"
+            )
+        ]
+        keep = set(random.Random(seed).sample(pending, min(n, len(pending))))
+        db.executemany(
+            "INSERT INTO work_results (worker_outcome, output, test_outcome, diff, job_id) "
+            "VALUES ('SKIPPED', ?, NULL, NULL, ?)",
+            [(f"not in the sample (--sample {n} --seed {seed})", job) for job in pending if job not in keep],
+        )
+    print(f"mutate: {len(keep)} of {len(pending)} mutants sampled (seed {seed})", flush=True)
+
+
 def _wait_for(sock: Path) -> None:
     for _ in range(600):
         if sock.exists():
@@ -221,6 +253,8 @@ def _session(
         run(tree, env, str(bin_dir / "cosmic-ray"), "init", str(cfg), str(session))
         run(tree, env, str(bin_dir / "cr-filter-operators"), str(session), str(cfg))
         _skip_annotations(session, tree / args.module)
+        if args.sample is not None:
+            _sample(session, args.sample, args.seed)
         # the unmutated tests must pass, or every mutant would count as killed
         run(tree, env, str(bin_dir / "cosmic-ray"), "baseline", str(cfg))
     run(tree, env, str(bin_dir / "cosmic-ray"), "exec", str(cfg), str(session))

@@ -1,0 +1,93 @@
+"""Budget allocation cases found by mutation testing, each optimum worked out by hand.
+
+Nodes with made-up (keep, error) curves on a chain of Linear layers, as in
+``tests/test_allocation.py``: forward FLOPs ``f`` per node, so ``3·f`` dense and ``3·f·keep``
+sampled (no overhead). The comments hold the arithmetic.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from approxcompile.passes import allocate
+from approxcompile.plan import META_KEY, Flops, NodePlan
+
+
+class Chain(nn.Module):
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        for name in names:
+            setattr(self, name, nn.Linear(100, 100))
+        self.names = names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.names:
+            x = getattr(self, name)(x)
+        return x
+
+
+def _graph(curves: dict[str, tuple[int, tuple[tuple[float, float], ...]]]) -> torch.fx.GraphModule:
+    gm = torch.fx.symbolic_trace(Chain(tuple(curves)))
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            f, sensitivity = curves[node.target]
+            node.meta[META_KEY] = NodePlan(
+                name=node.target,
+                kind="linear",
+                op="Linear",
+                shapes=((1, 100), (100, 100)),
+                out_shape=(1, 100),
+                inner=100,
+                flops=Flops(f, f, f),
+                sensitivity=sensitivity,
+            )
+    return gm
+
+
+def _plans(gm: torch.fx.GraphModule) -> dict[str, NodePlan]:
+    return {n.target: n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta}
+
+
+def test_the_greedy_step_is_ranked_by_error_per_flop_saved_not_per_flop_spent() -> None:
+    # Three nodes, dense 3000 each (9000); budget 0.75 -> 6750, so 2250 must go.
+    #   a: 0.5 -> 1500 (saves 1500, error 0.07): 0.07/1500 = 4.7e-5 per FLOP saved
+    #   b: 0.25 -> 750 (saves 2250, error 0.10): 0.10/2250 = 4.4e-5  <- the cheapest step
+    #   c: 0.5 -> 1500 (saves 1500, error 0.08): 0.08/1500 = 5.3e-5
+    # b alone reaches 6750 exactly: summed error 0.10. Ranking by error over the node's cost
+    # (3000 each) would cut a then c (0.15), and no single move back fits the 750 left.
+    gm = _graph(
+        {
+            "a": (1000, ((0.5, 0.07),)),
+            "b": (1000, ((0.25, 0.10),)),
+            "c": (1000, ((0.5, 0.08),)),
+        }
+    )
+    result = allocate(gm, budget=0.75, other_flops=0)
+    plans = _plans(gm)
+    assert {n: (p.keep, p.k) for n, p in plans.items()} == {"a": (1.0, 100), "b": (0.25, 25), "c": (1.0, 100)}
+    assert result.stats["fraction"] == pytest.approx(0.75)
+    assert result.stats["sampled"] == 1
+
+
+def test_the_estimated_error_is_the_one_measured_at_the_chosen_keep() -> None:
+    # Curves listed from the smallest keep up (a keep_grid given in that order).
+    # a: 0.25 -> 750 (0.40), 0.5 -> 1500 (0.10); b the same with errors 0.50, 0.20.
+    # Budget 0.5 of 6000 = 3000: a .5 + b .5 = 3000 (0.30) is the only pair with both
+    # sampled at 0.5 that fits and beats a .25 + b .25 (0.90), a .25 + b .5 (0.60).
+    gm = _graph({"a": (1000, ((0.25, 0.40), (0.5, 0.10))), "b": (1000, ((0.25, 0.50), (0.5, 0.20)))})
+    allocate(gm, budget=0.5, other_flops=0)
+    plans = _plans(gm)
+    assert (plans["a"].keep, plans["a"].est_error) == (0.5, 0.10)
+    assert (plans["b"].keep, plans["b"].est_error) == (0.5, 0.20)
+
+
+def test_a_node_left_dense_has_no_estimated_error() -> None:
+    # 0.9 of 6000 = 5400: a to 0.75 (2250, error 0.01) is enough; b stays dense with error 0
+    gm = _graph({"a": (1000, ((0.75, 0.01),)), "b": (1000, ((0.75, 0.30),))})
+    allocate(gm, budget=0.9, other_flops=0)
+    plans = _plans(gm)
+    assert (plans["a"].keep, plans["a"].est_error, plans["a"].reason) == (0.75, 0.01, None)
+    assert (plans["b"].keep, plans["b"].est_error) == (1.0, 0.0)
+    assert plans["b"].reason == "budget is met without sampling this node"
