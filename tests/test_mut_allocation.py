@@ -91,3 +91,14 @@ def test_a_node_left_dense_has_no_estimated_error() -> None:
     assert (plans["a"].keep, plans["a"].est_error, plans["a"].reason) == (0.75, 0.01, None)
     assert (plans["b"].keep, plans["b"].est_error) == (1.0, 0.0)
     assert plans["b"].reason == "budget is met without sampling this node"
+
+
+def test_of_two_keep_ratios_costing_the_same_the_more_accurate_one_is_chosen() -> None:
+    # keep 0.5 and 0.504 both round to k = 50 of 100: the same 1500 FLOPs; 0.504 measured the
+    # smaller error (0.1 against 0.3). The budget is the smallest feasible one less a rounding
+    # error (1500 of 3000, times 1 - 1e-12), which the allocation accepts and meets with its
+    # cheapest options: the 0.504 one, never the same-cost 0.5 with three times the error.
+    gm = _graph({"a": (1000, ((0.5, 0.3), (0.504, 0.1)))})
+    allocate(gm, budget=0.5 * (1 - 1e-12), other_flops=0)
+    plan = _plans(gm)["a"]
+    assert (plan.keep, plan.k, plan.est_error) == (0.504, 50, 0.1)
