@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from approxcompile.errors import BudgetError
 from approxcompile.passes import allocate
 from approxcompile.plan import META_KEY, Flops, NodePlan
 
@@ -28,7 +29,13 @@ class Chain(nn.Module):
         return x
 
 
-def _graph(curves: dict[str, tuple[int, tuple[tuple[float, float], ...]]]) -> torch.fx.GraphModule:
+def _graph(
+    curves: dict[str, tuple[int, tuple[tuple[float, float], ...]]],
+    *,
+    forward_only: bool = False,
+    reasons: dict[str, str] | None = None,
+) -> torch.fx.GraphModule:
+    """``forward_only``: Flops(f, 0, 0), so a node costs ``f·k/100`` (1 FLOP per kept column at f = 100)."""
     gm = torch.fx.symbolic_trace(Chain(tuple(curves)))
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -40,8 +47,9 @@ def _graph(curves: dict[str, tuple[int, tuple[tuple[float, float], ...]]]) -> to
                 shapes=((1, 100), (100, 100)),
                 out_shape=(1, 100),
                 inner=100,
-                flops=Flops(f, f, f),
+                flops=Flops(f, 0, 0) if forward_only else Flops(f, f, f),
                 sensitivity=sensitivity,
+                reason=(reasons or {}).get(node.target),
             )
     return gm
 
@@ -76,7 +84,15 @@ def test_the_estimated_error_is_the_one_measured_at_the_chosen_keep() -> None:
     # a: 0.25 -> 750 (0.40), 0.5 -> 1500 (0.10); b the same with errors 0.50, 0.20.
     # Budget 0.5 of 6000 = 3000: a .5 + b .5 = 3000 (0.30) is the only pair with both
     # sampled at 0.5 that fits and beats a .25 + b .25 (0.90), a .25 + b .5 (0.60).
-    gm = _graph({"a": (1000, ((0.25, 0.40), (0.5, 0.10))), "b": (1000, ((0.25, 0.50), (0.5, 0.20)))})
+    # b's curve runs the other way, from the largest keep down, with 0.75 -> 2250 (0.04) first.
+    # Hull walk (error per FLOP saved): b to .75 (0.04/750), a to .5 (0.10/1500), b to .5
+    # (0.16/750) reaches 3000; a .25 + b .75 = 3000 (0.44) would be worse.
+    gm = _graph(
+        {
+            "a": (1000, ((0.25, 0.40), (0.5, 0.10))),
+            "b": (1000, ((0.75, 0.04), (0.5, 0.20), (0.25, 0.50))),
+        }
+    )
     allocate(gm, budget=0.5, other_flops=0)
     plans = _plans(gm)
     assert (plans["a"].keep, plans["a"].est_error) == (0.5, 0.10)
@@ -102,3 +118,57 @@ def test_of_two_keep_ratios_costing_the_same_the_more_accurate_one_is_chosen() -
     allocate(gm, budget=0.5 * (1 - 1e-12), other_flops=0)
     plan = _plans(gm)["a"]
     assert (plan.keep, plan.k, plan.est_error) == (0.504, 50, 0.1)
+
+
+def test_the_leftover_takes_a_step_of_a_single_flop() -> None:
+    # Forward FLOPs only, 100 per node, 1 per kept column: dense 200, budget 0.455 -> 91.
+    #   b: 0.51 -> 51 (0.100), 0.5 -> 50 (0.103); a: 0.4 -> 40 (0.300)
+    # Hull walk by error per FLOP saved: b to .51 (0.1/49), b to .5 (0.003/1), a to .4 (0.3/60)
+    # -> 50 + 40 = 90. One FLOP is left: b back to 0.51 costs exactly 1 and gains 0.003.
+    gm = _graph({"a": (100, ((0.4, 0.3),)), "b": (100, ((0.51, 0.1), (0.5, 0.103)))}, forward_only=True)
+    result = allocate(gm, budget=0.455, other_flops=0)
+    plans = _plans(gm)
+    assert (plans["a"].k, plans["b"].keep, plans["b"].k) == (40, 0.51, 51)
+    assert result.stats["fraction"] == pytest.approx(91 / 200)
+
+
+def test_an_infeasible_budget_says_what_cannot_be_sampled_by_hand() -> None:
+    # a: dense 3000, smallest 0.25 -> 750; b: exact for a reason, 6000 of the 9000.
+    # smallest = 6000 + 750 = 6750 -> 0.7500 of dense; fixed 6000 -> 0.6667; b holds 0.667.
+    gm = _graph(
+        {"a": (1000, ((0.5, 0.1), (0.25, 0.3))), "b": (2000, ((0.5, 0.1),))},
+        reasons={"b": "left exact by override (global)"},
+    )
+    want = (
+        "[select] budget=0.5 cannot be met: the nodes left exact, the fixed keep ratios and the "
+        "smallest keep ratios allowed (keep_grid, min_k) cost 0.7500 of the dense training step "
+        "(0.6667 of it cannot be sampled at all; the largest exact nodes: b 0.667 [left exact by "
+        "override (global)]); the smallest feasible budget is 0.750"
+    )
+    with pytest.raises(BudgetError) as info:
+        allocate(gm, budget=0.5, other_flops=0)
+    assert str(info.value).startswith(want)
+    # without exact nodes the message names none
+    with pytest.raises(BudgetError) as info:
+        allocate(_graph({"a": (1000, ((0.25, 0.3),))}), budget=0.2, other_flops=0)
+    assert "(0.0000 of it cannot be sampled at all); the smallest feasible budget is 0.250" in str(info.value)
+
+
+def test_a_curve_with_five_points_keeps_its_whole_convex_hull() -> None:
+    # Forward FLOPs only, 1 per kept column of 100; dense 200, budget 0.45 -> 90.
+    #   a: 0.8 -> 80 (0.010), 0.6 -> 60 (0.030), 0.4 -> 40 (0.060), 0.2 -> 20 (0.095)
+    #      steps cost 0.0005, 0.001, 0.0015, 0.00175 per FLOP saved: all five on the hull
+    #   b: 0.6 -> 60 (0.010), 0.5 -> 50 (0.027): 0.00025, then 0.0017 per FLOP
+    # The walk: b .6, a .8, a .6, a .4 (100 left > 90), b .5 -> 90: a .4 + b .5 = 0.087, the
+    # least of every pair that fits (a .2 + b .6 = 0.105, a .2 + b .5 = 0.122). A hull that
+    # lost a's 0.4 point would jump a from .6 to .2 (80) and leave 10 FLOPs nothing fits in.
+    gm = _graph(
+        {
+            "a": (100, ((0.8, 0.01), (0.6, 0.03), (0.4, 0.06), (0.2, 0.095))),
+            "b": (100, ((0.6, 0.01), (0.5, 0.027))),
+        },
+        forward_only=True,
+    )
+    allocate(gm, budget=0.45, other_flops=0)
+    plans = _plans(gm)
+    assert (plans["a"].keep, plans["a"].k, plans["b"].keep, plans["b"].k) == (0.4, 40, 0.5, 50)

@@ -47,7 +47,8 @@ TESTS = {
     "approxcompile/plan.py": "tests/test_report_table.py tests/test_allocation.py tests/test_report.py",
     "approxcompile/report.py": "tests/test_report_table.py tests/test_report.py -k 'not optimize'",
     "approxcompile/distributed.py": "tests/test_hook.py tests/test_distributed.py",
-    "passes/cost.py": "tests/test_mut_cost.py tests/test_flops.py::test_other_flops_are_the_hand_counted_products "
+    "passes/cost.py": "tests/test_mut_cost.py "
+    "tests/test_flops.py::test_other_flops_are_the_hand_counted_products "
     "tests/test_optimize.py::test_flop_count_agrees_with_flop_counter_mode "
     "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision -k 'not cnn'",
     "passes/allocation.py": "tests/test_mut_allocation.py tests/test_allocation.py tests/test_select.py "
