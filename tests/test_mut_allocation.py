@@ -172,3 +172,16 @@ def test_a_curve_with_five_points_keeps_its_whole_convex_hull() -> None:
     allocate(gm, budget=0.45, other_flops=0)
     plans = _plans(gm)
     assert (plans["a"].keep, plans["a"].k, plans["b"].keep, plans["b"].k) == (0.4, 40, 0.5, 50)
+
+
+def test_a_tie_for_the_leftover_goes_to_the_first_node_in_graph_order() -> None:
+    # Plans must not depend on anything but the graph: equal gains are settled by node order.
+    # a and b alike, forward FLOPs only (1 per kept column): 0.5 -> 50 (0.10), 0.3 -> 30
+    # (0.30), and 0.35 -> 35 (0.28) off the hull (0.25 on the line from 50 to 30).
+    # Budget 0.325 of 200 = 65: the walk takes both to 0.5, then both to 0.3 -> 60. The 5
+    # left buy one move back to 0.35 (0.02 per 5 FLOPs for either): a's, the first.
+    curve = ((0.5, 0.1), (0.35, 0.28), (0.3, 0.3))
+    gm = _graph({"a": (100, curve), "b": (100, curve)}, forward_only=True)
+    allocate(gm, budget=0.325, other_flops=0)
+    plans = _plans(gm)
+    assert (plans["a"].keep, plans["a"].k, plans["b"].keep, plans["b"].k) == (0.35, 35, 0.3, 30)
