@@ -44,7 +44,8 @@ TESTS = {
     "approxcompile/ops/sampled.py": f"tests/test_estimators.py tests/test_ops.py {_STATISTICAL}",
     "approxcompile/ops/shared.py": "tests/test_hook.py tests/test_distributed.py",
     "approxcompile/export/estimators.py": "tests/test_mut_export_estimators.py tests/test_estimator_core.py "
-    f"tests/test_estimators.py tests/test_export.py::test_stop_gradient_is_exact_and_has_no_gradient {_STATISTICAL}",
+    "tests/test_estimators.py tests/test_export.py::test_stop_gradient_is_exact_and_has_no_gradient "
+    f"{_STATISTICAL}",
     "approxcompile/plan.py": "tests/test_report_table.py tests/test_allocation.py tests/test_report.py",
     "approxcompile/report.py": "tests/test_report_table.py tests/test_report.py -k 'not optimize'",
     "approxcompile/distributed.py": "tests/test_hook.py tests/test_distributed.py",
