@@ -7,6 +7,8 @@ sampled (no overhead). The comments hold the arithmetic.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -185,3 +187,29 @@ def test_a_tie_for_the_leftover_goes_to_the_first_node_in_graph_order() -> None:
     allocate(gm, budget=0.325, other_flops=0)
     plans = _plans(gm)
     assert (plans["a"].keep, plans["a"].k, plans["b"].keep, plans["b"].k) == (0.35, 35, 0.3, 30)
+
+
+def _least_error(curves: dict, budget: float) -> float:
+    """The least summed error over every combination that fits (forward FLOPs only, 1 per column)."""
+    options = {n: [(100, 0.0)] + [(round(k * 100), e) for k, e in c[1]] for n, c in curves.items()}
+    fits = [
+        sum(e for _, e in combo)
+        for combo in itertools.product(*options.values())
+        if sum(c for c, _ in combo) <= budget * 100 * len(curves)
+    ]
+    return min(fits)
+
+
+def test_the_walk_stops_once_the_budget_holds() -> None:
+    # Three nodes, dense 100 each, budget 0.76 -> 228 (found by a random search as a case
+    # where cutting on below the budget and buying back with the leftover ends worse).
+    curves = {
+        "a": (100, ((0.8, 0.395), (0.4, 0.458))),
+        "b": (100, ((0.9, 0.378), (0.6, 0.54), (0.3, 0.724))),
+        "c": (100, ((0.7, 0.617), (0.5, 0.671), (0.3, 0.724))),
+    }
+    gm = _graph(curves, forward_only=True)
+    allocate(gm, budget=0.76, other_flops=0)
+    plans = _plans(gm)
+    assert sum(p.est_error for p in plans.values()) == pytest.approx(_least_error(curves, 0.76))
+    assert sum(p.k for p in plans.values()) <= 228
