@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from approxcompile.ops import estimator
+from approxcompile.ops.sampling import sample_pairs
 
 T = torch.tensor
 
@@ -141,3 +142,11 @@ def test_conv_table_by_spatial_dims() -> None:
 
 def test_default_eps() -> None:
     assert estimator.DEFAULT_EPS == 0.1
+
+
+def test_options_are_keyword_only() -> None:
+    # a positional True could be read as the wrong option; both signatures refuse it
+    with pytest.raises(TypeError):
+        estimator.topk_index(T([1.0, 2.0]), 1, True)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        sample_pairs(T([1.0, 2.0]), 1, "crs", 0.1)  # type: ignore[misc]
