@@ -213,3 +213,23 @@ def test_the_walk_stops_once_the_budget_holds() -> None:
     plans = _plans(gm)
     assert sum(p.est_error for p in plans.values()) == pytest.approx(_least_error(curves, 0.76))
     assert sum(p.k for p in plans.values()) <= 228
+
+
+def test_the_leftover_goes_by_error_reduction_per_flop() -> None:
+    # Forward FLOPs only, 1 per kept column; dense 400, budget 0.8475 -> 339.
+    #   a: 0.5 -> 50 (0.300)  b: 0.9 -> 90 (0.040)  c: 0.8 -> 80 (0.060)  d: 0.9 -> 90 (0.035)
+    # per FLOP saved: c 0.003, d 0.0035, b 0.004, a 0.006: the walk cuts all four -> 310.
+    # 29 left: b back (+10, 0.004 per FLOP), then d (+10, 0.0035) -> 330; c back (+20) no
+    # longer fits. Summed error a + c = 0.36, the least of all that fit (brute force below);
+    # taking c back first (the largest single gain, 0.06) would leave a + b + d = 0.375.
+    curves = {
+        "a": (100, ((0.5, 0.3),)),
+        "b": (100, ((0.9, 0.04),)),
+        "c": (100, ((0.8, 0.06),)),
+        "d": (100, ((0.9, 0.035),)),
+    }
+    gm = _graph(curves, forward_only=True)
+    allocate(gm, budget=0.8475, other_flops=0)
+    plans = _plans(gm)
+    assert {n: p.keep for n, p in plans.items()} == {"a": 0.5, "b": 1.0, "c": 0.8, "d": 1.0}
+    assert sum(p.est_error for p in plans.values()) == pytest.approx(_least_error(curves, 0.8475))
