@@ -81,6 +81,7 @@ def test_backward_mode_costs_by_hand() -> None:
     # norms: 2·(w 32 + 2·y 24 + x 48) = 2·128 = 256
     # per kept output: y 24/4 + w 32/4 + (x 48 + y 24)/4 = 6 + 8 + 18 = 32
     assert (fc2.overhead_fixed, fc2.overhead_per_kept) == (256, 32)
+    assert type(fc2.overhead_fixed) is int and type(fc2.overhead_per_kept) is int  # FLOP counts
     assert fc2.flops == Flops(384, 384, 384) and fc2.reason is None
     conv = plans["conv"]
     # conv: x (2, 3, 7, 7) 294, w (5, 3, 3, 3) 135, y (2, 5, 5, 5) 250; p = 5 out channels, rows 2
@@ -180,3 +181,9 @@ def test_annotate_costs_counts_only_matched_nodes(mode: str) -> None:
     result = annotate_costs(gm, method="bernoulli", mode=mode)  # type: ignore[arg-type]
     assert result.stats["candidates"] == 2 and not result.modified
     assert sorted(n.meta[META_KEY].name for n in gm.graph.nodes if META_KEY in n.meta) == ["a", "b"]
+
+
+def test_annotate_costs_takes_its_options_by_keyword() -> None:
+    gm = fx.symbolic_trace(Tiny())
+    with pytest.raises(TypeError):
+        annotate_costs(gm, "topk")  # type: ignore[misc]
