@@ -156,7 +156,10 @@ def test_a_step_that_cannot_run_counts_no_other_flops_with_a_warning() -> None:
         flops = measure_other_flops(gm, (torch.randn(5, 3),))  # wrong width: the step fails
     assert (flops.step, flops.matched, flops.counted, flops.other) == (0, 4224, False, 0)
     assert gm.training
-    assert any("FLOPs outside matmul/linear/conv nodes are taken as 0" in str(w.message) for w in caught)
+    (warning,) = [
+        w for w in caught if "FLOPs outside matmul/linear/conv nodes are taken as 0" in str(w.message)
+    ]
+    assert warning.filename == __file__  # points at the caller's line
 
 
 def test_step_flops_sum_every_output_that_needs_a_gradient() -> None:

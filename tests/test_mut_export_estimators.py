@@ -255,3 +255,26 @@ def test_take_exports_a_gather_onnx_runtime_runs_as_index_select(dim: int) -> No
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"t": t.numpy(), "i": index.numpy()})
     assert got.tolist() == t.index_select(dim, index).tolist()
+
+
+class _BernoulliConv(torch.nn.Module):
+    def forward(self, x: Tensor, w: Tensor, noise: Tensor) -> Tensor:
+        return estimators.export_conv(x, w, None, 1, 1, 1, keep=0.5, method="bernoulli", noise=noise)
+
+
+def test_bernoulli_conv_exports_and_runs_in_onnx_runtime() -> None:
+    # Bernoulli keeps a data-dependent channel count: the twin zeroes the channels not drawn
+    # instead of gathering, or the exporter could not give the Conv a kernel shape.
+    ort = pytest.importorskip("onnxruntime")
+    g = torch.Generator().manual_seed(11)
+    x, w, noise = (
+        torch.randn(2, 6, 5, 5, generator=g),
+        torch.randn(4, 6, 3, 3, generator=g),
+        torch.rand(6, generator=g),
+    )
+    buf = io.BytesIO()
+    torch.onnx.export(_BernoulliConv(), (x, w, noise), buf, input_names=["x", "w", "u"], dynamo=False)
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x.numpy(), "w": w.numpy(), "u": noise.numpy()})
+    s = _scale_vector(_norms(x, 1) * _norms(w, 1), 3, "bernoulli", noise).view(1, 6, 1, 1)
+    torch.testing.assert_close(torch.from_numpy(got), F.conv2d(x * s, w, None, 1, 1, 1), rtol=1e-4, atol=1e-4)
