@@ -70,9 +70,10 @@ def test_inclusion_is_k_p_clamped_to_one() -> None:
 def test_topk_index_is_sorted_and_reads_nan_as_zero_and_inf_as_largest() -> None:
     assert estimator.topk_index(T([0.5, 3.0, 1.0, 2.0]), 2).tolist() == [1, 3]
     assert estimator.topk_index(T([0.5, 3.0, 1.0, 2.0]), 2, ordered=True).tolist() == [1, 3]
-    # NaN counts as 0: below 0.5 and above -1
-    assert estimator.topk_index(T([math.nan, 0.5, -1.0]), 2).tolist() == [0, 1]
+    # NaN counts as 0: below 0.5 and above -0.5 (and -1)
+    assert estimator.topk_index(T([math.nan, 0.5, -0.5]), 2).tolist() == [0, 1]
     assert estimator.topk_index(T([math.nan, 0.5, -1.0]), 1).tolist() == [1]
+    assert estimator.topk_index(T([-0.5, math.nan, -2.0]), 1).tolist() == [1]
     # +inf is the largest; -inf the smallest
     assert estimator.topk_index(T([1.0, math.inf, 2.0, -math.inf]), 1).tolist() == [1]
     assert estimator.topk_index(T([-math.inf, math.inf, 2.0, 1.0]), 3).tolist() == [1, 2, 3]
