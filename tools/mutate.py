@@ -39,7 +39,8 @@ TESTS = {
     "approxcompile/ops/estimator.py": "tests/test_mut_estimator.py tests/test_estimators.py "
     f"tests/test_estimator_core.py tests/test_ops.py {_STATISTICAL}",
     "approxcompile/ops/sampling.py": f"tests/test_estimators.py tests/test_ops.py {_STATISTICAL}",
-    "approxcompile/ops/kernels.py": f"tests/test_kernels.py tests/test_ops.py tests/test_estimators.py "
+    "approxcompile/ops/kernels.py": "tests/test_mut_kernels.py tests/test_kernels.py tests/test_ops.py "
+    "tests/test_estimators.py "
     f"{_STATISTICAL}",
     "approxcompile/ops/sampled.py": f"tests/test_estimators.py tests/test_ops.py {_STATISTICAL}",
     "approxcompile/ops/shared.py": "tests/test_hook.py tests/test_distributed.py",

@@ -1,0 +1,92 @@
+"""The custom ops' fake (meta) implementations give the shapes the real kernels return.
+
+Written for the mutants of ``approxcompile/ops/kernels.py`` in the ``register_fake``
+functions, which only ``torch.compile`` / FakeTensor tracing reaches: ``torch.library.opcheck``
+runs each op for real and on fake tensors and compares the outputs' shapes, strides and dtypes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import approxcompile.ops.kernels  # noqa: F401  (registers the approxcompile:: ops)
+
+OPS = torch.ops.approxcompile
+FAKE = ("test_faketensor",)
+
+
+def _g() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_product_fake_matches_the_kernel(bias: bool) -> None:
+    g = _g()
+    x, w = torch.randn(2, 5, 12, generator=g), torch.randn(6, 12, generator=g)
+    b = torch.randn(6, generator=g) if bias else None
+    index, scale = torch.tensor([1, 4, 7]), torch.tensor([2.0, 1.5, 3.0])
+    torch.library.opcheck(OPS.sampled_linear_product, (x, w, b, index, scale, True), test_utils=FAKE)
+    y, xs, ws = OPS.sampled_linear_product(x, w, b, index, None, True)
+    assert (y.shape, xs.shape, ws.shape) == ((2, 5, 6), (10, 3), (6, 3))
+
+
+@pytest.mark.parametrize(("need_x", "need_w"), [(True, True), (True, False), (False, True)])
+def test_linear_backward_fake_matches_the_kernel(need_x: bool, need_w: bool) -> None:
+    g = _g()
+    dy, xs, ws = (
+        torch.randn(2, 5, 6, generator=g),
+        torch.randn(10, 3, generator=g),
+        torch.randn(6, 3, generator=g),
+    )
+    index, scale = torch.tensor([1, 4, 7]), torch.tensor([2.0, 1.5, 3.0])
+    args = (dy, xs, ws, index, scale, [2, 5, 12], 12, True, need_x, need_w)
+    torch.library.opcheck(OPS.sampled_linear_product_backward, args, test_utils=FAKE)
+    dx, dw = OPS.sampled_linear_product_backward(*args)
+    assert dx.shape == ((2, 5, 12) if need_x else (0,)) and dw.shape == ((6, 12) if need_w else (0,))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_product_fake_matches_the_kernel(bias: bool) -> None:
+    g = _g()
+    x, w = torch.randn(2, 8, 7, 7, generator=g), torch.randn(4, 8, 3, 3, generator=g)
+    b = torch.randn(4, generator=g) if bias else None
+    index, scale = torch.tensor([0, 3, 5]), torch.tensor([2.0, 1.5, 3.0])
+    args = (x, w, b, index, scale, True, [2, 2], [1, 1], [1, 1])
+    torch.library.opcheck(OPS.sampled_conv_product, args, test_utils=FAKE)
+    y, xs, ws = OPS.sampled_conv_product(*args)
+    assert (y.shape, xs.shape, ws.shape) == ((2, 4, 4, 4), (2, 3, 7, 7), (4, 3, 3, 3))
+
+
+@pytest.mark.parametrize(
+    ("need_x", "need_w", "need_b"), [(True, True, True), (True, False, False), (False, True, False)]
+)
+def test_conv_backward_fake_matches_the_kernel(need_x: bool, need_w: bool, need_b: bool) -> None:
+    g = _g()
+    dy, xs, ws = (
+        torch.randn(2, 4, 4, 4, generator=g),
+        torch.randn(2, 3, 7, 7, generator=g),
+        torch.randn(4, 3, 3, 3),
+    )
+    index, scale = torch.tensor([0, 3, 5]), torch.tensor([2.0, 1.5, 3.0])
+    args = (
+        dy,
+        xs,
+        ws,
+        index,
+        scale,
+        [2, 8, 7, 7],
+        [4, 8, 3, 3],
+        True,
+        [2, 2],
+        [1, 1],
+        [1, 1],
+        need_x,
+        need_w,
+        need_b,
+    )
+    torch.library.opcheck(OPS.sampled_conv_product_backward, args, test_utils=FAKE)
+    dx, dw, db = OPS.sampled_conv_product_backward(*args)
+    assert dx.shape == ((2, 8, 7, 7) if need_x else (0,))
+    assert dw.shape == ((4, 8, 3, 3) if need_w else (0,))
+    assert db.shape == ((4,) if need_b else (0,))
