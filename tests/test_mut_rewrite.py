@@ -77,6 +77,10 @@ def test_weight_scores_pass_the_nodes_own_seed_for_random_methods() -> None:
     want = [(7 * 1_000_003 + zlib.crc32(name)) % 2**63 for name in (b"a", b"b")]
     assert [kw["seed"] for _, kw in _calls(crs)] == want
     assert all(kw["method"] == "crs" and kw["scores"] == "weights" for _, kw in _calls(crs))
+    # a large seed wraps into int64's non-negative range: below 2^63
+    big = _fast(scores="weights", method="bernoulli", seed=2**62)
+    want = [(2**62 * 1_000_003 + zlib.crc32(name)) % 2**63 for name in (b"a", b"b")]
+    assert [kw["seed"] for _, kw in _calls(big)] == want and all(w < 2**63 for w in want)
 
 
 def test_backward_mode_calls_the_backward_ops_with_their_row_scores() -> None:

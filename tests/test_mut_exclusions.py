@@ -1,0 +1,46 @@
+"""Exclusion reasons at their boundaries, on a small MLP (written for ``passes/exclusions.py``'s mutants)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import approxcompile
+from approxcompile import ApproxConfig, NodeOverride
+
+
+class Three(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _reasons(config: ApproxConfig) -> dict[str, str | None]:
+    torch.manual_seed(0)
+    fast = approxcompile.optimize(Three(), 1.0, example_inputs=(torch.randn(8, 32),), config=config)
+    return {p.name: p.reason for p in approxcompile.report(fast).nodes}
+
+
+def test_a_min_k_above_the_inner_dimension_keeps_the_node_exact() -> None:
+    # inner 32: min_k 40 and min_k 32 both leave nothing to sample; min_k 31 does not
+    cfg = (
+        ApproxConfig(exclude_first_last=False)
+        .set_module_name("a", NodeOverride(min_k=40))
+        .set_module_name("b", NodeOverride(min_k=32))
+        .set_module_name("c", NodeOverride(min_k=31))
+    )
+    reasons = _reasons(cfg)
+    assert reasons["a"] == "inner dimension 32 is not above min_k=40"
+    assert reasons["b"] == "inner dimension 32 is not above min_k=32"
+    assert reasons["c"] == "budget is met without sampling this node"  # eligible, then not needed
+
+
+def test_first_and_last_are_exact_unless_an_override_fixes_their_keep() -> None:
+    reasons = _reasons(ApproxConfig())
+    assert reasons["a"] == "first candidate node (kept exact, as in the paper)"
+    assert reasons["c"] == "last candidate node (kept exact, as in the paper)"
+    fixed = _reasons(ApproxConfig().set_module_name("c", NodeOverride(keep=0.5)))
+    assert fixed["c"] is None and fixed["a"] == "first candidate node (kept exact, as in the paper)"
