@@ -56,7 +56,8 @@ TESTS = {
     "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision -k 'not cnn'",
     "passes/allocation.py": "tests/test_mut_allocation.py tests/test_allocation.py tests/test_select.py "
     "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision",
-    "passes/exclusions.py": "tests/test_mut_exclusions.py tests/test_allocation.py::test_every_exclusion_names_its_reason "
+    "passes/exclusions.py": "tests/test_mut_exclusions.py "
+    "tests/test_allocation.py::test_every_exclusion_names_its_reason "
     "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision "
     "tests/test_optimize.py::test_overrides_follow_qconfigmapping_precedence "
     "tests/test_optimize.py::test_default_budget_rewrites_middle_nodes_only tests/test_errors.py",
