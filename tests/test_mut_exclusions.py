@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import approxcompile
-from approxcompile import ApproxConfig, NodeOverride
+from approxcompile import ApproxConfig, NodeOverride, passes
 
 
 class Three(nn.Module):
@@ -44,3 +44,23 @@ def test_first_and_last_are_exact_unless_an_override_fixes_their_keep() -> None:
     assert reasons["c"] == "last candidate node (kept exact, as in the paper)"
     fixed = _reasons(ApproxConfig().set_module_name("c", NodeOverride(keep=0.5)))
     assert fixed["c"] is None and fixed["a"] == "first candidate node (kept exact, as in the paper)"
+
+
+def test_a_fixed_keep_never_goes_below_min_k() -> None:
+    # keep 0.25 of 32 would be 8 columns; min_k 16 raises it to 16/32 = 0.5
+    cfg = ApproxConfig().set_module_name("b", NodeOverride(keep=0.25, min_k=16))
+    torch.manual_seed(0)
+    fast = approxcompile.optimize(Three(), 1.0, example_inputs=(torch.randn(8, 32),), config=cfg)
+    b = next(p for p in approxcompile.report(fast).nodes if p.name == "b")
+    assert (b.keep, b.k, b.reason) == (0.5, 16, None)
+
+
+def test_the_pass_counts_the_nodes_it_excludes() -> None:
+    gm = torch.fx.symbolic_trace(Three())
+    passes.propagate_shapes(gm, (torch.randn(8, 32),))
+    passes.annotate_costs(gm, method="topk")
+    assert passes.apply_exclusions(gm, ApproxConfig()).stats["excluded"] == 2  # first and last
+    gm = torch.fx.symbolic_trace(Three())
+    passes.propagate_shapes(gm, (torch.randn(8, 32),))
+    passes.annotate_costs(gm, method="topk")
+    assert passes.apply_exclusions(gm, ApproxConfig(exclude_first_last=False)).stats["excluded"] == 0

@@ -182,6 +182,9 @@ def test_export_conv_exact_paths() -> None:
     want = F.conv1d(x, w, b, 1, 1, 1)
     for kw in ({"training": False, "keep": 0.25}, {"training": True, "keep": 1.0}):
         torch.testing.assert_close(estimators.export_conv(x, w, b, 1, 1, 1, **kw), want)  # type: ignore[arg-type]
+    # stride 1, padding 0, dilation 1 by default
+    x2, w2 = torch.randn(1, 4, 6, 6, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    torch.testing.assert_close(estimators.export_conv(x2, w2, keep=0.5, training=False), F.conv2d(x2, w2))
     # an unbatched input (C, L) is left exact
     torch.testing.assert_close(
         estimators.export_conv(x[0], w, b, 1, 1, 1, keep=0.25),
