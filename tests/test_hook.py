@@ -182,3 +182,27 @@ def test_hook_fails_the_step_when_ranks_sampled_different_slices(fake_dist: _All
         for ddp, _ in ranks:
             for p in ddp.module.parameters():
                 shared.unwatch(p)
+
+
+def test_hook_fails_the_step_when_two_weights_swap_their_slices(fake_dist: _AllReduce) -> None:
+    # The checksum folds the weights' indices in bucket order: rank 1 taking layers.2's columns
+    # for layers.1 and layers.1's for layers.2 sends as many numbers and the same index sums,
+    # and must still fail the step.
+    ranks = [_rank("topk") for _ in range(WORLD)]
+    ddps = [d for d, _ in ranks]
+    try:
+        buckets = _step(ddps)
+        w1 = ddps[1].module.get_parameter("layers.1.weight")
+        w2 = ddps[1].module.get_parameter("layers.2.weight")
+        i1, i2 = shared.take(w1), shared.take(w2)
+        assert i1 is not None and i2 is not None and not torch.equal(i1, i2)
+        shared.record(w1, i2)
+        shared.record(w2, i1)
+        futures = [ddp.hook[1](ddp.hook[0], b) for ddp, b in zip(ddps, buckets, strict=True)]
+        for f in futures:
+            with pytest.raises(RuntimeError, match="ranks sampled different slices in bucket 0"):
+                f.wait()
+    finally:
+        for ddp, _ in ranks:
+            for p in ddp.module.parameters():
+                shared.unwatch(p)
