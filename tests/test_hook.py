@@ -206,3 +206,16 @@ def test_hook_fails_the_step_when_two_weights_swap_their_slices(fake_dist: _AllR
         for ddp, _ in ranks:
             for p in ddp.module.parameters():
                 shared.unwatch(p)
+
+
+def test_comm_stats_count_steps_buckets_and_bytes() -> None:
+    stats = distributed.CommStats(world_size=2, compressed=())
+    assert stats.last_fraction == 1.0  # nothing sent yet
+    stats._add(100, 40, False)
+    assert (stats.steps, stats.last_buckets, stats.dense_bytes) == (0, 0, 0)  # the step is not over
+    stats._add(50, 50, True)  # two buckets: 150 dense bytes, 90 sent
+    assert (stats.steps, stats.last_buckets, stats.last_dense_bytes, stats.last_sent_bytes) == (1, 2, 150, 90)
+    assert stats.last_fraction == 0.6
+    stats._add(10, 5, True)  # a one-bucket step
+    assert (stats.steps, stats.last_buckets, stats.dense_bytes, stats.sent_bytes) == (2, 1, 160, 95)
+    assert stats.last_fraction == 0.5

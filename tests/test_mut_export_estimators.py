@@ -86,7 +86,7 @@ def test_export_linear_transposed_without_bias_and_exact_paths() -> None:
     x, w, b = torch.randn(3, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, generator=g)
     exact = x @ w.t() + b
     # eval, and keep 1.0, run the exact product in either layout
-    for kw in ({"training": False, "keep": 0.25}, {"training": True, "keep": 1.0}):
+    for kw in ({"training": False, "keep": 0.25}, {"training": True, "keep": 1.0, "method": "crs"}):
         torch.testing.assert_close(estimators.export_linear(x, w, b, **kw), exact)  # type: ignore[arg-type]
         torch.testing.assert_close(
             estimators.export_linear(x, w.t(), b, transposed=True, **kw),  # type: ignore[arg-type]
@@ -147,7 +147,7 @@ def test_export_matmul_family_exact_paths() -> None:
     a, b, v = torch.randn(4, 8, generator=g), torch.randn(8, 3, generator=g), torch.randn(8, generator=g)
     c, bias = torch.randn(2, 4, 8, generator=g), torch.randn(3)
     cb = torch.randn(2, 8, 3, generator=g)
-    for kw in ({"training": False, "keep": 0.25}, {"training": True, "keep": 1.0}):
+    for kw in ({"training": False, "keep": 0.25}, {"training": True, "keep": 1.0, "method": "crs"}):
         torch.testing.assert_close(estimators.export_matmul(a, b, **kw), a @ b)  # type: ignore[arg-type]
         torch.testing.assert_close(estimators.export_addmm(bias, a, b, **kw), a @ b + bias)  # type: ignore[arg-type]
         torch.testing.assert_close(
@@ -180,7 +180,7 @@ def test_export_conv_exact_paths() -> None:
     g = torch.Generator().manual_seed(10)
     x, w, b = torch.randn(2, 8, 6, generator=g), torch.randn(3, 8, 3, generator=g), torch.randn(3)
     want = F.conv1d(x, w, b, 1, 1, 1)
-    for kw in ({"training": False, "keep": 0.25}, {"training": True, "keep": 1.0}):
+    for kw in ({"training": False, "keep": 0.25}, {"training": True, "keep": 1.0, "method": "crs"}):
         torch.testing.assert_close(estimators.export_conv(x, w, b, 1, 1, 1, **kw), want)  # type: ignore[arg-type]
     # stride 1, padding 0, dilation 1 by default
     x2, w2 = torch.randn(1, 4, 6, 6, generator=g), torch.randn(2, 4, 3, 3, generator=g)

@@ -121,3 +121,20 @@ def test_rewriting_again_changes_nothing() -> None:
     code = fast.code
     result = passes.rewrite(fast, ApproxConfig())
     assert (result.modified, result.stats["replaced"], fast.code) == (False, 0, code)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))) + y
+
+
+def test_the_training_flag_comes_after_every_input() -> None:
+    cfg = ApproxConfig(exclude_first_last=False).set_op_type("linear", NodeOverride(keep=0.5))
+    fast = approxcompile.optimize(TwoInputs(), 0.9, example_inputs=(X, X), config=cfg)
+    ops_in_order = [n.op for n in fast.graph.nodes]
+    assert ops_in_order[:3] == ["placeholder", "placeholder", "get_attr"]
+    assert list(fast.graph.nodes)[2] is _flag(fast)
