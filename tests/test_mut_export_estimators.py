@@ -281,3 +281,13 @@ def test_bernoulli_conv_exports_and_runs_in_onnx_runtime() -> None:
     (got,) = session.run(None, {"x": x.numpy(), "w": w.numpy(), "u": noise.numpy()})
     s = _scale_vector(_norms(x, 1) * _norms(w, 1), 3, "bernoulli", noise).view(1, 6, 1, 1)
     torch.testing.assert_close(torch.from_numpy(got), F.conv2d(x * s, w, None, 1, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_the_twins_take_their_options_by_keyword() -> None:
+    a, b = torch.randn(2, 4), torch.randn(4, 3)
+    with pytest.raises(TypeError):
+        estimators.export_matmul(a, b, 0.5)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        estimators.export_addmm(torch.zeros(3), a, b, 0.5)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        estimators.export_linear(a, b.t(), None, 0.5)  # type: ignore[misc]
