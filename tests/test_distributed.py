@@ -254,3 +254,17 @@ def test_frozen_weights_are_not_listed_as_compressed(one_rank: None) -> None:
     assert sorted(compressible_weights(fast)) == ["layers.2.weight"]
     stats = register(DistributedDataParallel(fast))
     assert stats.compressed == ("layers.2.weight",)
+
+
+def test_a_weight_shared_with_an_exact_layer_keeps_its_full_allreduce() -> None:
+    # b, left exact, calls its module first; c then samples the same Parameter (get_attr)
+    cfg = (
+        approxcompile.ApproxConfig(scores="weights", exclude_first_last=False)
+        .set_module_name("b", approxcompile.NodeOverride(exact=True))
+        .set_module_name("c", approxcompile.NodeOverride(keep=0.5))
+    )
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    fast = approxcompile.optimize(Tied(), 1.0, example_inputs=(x,), config=cfg)
+    sampled = {n.args[1].target for n in fast.graph.nodes if n.target is approxcompile.sampled_linear}
+    assert "c.weight" in sampled, fast.code
+    assert "c.weight" not in compressible_weights(fast)

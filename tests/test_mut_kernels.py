@@ -90,3 +90,16 @@ def test_conv_backward_fake_matches_the_kernel(need_x: bool, need_w: bool, need_
     assert dx.shape == ((2, 8, 7, 7) if need_x else (0,))
     assert dw.shape == ((4, 8, 3, 3) if need_w else (0,))
     assert db.shape == ((4,) if need_b else (0,))
+
+
+def test_autocast_inputs_cast_only_under_autocast() -> None:
+    from approxcompile.ops.kernels import autocast_inputs
+
+    x, w, b = torch.randn(2, 4), torch.randn(3, 4), torch.randn(3)
+    assert all(a is c for a, c in zip(autocast_inputs(x, w, b), (x, w, b), strict=True))  # untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cx, cw, cb = autocast_inputs(x, w, b)
+        assert cb is not None
+        assert (cx.dtype, cw.dtype, cb.dtype) == (torch.bfloat16,) * 3
+        _, _, none = autocast_inputs(x, w, None)
+        assert none is None
