@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import approxcompile
@@ -64,3 +65,44 @@ def test_the_pass_counts_the_nodes_it_excludes() -> None:
     passes.propagate_shapes(gm, (torch.randn(8, 32),))
     passes.annotate_costs(gm, method="topk")
     assert passes.apply_exclusions(gm, ApproxConfig(exclude_first_last=False)).stats["excluded"] == 0
+
+
+class Block(nn.Module):
+    """A functional linear inside a submodule: the node's owner is the module ``blk``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(32, 32) / 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.w)
+
+
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk, self.out = Block(), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.blk(x)))
+
+
+def test_a_module_name_override_reaches_the_calls_inside_that_module() -> None:
+    cfg = ApproxConfig(exclude_first_last=False).set_module_name("blk", NodeOverride(exact=True))
+    fast = approxcompile.optimize(Functional(), 1.0, example_inputs=(torch.randn(8, 32),), config=cfg)
+    plans = {p.name: p for p in approxcompile.report(fast).nodes}
+    (name,) = [n for n in plans if n != "out"]
+    assert plans[name].reason == "left exact by override (module_name 'blk')"
+    assert plans["out"].reason == "budget is met without sampling this node"
+
+
+def test_rewrite_reports_a_single_replacement_as_a_modification() -> None:
+    gm = torch.fx.symbolic_trace(Three())
+    cfg = ApproxConfig(exclude_first_last=False).set_module_name("b", NodeOverride(keep=0.5))
+    cfg = cfg.set_module_name("a", NodeOverride(exact=True)).set_module_name("c", NodeOverride(exact=True))
+    passes.propagate_shapes(gm, (torch.randn(8, 32),))
+    passes.annotate_costs(gm, method="topk")
+    passes.apply_exclusions(gm, cfg)
+    passes.allocate(gm, budget=1.0, other_flops=0)
+    result = passes.rewrite(gm, cfg)
+    assert (result.modified, result.stats["replaced"]) == (True, 1)

@@ -291,3 +291,23 @@ def test_the_twins_take_their_options_by_keyword() -> None:
         estimators.export_addmm(torch.zeros(3), a, b, 0.5)  # type: ignore[misc]
     with pytest.raises(TypeError):
         estimators.export_linear(a, b.t(), None, 0.5)  # type: ignore[misc]
+
+
+class _TopkLinear(torch.nn.Module):
+    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+        return estimators.export_linear(x, w, None, keep=0.25, method="topk")
+
+
+def test_topk_linear_exports_and_runs_in_onnx_runtime() -> None:
+    ort = pytest.importorskip("onnxruntime")
+    x = torch.zeros(3, 16)
+    x[:, [2, 5, 9, 14]] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # the four columns top-k keeps
+    x[:, 0] = 0.1
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(12))
+    buf = io.BytesIO()
+    torch.onnx.export(_TopkLinear(), (x, w), buf, input_names=["x", "w"], dynamo=False)
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x.numpy(), "w": w.numpy()})
+    keep = torch.zeros(16)
+    keep[[2, 5, 9, 14]] = 1.0
+    torch.testing.assert_close(torch.from_numpy(got), (x * keep) @ w.t(), rtol=1e-5, atol=1e-5)

@@ -61,7 +61,9 @@ TESTS = {
     "tests/test_report_table.py::test_optimize_with_overrides_reports_each_row_by_its_decision "
     "tests/test_optimize.py::test_overrides_follow_qconfigmapping_precedence "
     "tests/test_optimize.py::test_default_budget_rewrites_middle_nodes_only tests/test_errors.py",
-    "passes/rewrite.py": "tests/test_mut_rewrite.py tests/test_optimize.py::test_golden_code_cnn "
+    "passes/rewrite.py": "tests/test_mut_rewrite.py "
+    "tests/test_mut_exclusions.py::test_rewrite_reports_a_single_replacement_as_a_modification "
+    "tests/test_optimize.py::test_golden_code_cnn "
     "tests/test_optimize.py::test_golden_code_mlp",
 }
 
