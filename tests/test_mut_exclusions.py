@@ -105,5 +105,9 @@ def test_rewrite_reports_a_single_replacement_as_a_modification() -> None:
     passes.annotate_costs(gm, method="topk")
     passes.apply_exclusions(gm, cfg)
     passes.allocate(gm, budget=1.0, other_flops=0)
+    b = next(n for n in gm.graph.nodes if n.target == "b")
+    b.meta["user_note"] = "kept"  # any meta entry but tensor_meta moves to the new node
     result = passes.rewrite(gm, cfg)
     assert (result.modified, result.stats["replaced"]) == (True, 1)
+    (new,) = [n for n in gm.graph.nodes if n.target is approxcompile.sampled_linear]
+    assert new.meta["user_note"] == "kept" and new.meta["tensor_meta"].shape == (8, 32)
