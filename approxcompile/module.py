@@ -318,21 +318,24 @@ def _registered(root: nn.Module, target: str) -> Any:
     return obj
 
 
-def _eval_extras(fast: ApproxModule, evaluate: fx.GraphModule) -> dict[str, Any]:
-    """What the eval graph reads that the model's tree lacks (its own constants, guards, bodies)."""
+def _eval_extras(fast: ApproxModule, evaluate: fx.GraphModule, graph: fx.Graph) -> dict[str, Any]:
+    """What the eval graph reads that the model's tree lacks (its own constants, guards, bodies).
+
+    ``graph`` is the copy of ``evaluate.graph`` that ``fast`` will run; a nested target the
+    model lacks (``layer.const``) is renamed to a root-level one there, so every extra is
+    an attribute of the eval module itself and never of a module ``fast`` shares.
+    """
     extras: dict[str, Any] = {}
-    for node in evaluate.graph.nodes:
+    for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             target = str(node.target)
             try:
                 _registered(fast, target)
             except AttributeError:
+                value = _resolve(evaluate, target)
                 if "." in target:
-                    raise NotImplementedError(
-                        f"finalize: the eval graph reads {target!r}, a nested attribute the model lacks; "
-                        "optimize cannot carry it over yet (report this model)"
-                    ) from None
-                extras[target] = _resolve(evaluate, target)
+                    target = node.target = "_eval_" + target.replace(".", "_")
+                extras[target] = value
     return extras
 
 
@@ -406,6 +409,6 @@ def finalize(gm: fx.GraphModule, model: nn.Module) -> ApproxModule:
     evaluate = gm.__dict__.get("_eval_module")  # a ModeGraphModule's eval graph
     if isinstance(evaluate, fx.GraphModule):
         eval_graph = copy.deepcopy(evaluate.graph)
-        _attach_eval(fast, eval_graph, _eval_extras(fast, evaluate))
+        _attach_eval(fast, eval_graph, _eval_extras(fast, evaluate, eval_graph))
     fast.train(model.training)
     return fast

@@ -36,6 +36,7 @@ from approxcompile.export import export_training
 PHASES = {
     "lower_for_export": "lower",
     "export_lowered": "torch.onnx export",
+    "export_split": "torch.onnx export (once) + split",
     "_generate": "generate_artifacts",
     "eval_model": "eval model build",
 }

@@ -220,8 +220,7 @@ def _prepare(out_dir: Path) -> Path:
 
 
 def _generate(
-    onnx: ModuleType,
-    graph: Path,
+    graph: Any,
     out: Path,
     *,
     params: list[str],
@@ -236,7 +235,7 @@ def _generate(
     try:
         with quiet():
             artifacts.generate_artifacts(
-                onnx.load(str(graph)),
+                graph,
                 requires_grad=params,
                 frozen_params=frozen,
                 loss=loss_type[loss],
@@ -245,7 +244,7 @@ def _generate(
             )
     except Exception as e:  # ORT raises RuntimeError / Fail / InvalidArgument subclasses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"export_training: generate_artifacts failed on {graph.name}: {first}") from e
+        raise ExportError(f"export_training: generate_artifacts failed on the training graph: {first}") from e
 
 
 def export_training(
@@ -306,12 +305,11 @@ def _write_all(
     params = [name for name, p in lowered.module.named_parameters() if p.requires_grad]
     frozen = [name for name in lowered.module.state_dict() if name not in params]
 
-    train_graph, eval_graph = export_split(
+    train_graph, exact = export_split(
         lowered, example_inputs, out / "model_train.onnx", out / "model_eval.onnx"
     )
-    exact = onnx.load(str(eval_graph))
     frozen = _present(exact, frozen)
-    _generate(onnx, train_graph, out, params=params, frozen=frozen, loss=loss, optimizer=optimizer)
+    _generate(train_graph, out, params=params, frozen=frozen, loss=loss, optimizer=optimizer)
     # generate_artifacts wrote the sampled graph's eval model: the exact one replaces it
     onnx.save(eval_model(exact, params=params, frozen=frozen, loss=loss), str(out / "eval_model.onnx"))
     return Artifacts.in_directory(

@@ -166,11 +166,12 @@ def _switchable(lowered: Lowered) -> tuple[fx.GraphModule, int]:
 
 def export_split(
     lowered: Lowered, example_inputs: Sequence[Any], train_path: str | Path, eval_path: str | Path
-) -> tuple[Path, Path]:
-    """Run the exporter once and write the sampled training graph and the exact eval graph.
+) -> tuple[Any, Any]:
+    """Run the exporter once; write the sampled training graph and the exact eval graph.
 
     Both read the lowered module's parameters under the same names and in the same order
     (one export), so they share one checkpoint; the eval graph has no noise inputs.
+    Returns the two ``onnx.ModelProto`` as written, so callers need not read them back.
     """
     train_path, eval_path = _check_path(Path(train_path)), _check_path(Path(eval_path))
     _check_inputs(lowered, example_inputs)
@@ -190,12 +191,11 @@ def export_split(
             f"found {found}; export the two graphs separately with export_onnx"
         )
     state = list(lowered.module.state_dict())
-    for part, path in zip(
-        split(model, tuple(s.name for s in lowered.noise)), (train_path, eval_path), strict=True
-    ):
+    parts = split(model, tuple(s.name for s in lowered.noise))
+    for part, path in zip(parts, (train_path, eval_path), strict=True):
         _prepare_model(onnx, part, state)
         onnx.save(part, str(path))
-    return train_path, eval_path
+    return parts
 
 
 def _prepare_for_ort(path: Path, state: list[str]) -> None:

@@ -30,9 +30,11 @@ SAMPLING = "approxcompile_sampling"  # the boolean graph input of the switched e
 
 
 def split(model: Any, noise: tuple[str, ...]) -> tuple[Any, Any]:
-    """``(training graph, eval graph)`` from a switched export (a ``onnx.ModelProto``, not mutated)."""
-    train, evaluate = type(model)(), type(model)()
-    train.CopyFrom(model)
+    """``(training graph, eval graph)`` from a switched export (an ``onnx.ModelProto``).
+
+    ``model`` itself becomes the training graph (one copy of the initializers, not two).
+    """
+    train, evaluate = model, type(model)()
     evaluate.CopyFrom(model)
     _choose(train.graph, branch=1)
     _choose(evaluate.graph, branch=2)
