@@ -19,7 +19,6 @@ from approxcompile import checks, guards
 from approxcompile.config import ApproxConfig, check_method
 from approxcompile.errors import BudgetError, PlanError, PlanWarning
 from approxcompile.module import clone_inputs, finalize, isolate, planning_view
-from approxcompile.passes.exported import ModeGraphModule
 from approxcompile.plan import META_KEY, Plan
 from approxcompile.progress import enabled as progress_enabled
 from approxcompile.progress import logger
@@ -96,10 +95,7 @@ def optimize(
         gm = _plan(model, budget, inputs, config, saved)
     if gm.meta[passes.CAPTURE_KEY].frontend == "dynamo":
         return gm  # planned region by region as dynamo hands the regions over
-    if isinstance(gm, ModeGraphModule):
-        # Its eval graph differs from the train graph (code reads self.training): it switches
-        # graphs itself, which ApproxModule does not know how to rebuild yet.
-        return gm
+    # A ModeGraphModule's eval graph (code reads self.training) comes along into the result.
     fast = finalize(gm, passes.unwrap(model))
     result: Plan = fast.meta[META_KEY]
     logger.info(

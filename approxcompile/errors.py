@@ -46,6 +46,10 @@ class PlanError(ApproxCompileError, ValueError):
     """A saved plan does not fit the model it is applied to."""
 
 
+class SaveError(ApproxCompileError, TypeError):
+    """The module cannot be pickled or deep-copied (a model captured by the dynamo frontend)."""
+
+
 class PlanWarning(UserWarning):
     """A legal plan that is probably not what was wanted (high error, budget eaten by exact nodes).
 

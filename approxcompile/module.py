@@ -19,11 +19,16 @@ nothing ``optimize`` executes (about four forward passes) can change the user's 
 (``torch.save(fast)`` / ``pickle``, ``copy.deepcopy``) rather than re-tracing generated
 code with the tracer that built it, so it works for whichever frontend captured the graph.
 A loaded module is standalone: it no longer shares tensors with ``model``.
+
+A model whose code branches on ``self.training`` has two graphs (``ModeGraphModule`` from the
+export frontend): the ``ApproxModule`` then also carries the eval graph, run in ``eval()``
+over the same module tree, and pickles, deep-copies and converts both.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 from collections import OrderedDict
 from collections.abc import Callable
@@ -46,6 +51,8 @@ _HOOK_DICTS = (
 )
 _TENSOR_DICTS = ("_parameters", "_buffers", "_non_persistent_buffers_set")
 _CONSTANTS = "_approxcompile_constants"  # names of plain tensor attributes ``_apply`` converts
+_EVAL = "_approxcompile_eval"  # the eval-mode GraphModule, for code that reads self.training
+_EXTRAS = "_approxcompile_extras"  # names of the eval graph's own attributes (not the model's)
 
 
 def _new_like(module: nn.Module) -> nn.Module:
@@ -134,20 +141,70 @@ class ApproxModule(fx.GraphModule):
     saved one stood.
     """
 
+    @property
+    def eval_graph(self) -> fx.Graph | None:
+        """The graph ``eval()`` runs when the model's code reads ``self.training``, else ``None``."""
+        evaluate = self.__dict__.get(_EVAL)
+        return None if evaluate is None else evaluate.graph
+
+    def recompile(self) -> Any:
+        code = super().recompile()
+        if _EVAL not in self.__dict__:
+            return code
+        cls = type(self)  # GraphModule gives every instance a class of its own
+        train_forward = cls.forward
+
+        @functools.wraps(train_forward)  # callers that inspect the signature see the graph's inputs
+        def forward(self: ApproxModule, *args: Any, **kwargs: Any) -> Any:
+            if self.training:
+                return train_forward(self, *args, **kwargs)
+            return self.__dict__[_EVAL].forward(*args, **kwargs)
+
+        cls.forward = forward
+        return code
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> ApproxModule:
         super()._apply(fn, recurse)
-        for name in self.__dict__.get(_CONSTANTS, ()):
-            self.__dict__[name] = fn(self.__dict__[name])
+        for holder in (self, self.__dict__.get(_EVAL)):
+            if holder is not None:
+                for name in holder.__dict__.get(_CONSTANTS, ()):
+                    holder.__dict__[name] = fn(holder.__dict__[name])
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        state = {k: v for k, v in self.__dict__.items() if k != "_graph"}
+        state = {k: _portable(v) for k, v in self.__dict__.items() if k not in ("_graph", _EVAL)}
         state["_tracer_cls"] = None
-        return (_rebuild, (ApproxModule, state, _graph_spec(self.graph)))
+        evaluate = self.__dict__.get(_EVAL)
+        eval_spec = None
+        if evaluate is not None:
+            extras = {name: _portable(evaluate.__dict__[name]) for name in evaluate.__dict__.get(_EXTRAS, ())}
+            eval_spec = (_graph_spec(evaluate.graph), extras, evaluate.__dict__.get(_CONSTANTS, ()))
+        return (_rebuild, (ApproxModule, state, _graph_spec(self.graph), eval_spec))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ApproxModule:
         fn, args = self.__reduce__()
         return fn(*copy.deepcopy(args, memo))
+
+
+class SkippedGuards(nn.Module):
+    """Stands in for torch.export's input guards in a loaded module (see :func:`_portable`)."""
+
+    _is_impure = True  # called for its side effect only: dead-code elimination must keep it
+
+    def forward(self, *args: Any) -> None:
+        return None
+
+
+def _portable(value: Any) -> Any:
+    """``value``, or a picklable stand-in for torch.export's ``_guards_fn``.
+
+    The guards are a function compiled from source text at capture time that pickle cannot
+    store; they only assert that inputs have the shapes the graph was captured for (the
+    graph raises its own error otherwise), so a loaded module runs without them.
+    """
+    if type(value).__name__ == "GuardsFn" and isinstance(value, nn.Module):
+        return SkippedGuards()
+    return value
 
 
 @dataclass(frozen=True)
@@ -155,6 +212,26 @@ class _Ref:
     """A node argument that names an earlier node (pickled in place of the ``fx.Node``)."""
 
     name: str
+
+
+@dataclass(frozen=True)
+class _OpRef:
+    """A ``torch.ops`` operator by name (operator objects do not pickle): ``torch.ops.<path>``."""
+
+    path: str
+
+
+def _pack_target(target: Any) -> Any:
+    if isinstance(target, torch._ops.OpOverload):
+        namespace, name = target.name().split("::", 1)
+        return _OpRef(f"{namespace}.{name.split('.')[0]}.{target._overloadname}")
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return _OpRef(f"higher_order.{target.name()}")
+    return target
+
+
+def _unpack_target(target: Any) -> Any:
+    return _resolve(torch.ops, target.path) if isinstance(target, _OpRef) else target
 
 
 def _picklable(value: Any) -> bool:
@@ -187,7 +264,7 @@ def _graph_spec(graph: fx.Graph) -> tuple[Any, list[tuple[Any, ...]]]:
         meta = {k: _pack_meta(v) for k, v in n.meta.items()}
         meta = {k: v for k, v in meta.items() if _picklable(v)}
         type_expr = n.type if _picklable(n.type) else None
-        nodes.append((n.op, n.name, n.target, args, kwargs, type_expr, meta))
+        nodes.append((n.op, n.name, _pack_target(n.target), args, kwargs, type_expr, meta))
     codegen = graph._codegen if _picklable(graph._codegen) else None
     return codegen, nodes
 
@@ -205,7 +282,7 @@ def _graph_from_spec(spec: tuple[Any, list[tuple[Any, ...]]]) -> fx.Graph:
     for op, name, target, args, kwargs, type_expr, meta in nodes:
         node = graph.create_node(
             op,
-            target,
+            _unpack_target(target),
             fx.node.map_aggregate(args, load),
             fx.node.map_aggregate(kwargs, load),
             name=name,
@@ -216,11 +293,79 @@ def _graph_from_spec(spec: tuple[Any, list[tuple[Any, ...]]]) -> fx.Graph:
     return graph
 
 
-def _rebuild(cls: type[ApproxModule], state: dict[str, Any], spec: Any) -> ApproxModule:
+def _rebuild(
+    cls: type[ApproxModule], state: dict[str, Any], spec: Any, eval_spec: Any = None
+) -> ApproxModule:
     module = cls.__new__(cls)
     module.__dict__.update(state)
     module.graph = _graph_from_spec(spec)  # recompiles forward()
+    if eval_spec is not None:
+        graph_spec, extras, constants = eval_spec
+        _attach_eval(module, _graph_from_spec(graph_spec), extras, constants)
     return module
+
+
+def _registered(root: nn.Module, target: str) -> Any:
+    """``target`` followed through registered submodules, parameters and buffers only."""
+    obj: Any = root
+    for part in target.split("."):
+        for table in ("_modules", "_parameters", "_buffers"):
+            if part in obj.__dict__.get(table, {}):
+                obj = obj.__dict__[table][part]
+                break
+        else:
+            raise AttributeError(target)
+    return obj
+
+
+def _eval_extras(fast: ApproxModule, evaluate: fx.GraphModule, graph: fx.Graph) -> dict[str, Any]:
+    """What the eval graph reads that the model's tree lacks (its own constants, guards, bodies).
+
+    ``graph`` is the copy of ``evaluate.graph`` that ``fast`` will run; a nested target the
+    model lacks (``layer.const``) is renamed to a root-level one there, so every extra is
+    an attribute of the eval module itself and never of a module ``fast`` shares.
+    """
+    extras: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            target = str(node.target)
+            try:
+                _registered(fast, target)
+            except AttributeError:
+                value = _resolve(evaluate, target)
+                if "." in target:
+                    target = node.target = "_eval_" + target.replace(".", "_")
+                extras[target] = value
+    return extras
+
+
+def _attach_eval(
+    fast: ApproxModule, graph: fx.Graph, extras: dict[str, Any], constants: tuple[str, ...] | None = None
+) -> None:
+    """Give ``fast`` the eval graph ``graph``, run over ``fast``'s own module tree and tensors.
+
+    The eval module is a plain ``GraphModule`` holding ``fast``'s very ``_modules``,
+    ``_parameters`` and ``_buffers`` dictionaries, so training, ``.to()`` and loading a state
+    dict reach it; ``extras`` (root-level attributes only the eval graph reads) are plain
+    attributes of it, not registered, so ``state_dict()`` keys stay the model's.
+    """
+    graph._tracer_cls = None
+    attrs = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            target = str(node.target)
+            attrs[target] = extras[target] if target in extras else _registered(fast, target)
+    evaluate = fx.GraphModule(attrs, graph, f"{type(fast).__name__}Eval")
+    for name in ("_modules", *_TENSOR_DICTS):
+        evaluate.__dict__[name] = fast.__dict__[name]
+    for name, value in extras.items():
+        evaluate.__dict__[name] = value
+    if constants is None:
+        constants = tuple(n for n, v in extras.items() if isinstance(v, torch.Tensor))
+    evaluate.__dict__[_CONSTANTS] = constants
+    evaluate.__dict__[_EXTRAS] = tuple(extras)
+    fast.__dict__[_EVAL] = evaluate
+    fast.recompile()  # forward() now switches graphs on self.training
 
 
 def finalize(gm: fx.GraphModule, model: nn.Module) -> ApproxModule:
@@ -261,5 +406,9 @@ def finalize(gm: fx.GraphModule, model: nn.Module) -> ApproxModule:
             held.append(last)
     fast.__dict__[_CONSTANTS] = tuple(held)
     fast.meta.update(gm.meta)
+    evaluate = gm.__dict__.get("_eval_module")  # a ModeGraphModule's eval graph
+    if isinstance(evaluate, fx.GraphModule):
+        eval_graph = copy.deepcopy(evaluate.graph)
+        _attach_eval(fast, eval_graph, _eval_extras(fast, evaluate, eval_graph))
     fast.train(model.training)
     return fast

@@ -12,10 +12,13 @@ The function compiled is ``_call``, defined here rather than inside torch: dynam
 of torch's own files, so ``model.compile()`` on e.g. ``nn.TransformerEncoder`` captures
 nothing. Each region's budget keeps the regions run so far in the call within the model's; a region
 dynamo compiles later (a branch first taken during training, a new input shape) is planned
-then. The returned ``GraphModule`` calls the compiled function on a parameter-sharing copy of
-the model and sets that copy's ``training`` flag on every call, since dynamo guards on
-``module.training`` only where the code reads it; ``state_dict()`` keys are the user's (no
-``_orig_mod.`` prefix).
+then. The returned ``GraphModule`` calls the compiled function on a view of the model (new
+module objects holding the model's own ``_parameters`` / ``_buffers`` dictionaries, no hooks,
+see ``approxcompile.module``) and sets the view's ``training`` flag on every call, since dynamo
+guards on ``module.training`` only where the code reads it; ``state_dict()`` keys are the
+user's (no ``_orig_mod.`` prefix), training and ``.to()`` / ``.double()`` reach the model's
+tensors as they do for ``ApproxModule``. It cannot be pickled or deep-copied (the compiled
+function and its planned regions live in this process only): that raises ``SaveError``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from approxcompile.passes.trace import _adopt_tree, share_parameters
+from approxcompile.errors import SaveError
+from approxcompile.module import module_view
 from approxcompile.plan import META_KEY, Plan
 
 _SELF = re.compile(r"^L\['self'\]\.?")
@@ -107,19 +111,38 @@ class _Runner:
         return self.compiled(self.planner.root, args)
 
 
+class DynamoModule(fx.GraphModule):
+    """The dynamo frontend's result: runs the model through the compiled, planned regions."""
+
+    def __reduce__(self) -> Any:
+        raise SaveError(
+            f"{type(self).__name__} was captured by the dynamo frontend (data-dependent control flow): "
+            "its planned regions live in the compiled function of this process and cannot be pickled "
+            "or deep-copied. Save fast.state_dict() (the model's keys) and the plan "
+            "(approxcompile.save_plan), and call approxcompile.optimize(model, plan=...) again after "
+            "loading; or make the branch traceable (torch.cond) so another frontend captures it"
+        )
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self.__reduce__()
+
+
 def capture_dynamo(model: nn.Module, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    """A ``GraphModule`` over a parameter-sharing copy of ``model`` that runs it through dynamo."""
-    root = share_parameters(model)
+    """A ``GraphModule`` over a view of ``model`` (its tensor dictionaries) that runs it through dynamo."""
+    root = module_view(model, share_dicts=True, hooks=False)
     planner = RegionPlanner(root)
     graph = fx.Graph()
     inputs = [graph.placeholder(f"input_{i}") for i in range(len(example_inputs))]
     training = graph.create_node("get_attr", "training", name="training")
     runner = graph.create_node("get_attr", "_approx_runner", name="runner")
     graph.output(graph.call_method("__call__", (runner, training, *inputs)))
-    gm = fx.GraphModule(root, fx.Graph(), type(model).__name__)
+    gm = DynamoModule(root, fx.Graph(), type(model).__name__)
     gm.__dict__["_approx_runner"] = _Runner(planner)
     gm.graph = graph
-    _adopt_tree(gm, root)
+    # The view's own dictionaries, which are the model's: state_dict() keys, training and
+    # .to() / .double() reach the user's tensors (the graph itself reads no tensor).
+    for attr in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+        gm.__dict__[attr] = root.__dict__[attr]
     gm.meta["approxcompile.planner"] = planner
     planner.owner = gm
     gm.train(model.training)

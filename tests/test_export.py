@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import numpy as np
 import onnx
@@ -182,3 +183,89 @@ def test_eval_graph_is_exact(case: Case, tmp_path) -> None:
     model.eval()
     np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
     assert fast.training  # export left the module's mode alone
+
+
+def test_lowered_record_names_its_graph_inputs() -> None:
+    _, fast, _, _ = Case("mlp", models.mlp, (32, 64), "crs").build()
+    lowered = lower_for_export(fast, noise="input")
+    assert lowered.noise
+    assert lowered.input_names == ("input", *(n.name for n in lowered.noise))
+    assert lowered.model_inputs == 1
+    assert lower_for_export(fast).input_names == ("input",)
+
+
+@needs_ort
+@pytest.mark.parametrize("case", [CNN, ENCODER], ids=lambda c: c.name)
+def test_one_export_one_generate_artifacts(case: Case, tmp_path, monkeypatch) -> None:
+    # The exact eval graph is cut from the single export, not exported and generated again.
+    import onnxruntime
+    from onnxruntime.training import artifacts as ort_artifacts
+
+    calls = {"export": 0, "generate": 0}
+    real_export, real_generate = torch.onnx.export, ort_artifacts.generate_artifacts
+
+    def export(*a, **k):
+        calls["export"] += 1
+        return real_export(*a, **k)
+
+    def generate(*a, **k):
+        calls["generate"] += 1
+        return real_generate(*a, **k)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    monkeypatch.setattr(ort_artifacts, "generate_artifacts", generate)
+    model, fast, x, y = Case(case.name, case.factory, case.shape, "crs").build()
+    art = export_training(fast, (x,), tmp_path, optimizer="sgd", noise="input")
+    assert calls == {"export": 1, "generate": 1}
+    train_graph, eval_graph = (
+        onnx.load(str(tmp_path / "model_train.onnx")),
+        onnx.load(str(tmp_path / "model_eval.onnx")),
+    )
+    noise = {n.name for n in art.noise}
+    assert noise and noise <= {i.name for i in train_graph.graph.input}
+    assert [i.name for i in eval_graph.graph.input] == ["input"]  # no noise, no switch
+    assert "approxcompile_sampling" not in {i.name for i in train_graph.graph.input}
+    assert {"TopK", "GatherND"} <= {n.op_type for n in train_graph.graph.node}  # crs: TopK on keys
+    exact_ops = {n.op_type for n in eval_graph.graph.node}
+    assert not {"TopK", "GatherND", "RandomUniform", "RandomUniformLike", "Where"} & exact_ops
+    # the cut eval graph, alone and as ORT's eval model, computes the PyTorch model's eval output
+    feeds = {"input": x.numpy()}
+    out = onnxruntime.InferenceSession(str(tmp_path / "model_eval.onnx")).run(None, feeds)[0]
+    lowered = lower_for_export(fast, transpose_weights=True).module.eval()
+    np.testing.assert_allclose(out, lowered(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    model.eval()
+    np.testing.assert_allclose(out, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert OrtTrainer(art).evaluate(x, y) == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
+
+
+@needs_ort
+def test_eval_model_is_what_generate_artifacts_builds(tmp_path) -> None:
+    from onnxruntime.training import artifacts as ort_artifacts
+
+    from approxcompile.export.artifacts import eval_model
+    from approxcompile.export.quiet import quiet
+
+    _, fast, x, _ = CNN.build()  # BatchNorm: its eval form matters
+    export_training(fast, (x,), tmp_path / "art", optimizer="sgd")
+    forward = onnx.load(str(tmp_path / "art" / "model_eval.onnx"))
+    lowered = lower_for_export(fast, transpose_weights=True).module
+    params = [n for n, p in lowered.named_parameters() if p.requires_grad]
+    frozen = [n for n in lowered.state_dict() if n not in params]
+    (tmp_path / "ort").mkdir()
+    with quiet():
+        ort_artifacts.generate_artifacts(
+            forward,
+            requires_grad=params,
+            frozen_params=frozen,
+            loss=ort_artifacts.LossType.CrossEntropyLoss,
+            optimizer=ort_artifacts.OptimType.SGD,
+            artifact_directory=str(tmp_path / "ort"),
+        )
+
+    def text(model: onnx.ModelProto) -> str:  # ORT numbers the loss's value names process-wide
+        return re.sub(r"::\d+", "::N", str(model.graph))
+
+    theirs = text(onnx.load(str(tmp_path / "ort" / "eval_model.onnx")))
+    assert text(eval_model(forward, params=params, frozen=frozen, loss="cross_entropy")) == theirs
+    assert text(onnx.load(str(tmp_path / "art" / "eval_model.onnx"))) == theirs
+    assert "SoftmaxCrossEntropyLoss" in theirs and "training_mode" in theirs  # the BatchNorm's, now 0

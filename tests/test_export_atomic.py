@@ -34,17 +34,16 @@ def _contents(directory: Path) -> dict[str, bytes]:
 def test_an_export_interrupted_part_way_leaves_the_previous_one_intact(tmp_path: Path, monkeypatch) -> None:
     export_training(_fast(0.6), (X,), tmp_path, optimizer="sgd")
     before = _contents(tmp_path)
-    real, calls = artifacts_module._generate, []
+    calls = []
 
-    def interrupted(*args, **kwargs):  # the second generate_artifacts (eval graph) never finishes
+    def interrupted(*args, **kwargs):  # the exact eval model, built after generate_artifacts, never is
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(artifacts_module, "_generate", interrupted)
+    monkeypatch.setattr(artifacts_module, "eval_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         export_training(_fast(0.8), (X,), tmp_path, optimizer="adamw")
+    assert calls == [1]
     # Before: new training graph and checkpoint, a sampled eval graph, the old manifest.
     assert _contents(tmp_path) == before
     assert Artifacts.load(tmp_path).optimizer == "sgd"

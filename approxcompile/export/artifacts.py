@@ -16,9 +16,13 @@ interrupted export never leaves a directory that ``Artifacts.load`` accepts with
 two exports in it.
 
 ``onnxruntime.training.artifacts.generate_artifacts`` derives its eval graph from the graph it
-is given, which here samples; the exact eval graph is therefore exported separately and
-passed through ``generate_artifacts`` too, and its ``eval_model.onnx`` replaces the sampled
-one. Both graphs name their initializers by ``state_dict()`` key, so they share the checkpoint,
+is given, which here samples. So the module is lowered once and exported once
+(``export_split``): the one export holds both products of every sampled op, and cutting it
+gives the sampled training graph, which goes through ``generate_artifacts``, and the exact
+eval graph, from which :func:`eval_model` builds ``eval_model.onnx`` the way
+``generate_artifacts`` builds its eval model (forward + loss, parameters as graph inputs,
+Dropout / BatchNormalization in eval form) without building a gradient graph for it.
+Both graphs name their initializers by ``state_dict()`` key, so they share the checkpoint,
 except that sampled linear weights are stored transposed as ``<key>__t`` (``lower_for_export``,
 ``transpose_weights=True``); ``OrtTrainer.parameters()`` hands them back in the module's layout.
 """
@@ -39,7 +43,7 @@ from typing import Any
 import torch.fx as fx
 
 from approxcompile.export.lower import ExportError, Noise, NoiseInput, lower_for_export
-from approxcompile.export.onnx_export import export_lowered
+from approxcompile.export.onnx_export import export_split
 from approxcompile.export.quiet import quiet
 
 LOSSES = ("cross_entropy", "mse")
@@ -216,8 +220,7 @@ def _prepare(out_dir: Path) -> Path:
 
 
 def _generate(
-    onnx: ModuleType,
-    graph: Path,
+    graph: Any,
     out: Path,
     *,
     params: list[str],
@@ -232,7 +235,7 @@ def _generate(
     try:
         with quiet():
             artifacts.generate_artifacts(
-                onnx.load(str(graph)),
+                graph,
                 requires_grad=params,
                 frozen_params=frozen,
                 loss=loss_type[loss],
@@ -241,7 +244,7 @@ def _generate(
             )
     except Exception as e:  # ORT raises RuntimeError / Fail / InvalidArgument subclasses
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"export_training: generate_artifacts failed on {graph.name}: {first}") from e
+        raise ExportError(f"export_training: generate_artifacts failed on the training graph: {first}") from e
 
 
 def export_training(
@@ -302,15 +305,13 @@ def _write_all(
     params = [name for name, p in lowered.module.named_parameters() if p.requires_grad]
     frozen = [name for name in lowered.module.state_dict() if name not in params]
 
-    train_graph = export_lowered(lowered, example_inputs, out / "model_train.onnx", training=True)
-    exact = lower_for_export(module, transpose_weights=True) if lowered.noise else lowered
-    eval_graph = export_lowered(exact, example_inputs, out / "model_eval.onnx", training=False)
-    kw: dict[str, Any] = {"params": params, "frozen": _present(onnx, eval_graph, frozen), "loss": loss}
-    _generate(onnx, train_graph, out, optimizer=optimizer, **kw)
-    eval_dir = out / "eval"
-    eval_dir.mkdir()
-    _generate(onnx, eval_graph, eval_dir, optimizer=optimizer, **kw)
-    os.replace(eval_dir / "eval_model.onnx", out / "eval_model.onnx")
+    train_graph, exact = export_split(
+        lowered, example_inputs, out / "model_train.onnx", out / "model_eval.onnx"
+    )
+    frozen = _present(exact, frozen)
+    _generate(train_graph, out, params=params, frozen=frozen, loss=loss, optimizer=optimizer)
+    # generate_artifacts wrote the sampled graph's eval model: the exact one replaces it
+    onnx.save(eval_model(exact, params=params, frozen=frozen, loss=loss), str(out / "eval_model.onnx"))
     return Artifacts.in_directory(
         out,
         inputs=len(example_inputs),
@@ -321,7 +322,35 @@ def _write_all(
     )
 
 
-def _present(onnx: ModuleType, graph: Path, names: list[str]) -> list[str]:
+def _present(model: Any, names: list[str]) -> list[str]:
     """The frozen names the graph holds (an unused buffer is not an initializer)."""
-    held = {init.name for init in onnx.load(str(graph)).graph.initializer}
+    held = {init.name for init in model.graph.initializer}
     return [name for name in names if name in held]
+
+
+def eval_model(forward: Any, *, params: list[str], frozen: list[str], loss: str) -> Any:
+    """ORT's eval model for the forward graph ``forward``, as ``generate_artifacts`` builds it.
+
+    The loss block on the graph's outputs, every parameter and frozen entry moved from an
+    initializer to a graph input (the training API feeds them from the checkpoint, in the
+    initializers' order) and Dropout / BatchNormalization in eval form; no gradient graph.
+    The two steps after the loss are ORT's own helpers, so the result equals the eval model
+    ``generate_artifacts`` writes for ``forward`` (a test compares them).
+    """
+    from onnxruntime.training import onnxblock
+    from onnxruntime.training.onnxblock import _training_graph_utils as ort_graph
+
+    blocks = {"cross_entropy": onnxblock.loss.CrossEntropyLoss, "mse": onnxblock.loss.MSELoss}
+    loss_block = blocks[loss]()
+
+    class _Eval(onnxblock.ForwardBlock):
+        def build(self, *outputs: str) -> Any:
+            return loss_block(*outputs)
+
+    block = _Eval()
+    with onnxblock.base(forward):
+        block(*[output.name for output in forward.graph.output])
+    model = block.to_model_proto()
+    ort_graph._move_initializers_to_inputs(model, set(params) | set(frozen))
+    ort_graph._disable_training_mode(model)
+    return model

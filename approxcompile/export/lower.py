@@ -38,6 +38,7 @@ from approxcompile.plan import META_KEY, kept_count
 
 Noise = Literal["draw", "input"]
 TRANSPOSED_SUFFIX = "__t"
+INPUT_NAME = "input"  # the ONNX name of a single model input; several are input0, input1, ...
 
 
 # runtime op -> its exportable twin, for every kind that has one
@@ -64,12 +65,22 @@ class NoiseInput:
 
 @dataclass(frozen=True)
 class Lowered:
-    """The export-ready module, how many ops were swapped, and the noise inputs it reads."""
+    """The export-ready module, how many ops were swapped, its graph inputs and the noise it reads.
+
+    ``input_names`` names every graph input in order, as the ONNX graph will: the model's
+    inputs (``input``, or ``input0, input1, ...``), then the noise inputs.
+    """
 
     module: fx.GraphModule
     swapped: int
     noise: tuple[NoiseInput, ...] = ()
     transposed: tuple[str, ...] = ()  # parameters stored as W.T, named <state_dict key>__t
+    input_names: tuple[str, ...] = (INPUT_NAME,)
+
+    @property
+    def model_inputs(self) -> int:
+        """How many graph inputs the model's own inputs take (the rest are noise)."""
+        return len(self.input_names) - len(self.noise)
 
     def noise_tensors(self, generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
         """Fresh uniform draws for every noise input, in graph-input order."""
@@ -201,8 +212,18 @@ def lower_for_export(
         )
     if noise not in ("draw", "input"):
         raise ValueError(f"noise must be 'draw' or 'input', got {noise!r}")
+    if getattr(module, "eval_graph", None) is not None:
+        # Both ONNX graphs come from the one training graph (export_split); this module's eval
+        # graph is another graph, which that would silently replace by the training branch.
+        raise ExportError(
+            f"lower_for_export: {type(module).__name__}'s forward branches on self.training, so its "
+            "eval graph differs from its training graph, and export writes both from the training "
+            "graph; move the mode-dependent code into ops that take a training flag "
+            "(F.dropout(x, p, training=self.training)) so one graph serves both modes"
+        )
     graph = copy.deepcopy(module.graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    inputs = len(placeholders)
     specs: list[NoiseInput] = []
     swapped = 0
     for node in list(graph.nodes):
@@ -224,4 +245,11 @@ def lower_for_export(
     lowered.meta.update(module.meta)
     lowered.train(module.training)
     transposed = _transpose_weights(lowered, module) if transpose_weights else ()
-    return Lowered(module=lowered, swapped=swapped, noise=tuple(specs), transposed=transposed)
+    names = [INPUT_NAME] if inputs == 1 else [f"{INPUT_NAME}{i}" for i in range(inputs)]
+    return Lowered(
+        module=lowered,
+        swapped=swapped,
+        noise=tuple(specs),
+        transposed=transposed,
+        input_names=(*names, *(spec.name for spec in specs)),
+    )

@@ -16,13 +16,18 @@ Exporter settings, each for a reason measured while building the export path:
   equal-valued initializers (two LayerNorms' fresh weights, all ones) into one plus an
   ``Identity`` node, and ``generate_artifacts`` then cannot find the second parameter.
 
-The eval graph is exported from the module in ``eval()`` mode, where every sampled op is
-the exact one, so it contains no TopK / random nodes at all.
+``export_onnx(training=False)`` exports the module in ``eval()`` mode, where every sampled op
+is the exact one, so it contains no TopK / random nodes at all. ``export_split`` (what
+``export_training`` uses) runs the exporter once for both graphs: each twin computes both
+products behind a boolean input and ``split`` cuts the ONNX graph into the sampled training
+graph and the exact eval graph.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,20 +36,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from approxcompile.export.lower import ExportError, Lowered, Noise, lower_for_export
+from approxcompile.export import estimators
+from approxcompile.export.lower import TWINS, ExportError, Lowered, Noise, lower_for_export
 from approxcompile.export.quiet import quiet
+from approxcompile.export.split import SAMPLING, split, switches
 
 OPSET = 17
-INPUT_NAMES = "input"
 OUTPUT_NAME = "output"
 BATCH = "batch"  # the symbolic leading axis of every model input and of the output
 _UNSUPPORTED = re.compile(r"operator '?(?:aten::)?(\w+)'?", re.IGNORECASE)
-
-
-def input_names(n_inputs: int, lowered: Lowered) -> list[str]:
-    """``input`` (one input) or ``input0, input1, ...``, then the noise inputs."""
-    names = [INPUT_NAMES] if n_inputs == 1 else [f"{INPUT_NAMES}{i}" for i in range(n_inputs)]
-    return names + [spec.name for spec in lowered.noise]
 
 
 @contextlib.contextmanager
@@ -80,16 +80,19 @@ def _check_path(path: Path) -> Path:
     return path
 
 
-def export_lowered(
-    lowered: Lowered, example_inputs: Sequence[Any], path: str | Path, *, training: bool
-) -> Path:
-    """Export an already lowered module (``lower_for_export``) to ``path``; returns the path."""
-    path = _check_path(Path(path))
-    gm = lowered.module
-    if lowered.noise and not training:
-        raise ValueError("the eval graph is exact and reads no noise: lower it with noise='draw'")
-    args = tuple(example_inputs) + lowered.noise_tensors()
-    names = input_names(len(example_inputs), lowered)
+def _check_inputs(lowered: Lowered, example_inputs: Sequence[Any]) -> None:
+    if len(example_inputs) != lowered.model_inputs:
+        names = ", ".join(lowered.input_names[: lowered.model_inputs])
+        raise ValueError(
+            f"export: the graph takes {lowered.model_inputs} input(s) ({names}), "
+            f"got {len(example_inputs)} example input(s)"
+        )
+
+
+def _run_exporter(
+    gm: fx.GraphModule, args: tuple[Any, ...], f: Any, names: Sequence[str], n_inputs: int, *, training: bool
+) -> None:
+    """``torch.onnx.export`` with the settings above, into a path or a file object."""
     mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
     try:
         # quiet(): the TorchScript exporter's deprecation notices, and its IR dump on failure
@@ -97,16 +100,16 @@ def export_lowered(
             torch.onnx.export(
                 gm,
                 args,
-                str(path),
+                f,
                 dynamo=False,
                 opset_version=OPSET,
                 training=mode,
                 do_constant_folding=False,
                 export_params=True,
                 keep_initializers_as_inputs=False,
-                input_names=names,
+                input_names=list(names),
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={name: {0: BATCH} for name in [*names[: len(example_inputs)], OUTPUT_NAME]},
+                dynamic_axes={name: {0: BATCH} for name in [*names[:n_inputs], OUTPUT_NAME]},
             )
     except Exception as e:  # the exporter raises many types; all mean "this graph does not export"
         culprit = _culprit(gm, str(e))
@@ -116,8 +119,83 @@ def export_lowered(
             f"export: torch.onnx could not export the graph{where}: {first}. Replace the op with "
             "ones ONNX opset 17 has, or register a symbolic (torch.onnx.register_custom_op_symbolic)"
         ) from e
+
+
+def export_lowered(
+    lowered: Lowered, example_inputs: Sequence[Any], path: str | Path, *, training: bool
+) -> Path:
+    """Export an already lowered module (``lower_for_export``) to ``path``; returns the path."""
+    path = _check_path(Path(path))
+    if lowered.noise and not training:
+        raise ValueError("the eval graph is exact and reads no noise: lower it with noise='draw'")
+    _check_inputs(lowered, example_inputs)
+    args = tuple(example_inputs) + lowered.noise_tensors()
+    gm = lowered.module
+    _run_exporter(gm, args, str(path), lowered.input_names, lowered.model_inputs, training=training)
     _prepare_for_ort(path, list(gm.state_dict()))
     return path
+
+
+def _switched(twin: str, sampling: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The export twin ``twin``'s sampled product where ``sampling`` holds, its exact one elsewhere.
+
+    Exports as ``Where(approxcompile_sampling, sampled, exact)``, where ``split`` cuts.
+    """
+    kwargs.pop("training", None)
+    fn = getattr(estimators, twin)
+    return torch.where(sampling, fn(*args, **kwargs, training=True), fn(*args, **kwargs, training=False))
+
+
+def _switchable(lowered: Lowered) -> tuple[fx.GraphModule, int]:
+    """A copy of the lowered module whose twins compute both products (``_switched``)."""
+    graph = copy.deepcopy(lowered.module.graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1] if placeholders else None):
+        flag = graph.placeholder(SAMPLING)
+    twins = set(TWINS.values())
+    count = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in twins:
+            node.args = (node.target.__name__, flag, *node.args)
+            node.target = _switched
+            count += 1
+    gm = fx.GraphModule(lowered.module, graph, class_name="ExportModule")
+    gm.meta.update(lowered.module.meta)
+    return gm, count
+
+
+def export_split(
+    lowered: Lowered, example_inputs: Sequence[Any], train_path: str | Path, eval_path: str | Path
+) -> tuple[Any, Any]:
+    """Run the exporter once; write the sampled training graph and the exact eval graph.
+
+    Both read the lowered module's parameters under the same names and in the same order
+    (one export), so they share one checkpoint; the eval graph has no noise inputs.
+    Returns the two ``onnx.ModelProto`` as written, so callers need not read them back.
+    """
+    train_path, eval_path = _check_path(Path(train_path)), _check_path(Path(eval_path))
+    _check_inputs(lowered, example_inputs)
+    onnx = _onnx()
+    if onnx is None:
+        raise ExportError("export_split needs the onnx package; run pip install 'approxcompile[ort]'")
+    gm, count = _switchable(lowered)
+    args = (*example_inputs, *lowered.noise_tensors(), torch.tensor(True))
+    buffer = io.BytesIO()
+    names = [*lowered.input_names, SAMPLING]
+    _run_exporter(gm, args, buffer, names, lowered.model_inputs, training=True)
+    model = onnx.load_from_string(buffer.getvalue())
+    found = switches(model.graph)
+    if found != count:
+        raise ExportError(
+            f"export_split: {count} sampled op(s) should each export one Where on {SAMPLING!r}, "
+            f"found {found}; export the two graphs separately with export_onnx"
+        )
+    state = list(lowered.module.state_dict())
+    parts = split(model, tuple(s.name for s in lowered.noise))
+    for part, path in zip(parts, (train_path, eval_path), strict=True):
+        _prepare_model(onnx, part, state)
+        onnx.save(part, str(path))
+    return parts
 
 
 def _prepare_for_ort(path: Path, state: list[str]) -> None:
@@ -134,6 +212,12 @@ def _prepare_for_ort(path: Path, state: list[str]) -> None:
     if onnx is None or (b"Identity" not in data and b"LayerNormalization" not in data):
         return
     model = onnx.load_from_string(data)  # the bytes just read: no second read of a large file
+    if _prepare_model(onnx, model, state):
+        onnx.save(model, str(path))
+
+
+def _prepare_model(onnx: Any, model: Any, state: list[str]) -> bool:
+    """``_prepare_for_ort`` on a loaded ``ModelProto``; returns whether it changed anything."""
     graph = model.graph
     patched = 0
     for node in graph.node:
@@ -146,11 +230,11 @@ def _prepare_for_ort(path: Path, state: list[str]) -> None:
     for node in list(graph.node):
         merged = node.output[0] in rank and node.output[0] not in held
         if node.op_type == "Identity" and node.input[0] in held and merged:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(held[node.input[0]])
-            copy.name = node.output[0]
-            graph.initializer.append(copy)
-            held[copy.name] = copy
+            clone = onnx.TensorProto()
+            clone.CopyFrom(held[node.input[0]])
+            clone.name = node.output[0]
+            graph.initializer.append(clone)
+            held[clone.name] = clone
             graph.node.remove(node)
             restored += 1
     if restored:  # the copies went to the end: back into state_dict() order
@@ -160,8 +244,7 @@ def _prepare_for_ort(path: Path, state: list[str]) -> None:
             new.CopyFrom(old)
         del graph.initializer[:]
         graph.initializer.extend(kept)
-    if patched or restored:
-        onnx.save(model, str(path))
+    return bool(patched or restored)
 
 
 def _onnx() -> Any:
