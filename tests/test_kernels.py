@@ -11,7 +11,7 @@ from approxcompile.ops.kernels import column_norms, slice_norms
 from approxcompile.ops.workspace import WORKSPACE, Workspace
 from tests import reference
 
-METHODS = ("topk", "crs", "bernoulli", "uniform")
+METHODS = ("topk", "crs", "bernoulli", "uniform", "wta_crs")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
