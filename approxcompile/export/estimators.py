@@ -133,7 +133,7 @@ def sample(
     """``scores`` (n,) -> ``(index, scale)``: the runtime's estimators, in exportable ops.
 
     ``topk``: TopK. ``uniform``: TopK of ``n`` uniforms, scale ``n/k``. ``crs``: inverse-CDF
-    draws (``CumSum``, ``LessOrEqual``, ``ReduceSum``), scale ``1/(k p_i)``. ``wta_crs``: a sort, the
+    draws (``CumSum``, ``LessOrEqual``, ``ReduceSum``), scale ``1/(k p_i)``. ``wta_crs``: TopK, the
     split's argmin and the same inverse-CDF draws on the remainder. ``bernoulli``: ``u < k p``,
     ``NonZero``, scale ``1/p_i`` (one pair scaled by 0 when nothing is drawn, as the runtime).
     Scales pass through :func:`stop_gradient`.
@@ -149,9 +149,9 @@ def sample(
         index = estimator.crs_index(p, _uniform(noise, k, scores))
         return index, stop_gradient(estimator.crs_scale(p.index_select(0, index), k))
     if method == "wta_crs":
-        order, sorted_p, c, rest_p = estimator.wta_plan(scores, p, k)
-        drawn = estimator.inverse_cdf(rest_p / rest_p.sum(), _uniform(noise, k, scores))
-        index, scale = estimator.wta_combine(order, sorted_p, c, rest_p, drawn)
+        top, c, rest_p = estimator.wta_plan(scores, p, k)
+        drawn = estimator.wta_draw(rest_p, _uniform(noise, k, scores))
+        index, scale = estimator.wta_combine(p, top, c, rest_p, drawn)
         return index, stop_gradient(scale)
     if method == "bernoulli":
         drawn, fallback, scale = _bernoulli(p, k, _uniform(noise, n, scores))

@@ -122,60 +122,68 @@ def scale_along(t: Tensor, scale: Tensor | None, dim: int) -> Tensor:
     return t * (scale if scale.dtype == t.dtype else scale.to(t.dtype)).view(shape)
 
 
-def wta_bound(p: Tensor, shares: Tensor, k: int) -> Tensor:
+def wta_bound(top_p: Tensor, top_spread: Tensor, p_total: Tensor, spread_total: Tensor, k: int) -> Tensor:
     """The variance bound of WTA-CRS for every size ``c = 0 .. k-1`` of the deterministic set.
 
-    ``p`` and ``shares`` (the scores over their sum) are in decreasing order of ``p``. With the
-    ``c`` first pairs kept exactly and ``s = k - c`` draws from ``q_i = p_i/P_R`` on the rest
-    ``R``, ``E|estimate - AB|_F^2 <= (1/s)·sum_R a_i^2/q_i = P_R·sum_R (a_i^2/p_i) / (k - c)``
-    (CRS's bound, with ``a_i = |A[:, i]|·|B[i, :]|``). For ``p`` proportional to ``a`` that is
-    ``(1 - P_C)^2·(sum a)^2 / (k - c)``: a larger deterministic set pays off while the
-    probability mass it covers shrinks the remainder faster than it uses up draws.
+    ``top_p`` / ``top_spread``: ``p_i`` and ``s_i^2/p_i`` of the ``k`` most likely pairs, in
+    decreasing order of ``p`` (``s_i``: the pair's share of the summed scores); ``p_total`` and
+    ``spread_total``: the same summed over all pairs. With the ``c`` first pairs kept exactly
+    and ``k - c`` draws from ``q_i = p_i/P_R`` on the rest ``R``, CRS's bound gives
+    ``E|estimate - AB|_F^2 <= P_R·sum_R (s_i^2/p_i) / (k - c)``, up to the factor ``(sum a)^2``
+    (``a_i = |A[:, i]|·|B[i, :]|``). For ``p`` proportional to ``a`` it is ``(1 - P_C)^2 / (k - c)``:
+    a larger deterministic set pays off while the probability mass it covers shrinks the
+    remainder faster than it uses up draws. Sums in float64: ``P_R`` is a difference.
     """
-    # Tail sums by reversed cumulative sums: no 1 - P_C cancellation when P_C is close to 1.
-    rest = torch.flip(torch.cumsum(torch.flip(p, [0]), 0), [0])[:k]
-    spread = torch.flip(torch.cumsum(torch.flip(shares * shares / p, [0]), 0), [0])[:k]
-    return rest * spread / (k - torch.arange(k, device=p.device, dtype=p.dtype))
+    rest = p_total - torch.cumsum(top_p.double(), 0) + top_p.double()  # mass outside the first c
+    spread = spread_total - torch.cumsum(top_spread.double(), 0) + top_spread.double()
+    return rest * spread / (k - torch.arange(k, device=top_p.device, dtype=torch.float64))
 
 
-def wta_plan(scores: Tensor, p: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """WTA-CRS's split of the pairs -> ``(order, sorted_p, c, rest_p)``.
+def wta_plan(scores: Tensor, p: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """WTA-CRS's split of the pairs -> ``(top, c, rest_p)``.
 
-    ``order``: the pairs by decreasing ``p``; ``sorted_p``: ``p`` in that order; ``c``: the size
-    of the deterministic set (a 0-d int64 tensor in ``[0, k)``); ``rest_p``: ``sorted_p`` with
-    its first ``c`` entries zeroed, the (unnormalised) distribution of the draws.
-    ``k < n`` (the sampled ops are exact otherwise), so the remainder is never empty and its
-    last pair, the least likely, is where a draw lands when rounding runs past the CDF.
+    ``top``: the ``k`` most likely pairs, most likely first; ``c``: the size of the
+    deterministic set (a 0-d int64 tensor in ``[0, k)``), its first ``c`` entries;
+    ``rest_p``: ``p`` with the deterministic set zeroed, the (unnormalised) law of the draws.
+    ``k < n`` (the sampled ops are exact otherwise), so the rest is never empty.
     """
     a = _float32(scores)
     a = torch.where(torch.isfinite(a), a, torch.zeros_like(a)).clamp(min=0.0)
     total = a.sum()
     shares = a / torch.where(total > 0, total, torch.ones_like(total))
-    sorted_p, order = torch.sort(p, descending=True)
-    c = torch.argmin(wta_bound(sorted_p, shares.index_select(0, order), k))
-    position = torch.arange(p.shape[0], device=p.device)
-    rest_p = torch.where(position < c, torch.zeros_like(sorted_p), sorted_p)
-    return order, sorted_p, c, rest_p
+    spread = shares * shares / p
+    top_p, top = torch.topk(p, k, sorted=True)
+    bound = wta_bound(top_p, spread.index_select(0, top), p.double().sum(), spread.double().sum(), k)
+    c = torch.argmin(bound)
+    slot = torch.arange(k, device=p.device)
+    in_top = torch.zeros_like(p, dtype=torch.bool).scatter(0, top, slot < c)
+    return top, c, torch.where(in_top, torch.zeros_like(p), p)
 
 
-def wta_combine(
-    order: Tensor, sorted_p: Tensor, c: Tensor, rest_p: Tensor, drawn: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``(index, scale)``, sorted by index, from ``k`` draws (positions in ``order``) on ``rest_p``.
+def wta_draw(rest_p: Tensor, u: Tensor) -> Tensor:
+    """:func:`inverse_cdf` of ``rest_p`` (normalised here), never landing on a zeroed pair.
+
+    A zeroed pair has a CDF step of width 0, so no uniform falls in it, except past the end
+    when ``u·total`` rounds up to the total: then the last pair of nonzero probability.
+    """
+    index = inverse_cdf(rest_p / rest_p.sum(), u)
+    last = (torch.arange(rest_p.shape[0], device=rest_p.device) * (rest_p > 0)).max()
+    return torch.minimum(index, last)
+
+
+def wta_combine(p: Tensor, top: Tensor, c: Tensor, rest_p: Tensor, drawn: Tensor) -> tuple[Tensor, Tensor]:
+    """``(index, scale)``, sorted by index, from ``k`` draws (pair indices) on ``rest_p``.
 
     Slot ``j < c`` keeps the ``j``-th most likely pair with scale 1; slot ``j >= c`` keeps draw
     ``j`` with scale ``P_R/((k-c)·p_i)``. Draws in slots below ``c`` are not used, so the
     draw count stays ``k`` whatever ``c`` is (static shapes: compiled and exported alike).
     """
     k = int(drawn.shape[0])
-    slot = torch.arange(k, device=drawn.device)
-    deterministic = slot < c
-    position = torch.where(deterministic, slot, drawn)
-    draws = (k - c).to(sorted_p.dtype)
+    deterministic = torch.arange(k, device=drawn.device) < c
+    pairs = torch.where(deterministic, top, drawn)
+    draws = (k - c).to(p.dtype)
     scale = torch.where(
-        deterministic,
-        torch.ones_like(sorted_p[:k]),
-        rest_p.sum() / (draws * sorted_p.index_select(0, position)),
+        deterministic, torch.ones_like(p[:k]), rest_p.sum() / (draws * p.index_select(0, pairs))
     )
-    index, by_index = torch.sort(order.index_select(0, position))
+    index, by_index = torch.sort(pairs)
     return index, scale.index_select(0, by_index)

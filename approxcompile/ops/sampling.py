@@ -51,12 +51,12 @@ def sample_pairs(
             index = estimator.crs_index(p, noise.to(device).float())
         return index, estimator.crs_scale(p[index], k)
     if method == "wta_crs":
-        order, sorted_p, c, rest_p = estimator.wta_plan(scores, p, k)
+        top, c, rest_p = estimator.wta_plan(scores, p, k)
         if noise is None:
             drawn = torch.multinomial(rest_p, k, replacement=True, generator=generator)
         else:
-            drawn = estimator.inverse_cdf(rest_p / rest_p.sum(), noise.to(device).float())
-        return estimator.wta_combine(order, sorted_p, c, rest_p, drawn)
+            drawn = estimator.wta_draw(rest_p, noise.to(device).float())
+        return estimator.wta_combine(p, top, c, rest_p, drawn)
     if method == "bernoulli":
         q = estimator.inclusion(p, k)
         u = torch.rand(n, device=device, generator=generator) if noise is None else noise.to(device)
