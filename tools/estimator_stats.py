@@ -24,10 +24,11 @@ initialisation), against the Bernoulli of the paper's code, which mixes the unif
 after clamping and with weight ``eps/n`` (so its probabilities sum to ``(1-eps)·k + eps`` at
 most, below ``k``).
 
-    .venv/bin/python tools/estimator_stats.py --markdown              # the table in docs/estimators.md
-    .venv/bin/python tools/estimator_stats.py --draws 200 --kept      # with the kept-count comparison
+    .venv/bin/python tools/estimator_stats.py --markdown --kept --timing   # docs/estimators.md
+    .venv/bin/python tools/estimator_stats.py --draws 200                  # JSON, fewer draws
 
-``tests/test_estimator_stats.py`` asserts on :func:`measure`'s figures.
+``--timing`` adds the median time of one selection (``sample_pairs`` given the scores) per
+method at ``n = 4096, k = 1638``. ``tests/test_estimator_stats.py`` asserts on :func:`measure`'s figures.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -84,7 +87,7 @@ class Stats:
     @property
     def z(self) -> float:
         """``|mean| / se``: a few at most for an unbiased method (inf for a biased deterministic one)."""
-        if self.se == 0:
+        if self.std <= 1e-12 * abs(self.mean):  # every draw the same: rounding is all the spread
             return 0.0 if self.mean == 0 else math.inf
         return abs(self.mean) / self.se
 
@@ -152,6 +155,18 @@ def kept_counts(keep: float = 0.4, eps: float = DEFAULT_EPS, seed: int = 0) -> d
     }
 
 
+def selection_ms(method: str, n: int = 4096, k: int = 1638, calls: int = 200, seed: int = 0) -> float:
+    """Median milliseconds of one ``sample_pairs`` call (scores given) on skewed scores."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(n, generator=g) ** 4
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        sample_pairs(scores, k, method, generator=g)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def table(rows: list[Stats]) -> str:
     head = "| input | method | bias (mean rel. error) | std | mean / SE | rms rel. error | pairs kept |"
     lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
@@ -169,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", type=float, default=0.1)
     p.add_argument("--inputs", default=",".join(INPUTS))
     p.add_argument("--kept", action="store_true", help="also the Bernoulli kept counts on the MLP")
+    p.add_argument("--timing", action="store_true", help="also time one selection per method")
     p.add_argument("--markdown", action="store_true", help="a markdown table instead of JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the same sums in the same order on any machine
@@ -178,14 +194,19 @@ def main(argv: list[str] | None = None) -> None:
         for method in METHODS
     ]
     kept = kept_counts() if args.kept else None
+    timing = {m: selection_ms(m) for m in METHODS} if args.timing else None
     if args.markdown:
         print(table(rows))
+        if timing is not None:
+            ms = ", ".join(f"{m} {t:.2f}" for m, t in timing.items())
+            print(f"\nSelection ms per call (n = 4096, k = 1638, one thread, median of 200): {ms}")
         if kept is not None:
             print(f"\nBernoulli expected kept pairs at k = {kept['k']} of {kept['n']} (eps {kept['eps']}):")
             print(f"approxcompile {kept['approxcompile']:.1f}, paper code {kept['paper_code']:.1f}")
             print(f"(paper code's bound without clamping: (1-eps)·k + eps = {kept['paper_bound']:.1f})")
     else:
-        json.dump({"rows": [asdict(r) | {"z": r.z} for r in rows], "kept": kept}, sys.stdout, indent=1)
+        rows_out = [asdict(r) | {"z": r.z} for r in rows]
+        json.dump({"rows": rows_out, "kept": kept, "selection_ms": timing}, sys.stdout, indent=1)
         print()
 
 
