@@ -68,6 +68,24 @@ class Workspace:
         shape = tuple(shape)
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
 
+    def borrow(
+        self, slot: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> Tensor | None:
+        """Like :meth:`get`, but only from a storage already pooled and free; ``None`` otherwise.
+
+        For scratch that is dead before the slot's own next use (the gathered weight columns
+        of a sampled forward live in a free weight-gradient buffer): it never grows the pool.
+        """
+        if not self.enabled or torch.device(device).type != "cpu":
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        fits = [s for s in self._slots.get(slot, []) if _use_count(s) == 1 and s.nbytes() >= nbytes]
+        if not fits:
+            return None
+        shape = tuple(shape)
+        storage = min(fits, key=lambda s: s.nbytes())
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
+
     def zeros(self, slot: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         return self.get(slot, shape, dtype, device).zero_()
 
