@@ -1,10 +1,10 @@
 """Scratch memory that the sampled kernels reuse from one training step to the next.
 
 Why: a training step of a sampled layer allocates full-size buffers (the weight gradient,
-the input gradient, the gathered weight columns). PyTorch's CPU allocator hands large
-blocks back to the operating system when they are freed, so every step pays for fresh
-pages: on the development machines, ``torch.zeros(4096, 4096)`` takes 19 ms on fresh
-memory and 1.5 ms on memory touched before (docs/performance.md). A :class:`Workspace`
+the input gradient). PyTorch's CPU allocator hands large blocks back to the operating
+system when they are freed, so every step pays for fresh pages: on the development
+machines, ``torch.zeros(4096, 4096)`` takes 19 ms on fresh memory and 1.5 ms on memory
+touched before (docs/performance.md). A :class:`Workspace`
 keeps a small pool of storages per (device, slot) alive and hands one out again once
 nobody holds it any more.
 
