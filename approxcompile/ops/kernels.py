@@ -169,22 +169,18 @@ def sampled_linear_product_backward(
     return dx, dw
 
 
-_TAIL_ROWS = 64  # weight-gradient rows moved from a copy at the end (see below)
-_BLOCKS = 2  # blocks moved in place before the copy
-
-
 def _weight_grad_in_place(dy2: Tensor, xs: Tensor, index: Tensor, full: Tensor, unique: bool) -> Tensor:
     """``full`` (p, n) set to ``dy2ᵀ·xs`` (p, k) scattered to columns ``index``, with no (p, k) buffer.
 
     Why: a separate (p, k) product buffer is a second weight-sized allocation next to the
     gradient (23 MB for a 4096 x 4096 weight at keep 0.35), held across steps. Here the
     product is computed (one GEMM, as fast as before) into the *end* of the gradient's own
-    storage and then spread out in a few large blocks of rows from the front: rows
-    ``[r0, r1)`` land in ``[r0·n, r1·n)``, which lies before every product row not yet moved
-    (they start at ``p·n - p·k + r0·k``) as long as ``r1·n`` does not pass that. Each block
-    takes that largest ``r1``, so the rows left shrink by ``k/n`` per block (5 blocks at keep
-    0.35, fewer than 20 at 0.8: few parallel regions, which matters on a busy machine); the
-    last ``_TAIL_ROWS`` rows or fewer are moved from a small copy.
+    storage and then spread out in large blocks of rows from the front: rows ``[r0, r1)``
+    land in ``[r0·n, r1·n)``, which lies before every product row not yet moved (they start
+    at ``p·n - p·k + r0·k``) as long as ``r1·n`` does not pass that. Each block takes that
+    largest ``r1``, so the rows left shrink by ``k/n`` per block; once at most ``p/8`` are
+    left (after 2 blocks at keep 0.35, 10 at 0.8) they move from a copy in the workspace.
+    Few blocks because each is a parallel region, which costs on a busy machine.
     """
     p, n = full.shape
     k = index.numel()
@@ -192,16 +188,15 @@ def _weight_grad_in_place(dy2: Tensor, xs: Tensor, index: Tensor, full: Tensor, 
     product = full.view(-1)[base:].view(p, k)
     torch.mm(dy2.t(), xs, out=product)
     r0 = 0
-    for _ in range(_BLOCKS):
+    while 8 * (p - r0) > p:
         r1 = min((base + r0 * k) // n, p)
-        if r1 - r0 < _TAIL_ROWS and r1 < p:
+        if r1 <= r0:  # k == n: nothing can move in place
             break
         _scatter(product[r0:r1], 1, index, full[r0:r1], unique)
         r0 = r1
-        if r0 == p:
-            return full
-    # The destinations reach the rows still to move: move those from a copy.
-    _scatter(product[r0:].clone(), 1, index, full[r0:], unique)
+    if r0 < p:  # the destinations reach the rows still to move: move those from a copy
+        rest = WORKSPACE.get("dws", (p - r0, k), product.dtype, product.device)
+        _scatter(rest.copy_(product[r0:]), 1, index, full[r0:], unique)
     return full
 
 
