@@ -13,13 +13,15 @@ from typing import Literal, get_args
 #   topk      the k largest scores, no scaling (deterministic, biased);
 #   crs       k draws with replacement from p = (1-eps)·a/sum(a) + eps/n, scale 1/(k·p_i);
 #   bernoulli pair i kept with probability min(1, k·p_i), scale 1/min(1, k·p_i);
-#   uniform   k pairs uniformly without replacement, scale n/k.
-Method = Literal["topk", "crs", "bernoulli", "uniform"]
+#   uniform   k pairs uniformly without replacement, scale n/k;
+#   wta_crs   the c most likely pairs exactly (scale 1) and k-c draws with replacement from the
+#             rest (CRS, scale P_rest/((k-c)·p_i)), c chosen to minimise the variance bound.
+Method = Literal["topk", "crs", "bernoulli", "uniform", "wta_crs"]
 METHODS: tuple[Method, ...] = get_args(Method)
 
 # The methods whose estimate is unbiased; backward sampling accepts only these, because a
 # biased gradient drifts the training.
-UnbiasedMethod = Literal["bernoulli", "crs", "uniform"]
+UnbiasedMethod = Literal["bernoulli", "crs", "uniform", "wta_crs"]
 UNBIASED_METHODS: tuple[UnbiasedMethod, ...] = get_args(UnbiasedMethod)
 
 # Which products a sampled node shrinks: "forward" samples the forward product (and

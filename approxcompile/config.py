@@ -148,7 +148,7 @@ class NodeSettings:
 class ApproxConfig:
     """Everything ``optimize`` can be told, besides the budget.
 
-    method: default sampling method (``topk``, ``crs``, ``bernoulli``, ``uniform``).
+    method: default sampling method (``topk``, ``crs``, ``bernoulli``, ``uniform``, ``wta_crs``).
     exclude_first_last: keep the first and last candidate node exact (as the paper does).
     min_inner: inner dimensions (features, channels) below this are not sampled.
     min_k: never keep fewer than this many columns / channels.
@@ -261,7 +261,7 @@ class ApproxConfig:
             if method == "topk":
                 raise ValueError(
                     f"mode='backward' needs an unbiased sampling method, but {where} is 'topk' (biased "
-                    "gradients drift the training); pass method='bernoulli' (or 'crs', 'uniform')"
+                    "gradients drift the training); pass method='bernoulli' (or 'crs', 'uniform', 'wta_crs')"
                 )
 
     # -- builders: each returns a new config, the receiver stays as it was -------------

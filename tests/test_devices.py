@@ -16,7 +16,7 @@ DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
-METHODS = ("topk", "crs", "bernoulli", "uniform")
+METHODS = ("topk", "crs", "bernoulli", "uniform", "wta_crs")
 
 
 @pytest.mark.parametrize("device", DEVICES)

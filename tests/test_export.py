@@ -30,7 +30,7 @@ needs_ort = pytest.mark.skipif(not HAS_ORT, reason="needs the [ort] extra (Pytho
 MLP = Case("mlp", models.mlp, (32, 64))
 CNN = Case("cnn", models.cnn, (8, 1, 8, 8))
 ENCODER = Case("encoder", models.encoder, (4, 16, 32))  # LayerNorms, attention matmuls
-METHODS = ("topk", "uniform", "crs", "bernoulli")
+METHODS = ("topk", "uniform", "crs", "bernoulli", "wta_crs")
 
 
 def _ops(path) -> list[str]:
@@ -65,7 +65,7 @@ def test_lowered_topk_equals_the_runtime_op(case: Case) -> None:
         torch.testing.assert_close(grads_lo[name], g, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ("uniform", "crs", "bernoulli"))
+@pytest.mark.parametrize("method", ("uniform", "crs", "bernoulli", "wta_crs"))
 def test_lowered_random_methods_are_unbiased(method: str) -> None:
     # The export twins draw differently from the runtime op; they must estimate the same product.
     torch.manual_seed(0)

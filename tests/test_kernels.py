@@ -11,7 +11,7 @@ from approxcompile.ops.kernels import column_norms, slice_norms
 from approxcompile.ops.workspace import WORKSPACE, Workspace
 from tests import reference
 
-METHODS = ("topk", "crs", "bernoulli", "uniform")
+METHODS = ("topk", "crs", "bernoulli", "uniform", "wta_crs")
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -185,3 +185,44 @@ def test_column_norms_of_half_precision_are_computed_in_float32(dtype: torch.dty
     got = column_norms(t.to(dtype))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, torch.full((3,), 300.0 * 600**0.5))
+
+
+@pytest.mark.parametrize("p, n, k", [(600, 300, 90), (64, 40, 36), (33, 50, 49), (20, 8, 8), (300, 1000, 5)])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_weight_gradient_spread_in_place_equals_a_scatter(p: int, n: int, k: int, repeats: bool) -> None:
+    """The dW product computed in the tail of the gradient's storage and moved out in place."""
+    from approxcompile.ops.kernels import _weight_grad_in_place
+
+    g = torch.Generator().manual_seed(p + k)
+    if repeats:
+        index = torch.sort(torch.randint(0, n, (k,), generator=g)).values
+    else:
+        index = torch.sort(torch.randperm(n, generator=g)[:k]).values
+    dy2, xs = torch.randn(17, p, generator=g), torch.randn(17, k, generator=g)
+    want = torch.zeros(p, n).index_add_(1, index, dy2.t() @ xs)
+    full = torch.full((p, n), float("nan"))  # whatever the buffer held before
+    got = _weight_grad_in_place(dy2, xs, index, full, unique=not repeats)
+    assert got.data_ptr() == full.data_ptr()
+    torch.testing.assert_close(got, want)
+
+
+def test_sampled_linear_keeps_no_weight_sized_buffer_besides_the_gradient() -> None:
+    """After a step the workspace holds the gradient and input-gradient buffers and nothing p x k."""
+    ws = Workspace()
+    x, w = torch.randn(8, 64, requires_grad=True), torch.randn(32, 64, requires_grad=True)
+    import approxcompile.ops.kernels as kernels
+
+    saved, kernels.WORKSPACE = kernels.WORKSPACE, ws
+    try:
+        for _ in range(3):
+            w.grad = x.grad = None
+            sampled_linear(x, w, keep=0.25, method="topk").sum().backward()
+        assert set(ws._slots) <= {"grad", "dx", "dws"}, ws._slots
+        # "dws": the copy of the last weight-gradient rows, at most an eighth of them
+        assert sum(st.nbytes() for st in ws._slots.get("dws", [])) <= (32 // 8) * 16 * 4
+        assert len(ws._slots["grad"]) == 1  # the forward's column gather borrowed it, then backward used it
+        assert ws.borrow("grad", (32, 16), torch.float32, torch.device("cpu")) is None  # w.grad holds it
+        w.grad = None
+        assert ws.borrow("grad", (32, 16), torch.float32, torch.device("cpu")) is not None
+    finally:
+        kernels.WORKSPACE = saved

@@ -22,12 +22,13 @@ The table quotes the median per-step time and speedups computed from those media
 
 FLOPs: ``FlopCounterMode`` on one forward + backward of each variant, as a fraction of exact.
 
-Peak memory (CPU): each variant is built again in a fresh process, trained one untimed
-step (which pages in the library code the steps run; its gradients and optimizer state are
-then freed), and trained a few more steps; the process reports ``ru_maxrss`` (its peak
-RSS) minus its RSS right before those steps, i.e. what training adds on top of the
-parameters: gradients, momentum buffers, activations saved for backward, temporaries and
-allocator slack. Two details keep ``ru_maxrss`` honest: Linux carries a parent's peak RSS
+Peak memory (CPU): each variant is built again in a fresh process (``optimize`` included;
+what its measurements left in the sampled ops' workspace is dropped) and trains its first
+few steps; the process reports ``ru_maxrss`` (its peak RSS) minus its RSS right before the
+first step, i.e. what training adds on top of the built model, as a user sees it:
+gradients, momentum buffers, activations saved for backward, the workspace, temporaries,
+allocator slack and the library code the first step pages in. Two details keep
+``ru_maxrss`` honest: Linux carries a parent's peak RSS
 across ``exec`` into the child's ``ru_maxrss``, so the child is started through a tiny
 trampoline process whose own peak is small; and the child resets its high-water mark
 (``/proc/self/clear_refs``) before the measured steps, so ``optimize``'s own transient
@@ -75,6 +76,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import approxcompile
+from approxcompile.ops.workspace import WORKSPACE
 from approxcompile.passes import CAPTURE_KEY
 from approxcompile.plan import META_KEY, Plan
 
@@ -298,17 +300,17 @@ def _release_freed() -> None:
 
 
 def memory_child(model: str, variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run in a fresh process: build one variant, train a few steps, report the peak RSS growth.
+    """Run in a fresh process: build one variant, train its first steps, report the peak RSS growth.
 
-    One untimed step first pages in the library code every variant's training touches
-    (approx variants already ran theirs inside ``optimize``, exact had not), then its
-    gradients and optimizer state are freed: the baseline is the built model, warm.
+    As a user sees it: the baseline is the freshly built model (``optimize`` included, its
+    transient memory released, and the sampled ops' workspace emptied of what its
+    measurements left, so no buffer the steps will use is already in the baseline); the peak
+    is over the first ``--memory-steps`` training steps, the very first included.
     """
     w = build(model, args.size, seed=args.seed)
     v = make_variant(w, variant, {}, args.measure_time)
     v.model.train()
-    train_step(v.model, make_optimizer(v.model), w.x, w.y, v.autocast)
-    v.model.zero_grad(set_to_none=True)
+    WORKSPACE.clear()
     _release_freed()
     reset = _reset_peak()
     base = _rss_bytes()

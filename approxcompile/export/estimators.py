@@ -25,7 +25,7 @@ full-size ``Transpose`` runs each step (``transposed=True``, set by ``lower_for_
     sampled_linear(x, W, b, keep=0.4, method='topk', training=training)
         -> export_linear(x, W, b, keep=0.4, method='topk', training=training)   # TopK, GatherND, Gemm
 
-``noise`` is the uniform randomness (``n`` draws; ``k`` for ``crs``): ``None`` draws it inside
+``noise`` is the uniform randomness (``n`` draws; ``k`` for ``crs`` and ``wta_crs``): ``None`` draws it inside
 the graph (``RandomUniform``), a tensor feeds it in, so tests can give PyTorch and ONNX
 Runtime the same draws. In eval mode, or when ``k >= n``, every op is the exact one.
 """
@@ -133,7 +133,8 @@ def sample(
     """``scores`` (n,) -> ``(index, scale)``: the runtime's estimators, in exportable ops.
 
     ``topk``: TopK. ``uniform``: TopK of ``n`` uniforms, scale ``n/k``. ``crs``: inverse-CDF
-    draws (``CumSum``, ``LessOrEqual``, ``ReduceSum``), scale ``1/(k p_i)``. ``bernoulli``: ``u < k p``,
+    draws (``CumSum``, ``LessOrEqual``, ``ReduceSum``), scale ``1/(k p_i)``. ``wta_crs``: TopK, the
+    split's argmin and the same inverse-CDF draws on the remainder. ``bernoulli``: ``u < k p``,
     ``NonZero``, scale ``1/p_i`` (one pair scaled by 0 when nothing is drawn, as the runtime).
     Scales pass through :func:`stop_gradient`.
     """
@@ -147,6 +148,11 @@ def sample(
     if method == "crs":
         index = estimator.crs_index(p, _uniform(noise, k, scores))
         return index, stop_gradient(estimator.crs_scale(p.index_select(0, index), k))
+    if method == "wta_crs":
+        top, c, rest_p = estimator.wta_plan(scores, p, k)
+        drawn = estimator.wta_draw(rest_p, _uniform(noise, k, scores))
+        index, scale = estimator.wta_combine(p, top, c, rest_p, drawn)
+        return index, stop_gradient(scale)
     if method == "bernoulli":
         drawn, fallback, scale = _bernoulli(p, k, _uniform(noise, n, scores))
         index = torch.nonzero(drawn | fallback).squeeze(1)

@@ -29,9 +29,9 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, *args
 
 
 @register_flop_formula(ops.sampled_linear_product_backward, get_raw=True)
-def _linear_backward(dy: Tensor, xs: Tensor, ws: Tensor, *args: Any, **kwargs: Any) -> int:
+def _linear_backward(dy: Tensor, xs: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> int:
     need_x, need_w = args[-2], args[-1]
-    return 2 * xs.shape[0] * xs.shape[1] * ws.shape[0] * (int(need_x) + int(need_w))
+    return 2 * xs.shape[0] * xs.shape[1] * weight.shape[0] * (int(need_x) + int(need_w))
 
 
 @register_flop_formula(ops.sampled_conv_product, get_raw=True)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from approxcompile.ops.draw import draw_pairs
-from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
+from approxcompile.ops.estimator import CONV, DEFAULT_EPS, repeats, scale_along
 from approxcompile.ops.kernels import (
     autocast_inputs,
     column_norms,
@@ -117,7 +117,7 @@ def sampled_linear(
     seed = seed if by_weights else None
     index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
     x, w, b = autocast_inputs(x, weight, bias)
-    return sampled_linear_product(x, w, b, index, scale, method != "crs")[0]
+    return sampled_linear_product(x, w, b, index, scale, not repeats(method))[0]
 
 
 def sampled_matmul(
@@ -227,7 +227,7 @@ def sampled_conv(
     index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
     d = weight.dim() - 2
     x, w, b = autocast_inputs(x, weight, bias)
-    unique = method != "crs"
+    unique = not repeats(method)
     return sampled_conv_product(
         x, w, b, index, scale, unique, _ints(stride, d), _ints(padding, d), _ints(dilation, d)
     )[0]

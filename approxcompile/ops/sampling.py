@@ -29,7 +29,7 @@ def sample_pairs(
 ) -> tuple[Tensor, Tensor | None]:
     """Pick pairs from ``scores`` (shape ``(n,)``): returns ``(index, scale)``.
 
-    ``index`` is a sorted int64 vector (``crs`` may repeat an index, ``bernoulli`` returns a
+    ``index`` is a sorted int64 vector (``crs`` and ``wta_crs`` may repeat an index, ``bernoulli`` returns a
     random count with expectation at most k); ``scale`` is ``None`` for ``topk``, else a
     float32 vector of the same length as ``index``.
     """
@@ -50,6 +50,13 @@ def sample_pairs(
         else:
             index = estimator.crs_index(p, noise.to(device).float())
         return index, estimator.crs_scale(p[index], k)
+    if method == "wta_crs":
+        top, c, rest_p = estimator.wta_plan(scores, p, k)
+        if noise is None:
+            drawn = torch.multinomial(rest_p, k, replacement=True, generator=generator)
+        else:
+            drawn = estimator.wta_draw(rest_p, noise.to(device).float())
+        return estimator.wta_combine(p, top, c, rest_p, drawn)
     if method == "bernoulli":
         q = estimator.inclusion(p, k)
         u = torch.rand(n, device=device, generator=generator) if noise is None else noise.to(device)

@@ -1,10 +1,10 @@
 """Scratch memory that the sampled kernels reuse from one training step to the next.
 
 Why: a training step of a sampled layer allocates full-size buffers (the weight gradient,
-the input gradient, the gathered weight columns). PyTorch's CPU allocator hands large
-blocks back to the operating system when they are freed, so every step pays for fresh
-pages: on the development machines, ``torch.zeros(4096, 4096)`` takes 19 ms on fresh
-memory and 1.5 ms on memory touched before (docs/performance.md). A :class:`Workspace`
+the input gradient). PyTorch's CPU allocator hands large blocks back to the operating
+system when they are freed, so every step pays for fresh pages: on the development
+machines, ``torch.zeros(4096, 4096)`` takes 19 ms on fresh memory and 1.5 ms on memory
+touched before (docs/performance.md). A :class:`Workspace`
 keeps a small pool of storages per (device, slot) alive and hands one out again once
 nobody holds it any more.
 
@@ -66,6 +66,24 @@ class Workspace:
                 pool.remove(min(free, key=lambda s: s.nbytes()))  # too small for today's shapes
             pool.append(storage)
         shape = tuple(shape)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
+
+    def borrow(
+        self, slot: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device
+    ) -> Tensor | None:
+        """Like :meth:`get`, but only from a storage already pooled and free; ``None`` otherwise.
+
+        For scratch that is dead before the slot's own next use (the gathered weight columns
+        of a sampled forward live in a free weight-gradient buffer): it never grows the pool.
+        """
+        if not self.enabled or torch.device(device).type != "cpu":
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        fits = [s for s in self._slots.get(slot, []) if _use_count(s) == 1 and s.nbytes() >= nbytes]
+        if not fits:
+            return None
+        shape = tuple(shape)
+        storage = min(fits, key=lambda s: s.nbytes())
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape, _contiguous_strides(shape))
 
     def zeros(self, slot: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
