@@ -427,7 +427,7 @@ def backward_only_message() -> str:
     """Why a kind without a backward-mode op stays exact in backward mode."""
     with_op = [k.name for k in KINDS.values() if k.backward_op is not None]
     without = [k.name for k in KINDS.values() if k.backward_op is None]
-    return f"backward mode samples {' and '.join(with_op)} nodes only (not {' / '.join(without)})"
+    return f"backward mode samples {', '.join(with_op)} nodes only (not {' / '.join(without)})"
 
 
 def runtime_ops() -> dict[Callable[..., Any], tuple[OpKind, Mode]]:
