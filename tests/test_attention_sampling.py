@@ -126,6 +126,10 @@ def test_decomposed_attention_in_an_exported_graph() -> None:
     torch.testing.assert_close(fast(X), model.eval()(X))
     fast.train()
     assert not torch.allclose(fast(X), model.train()(X), atol=1e-3)  # sampled in training
+    from approxcompile.export import ExportError, lower_for_export
+
+    with pytest.raises(ExportError, match="no export twin"):  # no ONNX twin: leave it exact to export
+        lower_for_export(fast)
 
 
 # -- the op: sdpa's arguments, per-slice indices, unbiased gradients ---------------------------
