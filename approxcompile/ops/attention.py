@@ -114,7 +114,8 @@ def _take(t: Tensor, dim: int, index: Tensor, scale: Tensor | None = None) -> Te
 
 
 def _norms(t: Tensor, dim: int) -> Tensor:
-    return torch.linalg.vector_norm(t.float(), dim=dim)
+    # square-and-sum: linalg.vector_norm over a non-innermost dimension measured 2-3x slower on CPU
+    return t.float().square().sum(dim).sqrt()
 
 
 def sampled_bmm(a: Tensor, b: Tensor, k: int, method: str, eps: float, generator: int | None) -> Tensor:
