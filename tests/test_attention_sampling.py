@@ -176,6 +176,18 @@ def test_every_slice_draws_its_own_indices(method: str) -> None:
     assert len(set(kept)) > 1
 
 
+def test_a_method_without_a_vectorised_draw_is_drawn_row_by_row() -> None:
+    """Methods added to ``sample_pairs`` later (e.g. a new unbiased one) still sample per slice."""
+    scores = torch.rand(5, 40, generator=torch.Generator().manual_seed(0))
+    index, scale = att.rowwise_pairs(scores, 6, "crs", 0.1, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    for r in range(5):
+        want_index, want_scale = ops.sample_pairs(scores[r], 6, "crs", eps=0.1, generator=g)
+        assert torch.equal(index[r], want_index) and torch.allclose(scale[r], want_scale)
+    with pytest.raises(ValueError, match="unknown sampling method"):
+        att.slice_pairs(scores, 6, "no-such-method", 0.1, None)
+
+
 def test_backward_mode_gradients_use_one_index_set_per_slice() -> None:
     """Replay the draws: dA of each (batch, head) slice is that slice's own sampled product."""
     a = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()

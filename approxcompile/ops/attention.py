@@ -38,6 +38,7 @@ from approxcompile.ops.backward import check_backward_method
 from approxcompile.ops.draw import generator_handle, lookup
 from approxcompile.ops.estimator import DEFAULT_EPS
 from approxcompile.ops.kernels import autocast_inputs
+from approxcompile.ops.sampling import sample_pairs
 from approxcompile.plan import kept_count
 
 
@@ -79,7 +80,25 @@ def slice_pairs(
         index = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :count]
         scale = torch.where(kept.gather(1, index), 1.0 / q.gather(1, index), torch.zeros((), device=q.device))
         return index, scale
-    raise ValueError(f"unknown sampling method {method!r}")
+    return rowwise_pairs(scores, k, method, eps, generator)
+
+
+def rowwise_pairs(
+    scores: Tensor, k: int, method: str, eps: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """One :func:`~approxcompile.ops.sampling.sample_pairs` draw per row, padded with 0-scaled pairs.
+
+    For a method :func:`slice_pairs` has no vectorised draw for (a G-step loop, but any method
+    ``sample_pairs`` knows works here, with its own unbiasedness).
+    """
+    rows = [sample_pairs(row, k, method, eps=eps, generator=generator) for row in scores]
+    width = max(i.numel() for i, _ in rows)
+    index = torch.zeros(len(rows), width, dtype=torch.long, device=scores.device)
+    scale = torch.zeros(len(rows), width, device=scores.device)
+    for r, (i, s) in enumerate(rows):
+        index[r, : i.numel()] = i
+        scale[r, : i.numel()] = 1.0 if s is None else s
+    return index, scale
 
 
 @torch.library.custom_op(
@@ -97,7 +116,7 @@ def _draw_per_slice_fake(
     scores: Tensor, k: int, method: str, eps: float, generator: int | None
 ) -> tuple[Tensor, Tensor]:
     c: int | torch.SymInt = k
-    if method == "bernoulli":
+    if method not in ("topk", "uniform", "crs"):  # bernoulli, or a row-wise draw: padded to a random width
         c = torch.library.get_ctx().new_dynamic_size()
     index = scores.new_empty((scores.shape[0], c), dtype=torch.long)
     return index, scores.new_empty(0 if method == "topk" else (scores.shape[0], c), dtype=torch.float32)
