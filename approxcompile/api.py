@@ -157,7 +157,7 @@ def _plan(
     # shapes: every node's shape / requires_grad, and the operands of each product
     captured = passes.propagate_shapes(gm, clone_inputs(example)).captured
     # cost: dense forward / input-grad / weight-grad FLOPs and sampling overhead per node
-    passes.annotate_costs(gm, method=config.method, mode=config.mode)
+    passes.annotate_costs(gm, method=config.method, mode=config.mode, attention=config.attention)
     if saved is not None:
         # replay: every node's decision from the saved plan, nothing measured again
         other_flops = saved.plan.other_flops

@@ -11,8 +11,9 @@ Names come from ``nn_module_stack``: a product that is the whole of an ``nn.Line
 ``nn.ConvNd`` / ``Conv1D`` module is named by the module path (``bert.encoder.layer.0.output.dense``)
 as symbolic tracing names it, so overrides by module name and the report read the same under
 every frontend; any other product is ``<module path>.<node name>``.
-``scaled_dot_product_attention`` is not matched: its two products run inside one fused kernel
-that sampling would have to take apart (see docs/guide.md, Limits).
+``aten.scaled_dot_product_attention`` is matched (``approxcompile.kinds``, kind ``attention``) but
+stays exact unless ``ApproxConfig(attention="decomposed")``: its two products run inside one
+fused kernel that sampling has to take apart (see docs/guide.md, Limits).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _PRODUCT_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "NonDynami
 LINEARS = {aten.linear.default: "aten.linear"}
 ADDMMS = {aten.addmm.default: "aten.addmm"}
 MATMULS = {aten.matmul.default: "aten.matmul", aten.bmm.default: "aten.bmm", aten.mm.default: "aten.mm"}
+ATTENTIONS = {aten.scaled_dot_product_attention.default: "aten.scaled_dot_product_attention"}
 CONVS: dict[Any, str] = {
     aten.conv1d.default: "aten.conv1d",
     aten.conv2d.default: "aten.conv2d",

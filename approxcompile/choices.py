@@ -41,10 +41,15 @@ ROW_SCORES: tuple[RowScores, ...] = get_args(RowScores)
 
 # The op types overrides are keyed by and the report shows (``NodePlan.kind``); each op
 # kind of ``approxcompile.kinds`` belongs to one of them.
-OpType = Literal["linear", "matmul", "conv"]
+OpType = Literal["linear", "matmul", "conv", "attention"]
 OP_TYPES: tuple[OpType, ...] = get_args(OpType)
 
 # How optimize() turns the model into a graph: symbolic tracing, torch.export (one graph per
 # mode), torch.compile's dynamo (data-dependent control flow), or the first faithful of these.
 Frontend = Literal["auto", "fx", "export", "dynamo"]
 FRONTENDS: tuple[Frontend, ...] = get_args(Frontend)
+
+# What happens to scaled_dot_product_attention: left as the fused kernel, exact; or taken
+# apart into its two batched products, which the cost model may then sample.
+Attention = Literal["exact", "decomposed"]
+ATTENTIONS: tuple[Attention, ...] = get_args(Attention)

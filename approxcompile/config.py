@@ -24,12 +24,14 @@ from torch import nn
 
 from approxcompile import kinds
 from approxcompile.choices import (
+    ATTENTIONS,
     FRONTENDS,
     METHODS,
     MODES,
     OP_TYPES,
     ROW_SCORES,
     SCORES,
+    Attention,
     Method,
     Mode,
     OpType,
@@ -176,6 +178,10 @@ class ApproxConfig:
     row_scores: backward mode's score of batch row b for the weight gradient: ``x_dy``
         (``|X[b]|·|dY[b]|``, saves all of X) or ``x`` (``|X[b]|``, drawn in the forward pass,
         saves only the sampled rows).
+    attention: ``exact`` leaves ``scaled_dot_product_attention`` as the fused kernel (the
+        report says why); ``decomposed`` makes it a candidate whose two products (Q·Kᵀ over
+        the head dimension, P·V over the key positions) are sampled per (batch, head) when
+        the allocation chooses to (in training; eval runs the fused kernel).
     """
 
     method: Method = "topk"
@@ -194,6 +200,7 @@ class ApproxConfig:
     mode: Mode = "forward"
     scores: Scores = "activations"
     row_scores: RowScores = "x_dy"
+    attention: Attention = "exact"
     op_type_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_regex_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
@@ -241,6 +248,7 @@ class ApproxConfig:
             ("scores", self.scores, SCORES),
             ("row_scores", self.row_scores, ROW_SCORES),
             ("frontend", self.frontend, FRONTENDS),
+            ("attention", self.attention, ATTENTIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

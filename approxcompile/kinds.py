@@ -90,6 +90,7 @@ class OpKind:
     backward_op: Callable[..., torch.Tensor] | None = None
     backward_rows: Callable[[Shape, Shape], int] | None = None  # (x, w shapes) -> dW's batch rows
     backward_unsupported: Callable[[Site], str | None] = lambda site: None
+    backward_out: Callable[[Shape, Shape], int] = lambda xs, ws: ws[0]  # dX's inner dimension p
     weight_scores: bool = False  # supports scores="weights" (a weight operand to score by alone)
     export_twin: str | None = None  # function name in approxcompile.export.estimators
     symbol: str = "@"  # the report writes operand shapes joined by it
@@ -184,6 +185,25 @@ def _f_conv(gm: fx.GraphModule, node: fx.Node, display: str) -> Site:
     return Site("conv", display, qualified(node), owner(node), (x, w, b), conv, groups, why)
 
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+# Why an sdpa node stays exact unless ApproxConfig(attention="decomposed") asks otherwise.
+ATTENTION_EXACT = (
+    "scaled_dot_product_attention is one fused kernel; sampling takes it apart into two batched "
+    "products (ApproxConfig(attention='decomposed') lets the cost model do so)"
+)
+
+
+def _attention(gm: fx.GraphModule, node: fx.Node, display: str) -> Site:
+    *operands, gqa = call_args(node, _SDPA_ARGS, (None, 0.0, False, None, False))
+    why = "scaled_dot_product_attention with enable_gqa=True is left exact" if gqa else None
+    if isinstance(node.target, torch._ops.OpOverload):  # export graphs: named as aten products are
+        name, where = aten.product_name(node)
+    else:
+        name, where = qualified(node), owner(node)
+    return Site("attention", display, name, where, tuple(operands), unsupported=why)
+
+
 # -- products ---------------------------------------------------------------------------------
 
 
@@ -207,6 +227,18 @@ def _matmul_products(xs: Shape, ws: Shape, out: Shape) -> Products | str:
     batch = math.prod(torch.broadcast_shapes(xs[:-2], ws[:-2]))
     m, n, p = xs[-2], xs[-1], ws[-1]
     return _gather_overhead(n, 2 * batch * m * n * p, xs, ws)
+
+
+def _attention_products(qs: Shape, ks: Shape, out: Shape) -> Products | str:
+    """Q·Kᵀ (G, L, E) @ (G, E, S) and P·V (G, L, S) @ (G, S, Ev); ``inner`` is S (keep applies to E too)."""
+    if len(qs) < 2 or len(ks) < 2 or len(out) < 2:
+        return "attention on vectors is left exact"
+    g = math.prod(torch.broadcast_shapes(qs[:-2], ks[:-2], out[:-2]))
+    length, e, s, ev = qs[-2], qs[-1], ks[-2], out[-1]
+    numel = g * (length * e + s * e + length * s + s * ev)  # Q, K, P, V: norms, then gathers
+    forward = 2 * g * length * s * (e + ev)
+    return Products(inner=s, forward=forward, overhead_fixed=2 * numel + 2 * g * (e + s),
+                    overhead_per_kept=2 * numel // s)  # fmt: skip
 
 
 def _conv_products(xs: Shape, ws: Shape, out: Shape) -> Products | str:
@@ -240,7 +272,14 @@ def _weighted_probe(forward: Callable[..., torch.Tensor], backward: Callable[...
 
 def _matmul_probe(operands: tuple[Any, ...], conv: Any, mode: Mode) -> Probe:
     a, b = operands[-2], operands[-1]
-    return lambda keep, **kw: ops.sampled_matmul(a, b, keep=keep, **kw)
+    op = ops.backward_sampled_matmul if mode == "backward" else ops.sampled_matmul
+    return lambda keep, **kw: op(a, b, keep=keep, **kw)
+
+
+def _attention_probe(operands: tuple[Any, ...], conv: Any, mode: Mode) -> Probe:
+    q, k, v, mask, _, causal, scale = operands  # measured without dropout
+    op = ops.backward_sampled_attention if mode == "backward" else ops.sampled_attention
+    return lambda keep, **kw: op(q, k, v, mask, 0.0, causal, scale, keep=keep, **kw)
 
 
 # -- the registry -----------------------------------------------------------------------------
@@ -248,6 +287,7 @@ def _matmul_probe(operands: tuple[Any, ...], conv: Any, mode: Mode) -> Probe:
 _CONV_MODULES = {nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Conv3d: "Conv3d"}
 _CONV_FUNCTIONS = {F.conv1d: "F.conv1d", F.conv2d: "F.conv2d", F.conv3d: "F.conv3d"}
 _MATMULS = {torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "bmm", torch.mm: "mm"}
+_ATTENTIONS = {F.scaled_dot_product_attention: "F.scaled_dot_product_attention"}
 
 KINDS: dict[str, OpKind] = {
     kind.name: kind
@@ -280,7 +320,27 @@ KINDS: dict[str, OpKind] = {
             products=_matmul_products,
             forward_op=ops.sampled_matmul,
             probe=_matmul_probe,
+            # backward mode: indices per (batch, head) slice, dA over p and dB over m (ops/attention.py)
+            backward_op=ops.backward_sampled_matmul,
+            backward_rows=lambda xs, ws: xs[-2],
+            backward_out=lambda xs, ws: ws[-1],
             export_twin="export_matmul",
+        ),
+        OpKind(
+            name="attention",
+            op_type="attention",
+            matchers=(
+                Matcher(node_op="call_function", targets=_ATTENTIONS, build=_attention),
+                Matcher(node_op="call_function", targets=aten.ATTENTIONS, build=_attention),
+            ),
+            factors=(0, 1),
+            products=_attention_products,
+            forward_op=ops.sampled_attention,
+            probe=_attention_probe,
+            backward_op=ops.backward_sampled_attention,
+            backward_rows=lambda qs, ks: qs[-2],  # dK and dV sum over the L queries
+            backward_out=lambda qs, ks: ks[-2],  # dQ sums over the S keys (dP over Ev, same ratio)
+            # no export twin: lower_for_export refuses a sampled attention node; leave it exact to export
         ),
         OpKind(
             name="addmm",
@@ -367,7 +427,7 @@ def backward_only_message() -> str:
     """Why a kind without a backward-mode op stays exact in backward mode."""
     with_op = [k.name for k in KINDS.values() if k.backward_op is not None]
     without = [k.name for k in KINDS.values() if k.backward_op is None]
-    return f"backward mode samples {' and '.join(with_op)} nodes only (not {' / '.join(without)})"
+    return f"backward mode samples {', '.join(with_op)} nodes only (not {' / '.join(without)})"
 
 
 def runtime_ops() -> dict[Callable[..., Any], tuple[OpKind, Mode]]:

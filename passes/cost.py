@@ -15,6 +15,7 @@ budget's denominator is the whole step as ``FlopCounterMode`` measures it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from approxcompile import kinds
-from approxcompile.choices import Method, Mode
+from approxcompile.choices import Attention, Method, Mode
 from approxcompile.passes.base import CostResult, StepFlops
 from approxcompile.passes.flops import FLOP_FIXES
 from approxcompile.passes.match import Site, match, operand_tensor
@@ -77,7 +78,7 @@ def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
         return plan.with_(reason=why)
     (xs, ws), out = plan.shapes, plan.out_shape
     x_numel, w_numel, y_numel = math.prod(xs), math.prod(ws), math.prod(out)
-    p = ws[0]
+    p = kind.backward_out(xs, ws)
     rows = kind.backward_rows(xs, ws)
     fixed = 2 * (w_numel + 2 * y_numel + x_numel)
     per_kept = y_numel // p + w_numel // p + (x_numel + y_numel) // p
@@ -123,15 +124,20 @@ def plan_for(
     )
 
 
-def annotate_costs(gm: fx.GraphModule, *, method: Method, mode: Mode = "forward") -> CostResult:
+def annotate_costs(
+    gm: fx.GraphModule, *, method: Method, mode: Mode = "forward", attention: Attention = "exact"
+) -> CostResult:
     """Write a dense :class:`NodePlan` to every matched node's meta (graph unchanged).
 
-    ``mode="backward"`` costs linear and conv nodes for backward sampling and gives every other
-    candidate a reason to stay exact.
+    ``mode="backward"`` costs the kinds with a backward-mode op (linear, conv, matmul,
+    attention) for backward sampling and gives every other candidate a reason to stay exact.
+    ``attention="exact"`` gives ``scaled_dot_product_attention`` nodes theirs (its FLOPs count).
     """
     count = 0
     for node in gm.graph.nodes:
         site = match(gm, node)
+        if site is not None and site.kind == "attention" and attention == "exact" and not site.unsupported:
+            site = dataclasses.replace(site, unsupported=kinds.ATTENTION_EXACT)
         if site is not None:
             node.meta[META_KEY] = plan_for(site, gm, node, method, mode)
             count += 1

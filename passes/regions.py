@@ -47,7 +47,7 @@ def plan_region(
     exclude_first = config.exclude_first_last
     config = dataclasses.replace(config, exclude_first_last=False)
     captured = propagate_shapes(region, inputs).captured
-    annotate_costs(region, method=config.method, mode=config.mode)
+    annotate_costs(region, method=config.method, mode=config.mode, attention=config.attention)
     other = measure_other_flops(region, inputs).other
     apply_exclusions(region, config)
     if index == 0 and exclude_first:  # the model's first product is the first region's first

@@ -7,10 +7,12 @@
     matmul(a, b)      -> sampled_matmul(a, b, keep=..., method=..., training=training)
     addmm(b, x, w)    -> sampled_addmm(b, x, w, keep=..., method=..., training=training)
     conv(x)           -> sampled_conv(x, conv.weight, conv.bias, stride, padding, dilation, keep=..., ...)
+    sdpa(q, k, v, m, p, causal, scale) -> sampled_attention(q, k, v, m, p, causal, scale, keep=..., ...)
 
 With ``ApproxConfig(mode="backward")`` linear and conv nodes become
 ``backward_sampled_linear(x, w, b, keep=..., method='bernoulli', training=training)`` and
-``backward_sampled_conv(x, w, b, stride, padding, dilation, keep=..., ...)``; with
+``backward_sampled_conv(x, w, b, stride, padding, dilation, keep=..., ...)`` (matmul and
+attention nodes: ``backward_sampled_matmul`` / ``backward_sampled_attention``); with
 ``scores="weights"`` linear / conv calls get ``scores='weights'`` (and, for random methods,
 the ``seed=`` of the node's own stream).
 

@@ -106,7 +106,7 @@ def test_not_a_module() -> None:
         (lambda: NodeOverride(min_k=-1), "NodeOverride.min_k must be >= 1, got -1"),
         (
             lambda: ApproxConfig().set_op_type("softmax", NodeOverride(exact=True)),
-            r"unknown op type 'softmax'; expected one of \('linear', 'matmul', 'conv'\)",
+            r"unknown op type 'softmax'; expected one of \('linear', 'matmul', 'conv', 'attention'\)",
         ),
         (
             lambda: ApproxConfig().set_module_name_regex("(", NodeOverride(exact=True)),

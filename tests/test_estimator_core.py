@@ -62,7 +62,7 @@ def _operands(kind: str) -> tuple[tuple[torch.Tensor, ...], tuple[object, ...], 
     raise AssertionError(f"no example operands for op kind {kind!r}: add them here")
 
 
-@pytest.mark.parametrize("kind", list(kinds.KINDS))
+@pytest.mark.parametrize("kind", [k for k, spec in kinds.KINDS.items() if spec.export_twin is not None])
 @pytest.mark.parametrize("method", METHODS)
 def test_runtime_op_and_export_twin_agree_on_the_same_noise(kind: str, method: str) -> None:
     spec = kinds.KINDS[kind]

@@ -45,11 +45,15 @@ def test_backend_support() -> None:
     linear, matmul = kinds.KINDS["linear"], kinds.KINDS["matmul"]
     assert linear.support("runtime").modes == MODES
     assert linear.support("runtime").scores == ("activations", "weights")
-    assert matmul.support("runtime").modes == ("forward",)
+    assert matmul.support("runtime").modes == MODES  # backward: indices per (batch, head) slice
+    assert kinds.KINDS["addmm"].support("runtime").modes == ("forward",)
+    assert kinds.KINDS["attention"].support("export").modes == ()  # no twin: export refuses it
     assert matmul.support("runtime").scores == ("activations",)
     assert linear.support("export").modes == ("forward",)
     assert linear.support("export").scores == ("activations",)
-    assert kinds.backward_only_message().startswith("backward mode samples linear and conv nodes only")
+    assert kinds.backward_only_message() == (
+        "backward mode samples linear, matmul, attention, conv nodes only (not addmm / baddbmm)"
+    )
 
 
 class _Chain(nn.Module):

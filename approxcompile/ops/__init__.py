@@ -1,6 +1,7 @@
 """Runtime sampled operations that rewritten graphs call."""
 
 from approxcompile.ops import flops as _flops  # noqa: F401  (registers FlopCounterMode formulas)
+from approxcompile.ops.attention import backward_sampled_attention, backward_sampled_matmul, sampled_attention
 from approxcompile.ops.backward import backward_sampled_conv, backward_sampled_linear
 from approxcompile.ops.sampled import (
     sampled_addmm,
@@ -19,6 +20,9 @@ SAMPLED_OPS = (
     sampled_conv,
     backward_sampled_linear,
     backward_sampled_conv,
+    sampled_attention,
+    backward_sampled_matmul,
+    backward_sampled_attention,
 )
 
 # Rewritten graphs' code names them approxcompile_ops_sampled_linear(...), and pickled
@@ -28,6 +32,9 @@ for _op in SAMPLED_OPS:
 
 __all__ = [
     "SAMPLED_OPS",
+    "backward_sampled_attention",
+    "backward_sampled_matmul",
+    "sampled_attention",
     "backward_sampled_conv",
     "backward_sampled_linear",
     "sample_pairs",

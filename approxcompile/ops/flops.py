@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from approxcompile.ops import backward, kernels  # noqa: F401  (the ops must exist first)
+from approxcompile.ops import attention, backward, kernels  # noqa: F401  (the ops must exist first)
 from approxcompile.plan import kept_count
 
 ops = torch.ops.approxcompile
@@ -104,4 +104,20 @@ def _sampled_conv_grads(
     if saved_x is not None:
         rows = row_index.numel() if rows_drawn else kept_count(keep, batch)
         flops += full * rows // batch
+    return flops
+
+
+@register_flop_formula(ops.backward_sampled_bmm, get_raw=True)
+def _exact_bmm(a: Tensor, b: Tensor, *args: Any, **kwargs: Any) -> int:
+    return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+
+@register_flop_formula(ops.backward_sampled_bmm_grads, get_raw=True)
+def _sampled_bmm_grads(
+    dy: Tensor, a: Tensor | None, b: Tensor | None, keep: float, *args: Any, **kwargs: Any
+) -> int:
+    g, m, p = dy.shape
+    flops = 2 * g * m * b.shape[1] * kept_count(keep, p) if b is not None else 0
+    if a is not None:
+        flops += 2 * g * kept_count(keep, m) * a.shape[2] * p
     return flops
