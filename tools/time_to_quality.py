@@ -185,7 +185,7 @@ def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) ->
             for r in runs:
                 loss_v = val_loss(r.model, val)
                 r.curve.append({"step": step + 1, "wall_s": r.wall_s, "flops": r.flops, "val_loss": loss_v})
-        walls = " ".join(f"{r.name}={r.wall_s:.0f}s" for r in runs)
+        walls = " ".join(f"{r.name}={r.wall_s:.0f}s/{r.curve[-1]['val_loss']:.3f}" for r in runs)
         print(f"seed {seed} step {step + 1}/{args.steps}", walls, flush=True)
     return {
         "seed": seed,
