@@ -91,6 +91,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--corpus-limit", type=int, default=None, help="bytes per split (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test")
     p.add_argument("--out", default="docs")
+    p.add_argument("--report-only", action="store_true", help="table and plots from <out>'s runs JSON")
     p.add_argument("--figures", default=None, help="default: <out>/figures")
     args = p.parse_args(argv)
     if args.quick:
@@ -333,10 +334,38 @@ def plot(seeds: list[dict[str, Any]], figures: Path) -> list[Path]:
     return paths
 
 
+def markdown(table: dict[str, Any]) -> str:
+    """The per-recipe medians as a Markdown table (docs/time-to-quality.md)."""
+
+    def num(v: float | None, fmt: str) -> str:
+        return "never" if v is None else format(v, fmt)
+
+    lines = [
+        "| recipe | final val loss | vs exact, equal steps | train wall-clock (s) | speed vs exact "
+        "| time to exact's final loss (s) | / exact's wall-clock | seeds reaching it "
+        "| exact's loss at the recipe's wall-clock | FLOPs / exact's |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in table.items():
+        lines.append(
+            f"| {name} | {r['final_val_loss']:.4f} | {r['loss_vs_exact_equal_steps'] * 100:+.2f}% "
+            f"| {r['wall_s']:.1f} | {r['speed_vs_exact']:.2f}x "
+            f"| {num(r['time_to_exact_final_val_loss_s'], '.1f')} | {num(r['time_ratio'], '.2f')} "
+            f"| {r['reached_exact_final']} | {r['exact_loss_at_equal_wall']:.4f} "
+            f"| {r['flops_fraction']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.report_only:
+        details = json.loads((out / "time_to_quality_runs.json").read_text())
+        print(markdown(details["summary"]))
+        plot(details["seeds"], Path(args.figures) if args.figures else out / "figures")
+        return 0
+    torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     corpus = text_data.load_stdlib(limit=args.corpus_limit)
     load_before = os.getloadavg()
@@ -364,15 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "time_to_quality_runs.json").write_text(json.dumps(details, indent=1) + "\n")
     plot(seeds, Path(args.figures) if args.figures else out / "figures")
     print(json.dumps(head, indent=1))
-    for name, row in table.items():
-        print(
-            f"{name:14s} final {row['final_val_loss']:.4f} wall {row['wall_s']:.1f}s "
-            f"x{row['speed_vs_exact']:.2f} "
-            f"reach {row['reached_exact_final']} t={row['time_to_exact_final_val_loss_s']} "
-            f"+{row['loss_vs_exact_equal_steps'] * 100:.2f}% "
-            f"exact@wall {row['exact_loss_at_equal_wall']:.4f} "
-            f"flops {row['flops_fraction']:.3f}"
-        )
+    print(markdown(table))
     return 0
 
 
