@@ -87,8 +87,12 @@ def _undecided(plan: NodePlan) -> NodePlan:
     return plan.with_(keep=1.0, k=plan.inner, est_error=0.0, reason=None)
 
 
-def _apply(gm: fx.GraphModule, budget: float) -> Plan:
-    """Select keep ratios for ``budget`` over the stored curves and write them into the graph."""
+def _select(gm: fx.GraphModule, budget: float) -> Plan:
+    """Select keep ratios for ``budget`` over the stored curves into the nodes' records only.
+
+    The graph still runs the previous ratios until :func:`_apply` writes them; an infeasible
+    budget leaves every record as it was.
+    """
     nodes = _planned(gm)
     before = {n: n.meta[META_KEY] for n in nodes}
     old: Plan = gm.meta[META_KEY]
@@ -100,6 +104,14 @@ def _apply(gm: fx.GraphModule, budget: float) -> Plan:
         for n in nodes:
             n.meta[META_KEY] = before[n]
         raise BudgetError.infeasible(e.smallest_feasible or 1.0, f"[set_budget] {e}") from e
+    return dataclasses.replace(old, budget=budget, nodes=tuple(n.meta[META_KEY] for n in nodes))
+
+
+def _apply(gm: fx.GraphModule, budget: float) -> Plan:
+    """Select keep ratios for ``budget`` over the stored curves and write them into the graph."""
+    _select(gm, budget)
+    old: Plan = gm.meta[META_KEY]
+    nodes = _planned(gm)
     config: ApproxConfig = gm.meta[CONFIG_META_KEY]
     if any(n.target not in ops.SAMPLED_OPS and n.meta[META_KEY].sensitivity for n in nodes):
         # Once: measured exact nodes become keep=1.0 calls; later switches only edit keep=.
@@ -294,6 +306,10 @@ def remeasure(fast: nn.Module, inputs: tuple[Any, ...], *, seed: int = 0) -> int
     return len(curves)
 
 
+def _head(value: Any, rows: int) -> Any:
+    return value[:rows] if isinstance(value, torch.Tensor) and value.dim() else value
+
+
 @dataclass
 class Adaptive:
     """Every ``every`` steps: re-measure on the batch, then spend the least budget that holds the error.
@@ -309,6 +325,7 @@ class Adaptive:
     every: int = 50
     floor: float = 0.1
     levels: int = 20
+    rows: int | None = None  # measure on the first `rows` samples of the batch (None: all of it)
     steps: int = 0
     current: float | None = None
     history: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)  # (step, budget, error)
@@ -324,23 +341,24 @@ class Adaptive:
     def step(self, *inputs: Any) -> float:
         """Call before each training step with that step's model inputs; returns the budget in force."""
         if self.steps % self.every == 0:
+            if self.rows is not None:
+                inputs = tuple(_head(t, self.rows) for t in inputs)
             remeasure(self.fast, inputs, seed=self.steps)
-            chosen, error = self.budget, math.inf
+            gm = _live(self.fast)
+            chosen = self.budget
             low = max(1, math.ceil(self.floor * self.levels))
+            # The records only (no code generated) for each candidate; the least that holds wins.
             for level in range(low, int(self.budget * self.levels + 1e-9) + 1):
-                b = level / self.levels
                 try:
-                    plan = set_budget(self.fast, b)
+                    trial = _select(gm, level / self.levels)
                 except BudgetError:
                     continue
-                if mean_error(plan) <= self.target:
-                    chosen, error = b, mean_error(plan)
+                if mean_error(trial) <= self.target:
+                    chosen = level / self.levels
                     break
-            if chosen != self.current or math.isinf(error):
-                plan = set_budget(self.fast, chosen)
-                error = mean_error(plan)
+            plan = _apply(gm, chosen)
             self.current = chosen
-            self.history.append((self.steps, chosen, error))
+            self.history.append((self.steps, chosen, mean_error(plan)))
         self.steps += 1
         assert self.current is not None
         return self.current
