@@ -134,10 +134,24 @@ def set_budget(fast: nn.Module, budget: float) -> Plan:
     A budget below what the exact nodes already cost raises ``BudgetError`` and leaves
     ``fast`` as it was.
 
+    Under ``torch.distributed`` (more than one rank) it is a collective: every rank calls it at
+    the same step, and ranks whose new plans differ raise ``DistributedError`` (the same
+    fingerprint check as ``approxcompile.distributed.register``).
+
     >>> approxcompile.set_budget(fast, 0.6)     # e.g. spend more towards the end of training
     """
     budget = _check_budget(budget)
-    return _apply(_live(fast), budget)
+    gm = _live(fast)
+    plan = _apply(gm, budget)
+    _check_ranks(gm)
+    return plan
+
+
+def _check_ranks(gm: fx.GraphModule) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from approxcompile.distributed import _check_same_plan
+
+        _check_same_plan(gm, dist.group.WORLD, dist.get_rank(), dist.get_world_size())
 
 
 def mean_error(plan: Plan) -> float:
@@ -357,6 +371,7 @@ class Adaptive:
                     chosen = level / self.levels
                     break
             plan = _apply(gm, chosen)
+            _check_ranks(gm)
             self.current = chosen
             self.history.append((self.steps, chosen, mean_error(plan)))
         self.steps += 1

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import approxcompile
 import approxcompile.passes as passes
 from approxcompile import ops, schedule
-from approxcompile.distributed import plan_fingerprint
+from approxcompile.distributed import DistributedError, plan_fingerprint
 from approxcompile.errors import BudgetError, PlanError
 from tests.models import CNN, MLP
 
@@ -203,13 +203,23 @@ def _rank(rank: int, store_path: str, out: str) -> None:
     schedule.Adaptive(local, budget=0.5, target=0.12).step(batch)
     dist.init_process_group("gloo", store=dist.FileStore(store_path + "2", 2), rank=rank, world_size=2)
     budget = schedule.Adaptive(fast, budget=0.5, target=0.12).step(batch)
-    Path(out, f"{rank}.txt").write_text(f"{plan_fingerprint(fast)} {budget} {plan_fingerprint(local)}")
+    agreed = plan_fingerprint(fast)
+    approxcompile.set_budget(fast, 0.45)  # the same budget on both ranks: agreed
+    try:
+        approxcompile.set_budget(fast, 0.45 if rank == 0 else 0.6)
+        refused = "no"
+    except DistributedError:
+        refused = "yes"
+    Path(out, f"{rank}.txt").write_text(f"{agreed} {budget} {plan_fingerprint(local)} {refused}")
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_adaptive_agrees_across_ranks(tmp_path: Path) -> None:
     mp.start_processes(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
-    (f0, b0, local0), (f1, b1, local1) = ((tmp_path / f"{r}.txt").read_text().split() for r in (0, 1))
-    assert f0 == f1 and b0 == b1
+    (f0, b0, local0, no0), (f1, b1, local1, no1) = (
+        (tmp_path / f"{r}.txt").read_text().split() for r in (0, 1)
+    )
+    assert no0 == no1 == "yes"  # different budgets on the two ranks: refused on both
+    assert f0 == f1 and b0 == b1  # adaptive: the same plan though each rank measured its own batch
     assert local0 != local1  # measured alone, the two batches would have given different plans
