@@ -248,6 +248,12 @@ class Scheduler:
 # -- adaptive ----------------------------------------------------------------------------------
 
 
+# Kinds whose runtime call takes the Site operands positionally (conv: then stride, padding,
+# dilation), so the call's arguments map back to what the kind's probe takes. A node of any
+# other kind keeps the curve optimize() measured.
+_ARG_LAYOUTS = ("linear", "matmul", "addmm", "baddbmm", "conv")
+
+
 class _Operands(fx.Interpreter):
     """Runs the live graph exactly (eval) and keeps the operands of every sampled-op node."""
 
@@ -258,7 +264,7 @@ class _Operands(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        if n.target in self.ops and META_KEY in n.meta:
+        if n.target in self.ops and META_KEY in n.meta and self.ops[n.target][0].name in _ARG_LAYOUTS:
             kind, _ = self.ops[n.target]
             args, _ = self.fetch_args_kwargs_from_env(n)
             conv = tuple(args[3:6]) if kind.name == "conv" else None
