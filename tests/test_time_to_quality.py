@@ -46,3 +46,15 @@ def test_quick_run_writes_the_headline_json_and_the_plots(tmp_path: Path) -> Non
     assert const["flops"] < 0.5 * seed["exact"]["flops"]  # the planned FLOPs really were cut
     assert (tmp_path / "figures" / "ttq-wallclock.png").stat().st_size > 1000
     assert (tmp_path / "figures" / "ttq-flops.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_mnist_cells_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import ttq_mnist
+
+    out = tmp_path / "mnist.json"
+    assert ttq_mnist.main(["--quick", "--models", "mlp", "--fraction", "0.5", "--out", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert 2 < run["replans"] <= 17  # 0.2, then up to exact in steps of at least 1/20
+    assert set(run["test_accuracy"]) == {"exact", "scheduled"} and run["test_accuracy"]["exact"] > 0.5
+    assert "mlp: accuracy scheduled - exact" in capsys.readouterr().out
