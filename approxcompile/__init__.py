@@ -25,6 +25,7 @@ from approxcompile.module import ApproxModule
 from approxcompile.ops import sampled_addmm, sampled_conv, sampled_linear, sampled_matmul
 from approxcompile.report import Report, report
 from approxcompile.saving import SavedPlan, load_plan, save_plan
+from approxcompile.schedule import set_budget
 
 __version__ = "0.1.0"
 
@@ -67,4 +68,5 @@ __all__ = [
     "sampled_linear",
     "sampled_matmul",
     "save_plan",
+    "set_budget",
 ]

@@ -96,8 +96,12 @@ def _replace(
     replaced[node] = new
 
 
-def rewrite(gm: fx.GraphModule, config: ApproxConfig) -> RewriteResult:
+def rewrite(gm: fx.GraphModule, config: ApproxConfig, *, measured: bool = False) -> RewriteResult:
     """Replace every node whose plan samples (``k < inner``) by its sampled op, in place.
+
+    ``measured``: also the exact nodes that have a sensitivity curve, as ``keep=1.0`` calls
+    (exact at run time), so ``approxcompile.set_budget`` can later change any node's keep
+    ratio by editing one keyword argument instead of the graph's structure.
 
     Afterwards no plan keeps its ``site``: the Site refers to nodes of the graph as it was, and
     the plans outlive this pass (``optimize`` collects them into the module's ``Plan``).
@@ -105,7 +109,9 @@ def rewrite(gm: fx.GraphModule, config: ApproxConfig) -> RewriteResult:
     replaced: dict[fx.Node, fx.Node] = {}
     for node in list(gm.graph.nodes):
         plan = node.meta.get(META_KEY)
-        if plan is None or not plan.sampled or node.target in ops.SAMPLED_OPS:
+        if plan is None or node.target in ops.SAMPLED_OPS:
+            continue
+        if not (plan.sampled or (measured and plan.sensitivity)):
             continue
         _replace(gm, node, site_of(gm, node, plan), plan, config, replaced)
     for node in gm.graph.nodes:

@@ -20,7 +20,7 @@ from approxcompile.choices import Mode
 from approxcompile.config import ApproxConfig
 from approxcompile.passes.base import SensitivityResult
 from approxcompile.passes.match import site_of
-from approxcompile.plan import META_KEY, aligned_count
+from approxcompile.plan import META_KEY, NodePlan, aligned_count
 from approxcompile.progress import Bar
 
 
@@ -74,6 +74,23 @@ def _curve(
     return tuple(curve)
 
 
+def node_curve(
+    kind: str,
+    operands: tuple[Any, ...],
+    conv: Any,
+    plan: NodePlan,
+    grid: list[float],
+    config: ApproxConfig,
+    generator: torch.Generator,
+) -> tuple[tuple[float, float], ...]:
+    """One node's ``(keep, error)`` curve over ``grid`` on ``operands`` (also the adaptive schedule's)."""
+    if plan.mode == "backward":
+        product = _gradients(kind, operands, conv)
+    else:
+        product = product_fn(kind, operands, conv)
+    return _curve(product, plan.inner, grid, plan.method, config, generator)
+
+
 def _count(gm: fx.GraphModule, captured: Mapping[str, tuple[Any, ...]]) -> int:
     """Nodes the pass will measure, for the progress bar."""
     plans = ((n.name, n.meta.get(META_KEY)) for n in gm.graph.nodes)
@@ -97,11 +114,7 @@ def measure_sensitivity(
             grid = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:
                 grid = [plan.fixed_keep]
-            if plan.mode == "backward":
-                product = _gradients(site.kind, captured[node.name], site.conv)
-            else:
-                product = product_fn(site.kind, captured[node.name], site.conv)
-            curve = _curve(product, plan.inner, grid, plan.method, config, generator)
+            curve = node_curve(site.kind, captured[node.name], site.conv, plan, grid, config, generator)
             node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1
             bar.update()
