@@ -27,20 +27,20 @@ def test_linear_product_fake_matches_the_kernel(bias: bool) -> None:
     b = torch.randn(6, generator=g) if bias else None
     index, scale = torch.tensor([1, 4, 7]), torch.tensor([2.0, 1.5, 3.0])
     torch.library.opcheck(OPS.sampled_linear_product, (x, w, b, index, scale, True), test_utils=FAKE)
-    y, xs, ws = OPS.sampled_linear_product(x, w, b, index, None, True)
-    assert (y.shape, xs.shape, ws.shape) == ((2, 5, 6), (10, 3), (6, 3))
+    y, xs = OPS.sampled_linear_product(x, w, b, index, None, True)
+    assert (y.shape, xs.shape) == ((2, 5, 6), (10, 3))
 
 
 @pytest.mark.parametrize(("need_x", "need_w"), [(True, True), (True, False), (False, True)])
 def test_linear_backward_fake_matches_the_kernel(need_x: bool, need_w: bool) -> None:
     g = _g()
-    dy, xs, ws = (
+    dy, xs, weight = (
         torch.randn(2, 5, 6, generator=g),
         torch.randn(10, 3, generator=g),
-        torch.randn(6, 3, generator=g),
+        torch.randn(6, 12, generator=g),
     )
     index, scale = torch.tensor([1, 4, 7]), torch.tensor([2.0, 1.5, 3.0])
-    args = (dy, xs, ws, index, scale, [2, 5, 12], 12, True, need_x, need_w)
+    args = (dy, xs, weight, index, scale, [2, 5, 12], 12, True, need_x, need_w)
     torch.library.opcheck(OPS.sampled_linear_product_backward, args, test_utils=FAKE)
     dx, dw = OPS.sampled_linear_product_backward(*args)
     assert dx.shape == ((2, 5, 12) if need_x else (0,)) and dw.shape == ((6, 12) if need_w else (0,))
