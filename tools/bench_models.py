@@ -70,7 +70,7 @@ class SelfAttention(nn.Module):
     keeps the traced graph free of shape arithmetic.
     """
 
-    def __init__(self, d: int, heads: int) -> None:
+    def __init__(self, d: int, heads: int, causal_seq: int | None = None) -> None:
         super().__init__()
         self.heads = heads
         self.scale = (d // heads) ** -0.5
@@ -78,23 +78,29 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(d, d)
         self.v = nn.Linear(d, d)
         self.out = nn.Linear(d, d)
+        # Causal: -1e9 above the diagonal, added to the scores, so masked positions get zero
+        # weight (finite, because optimize() refuses weights and buffers holding Inf).
+        mask = None if causal_seq is None else torch.full((causal_seq, causal_seq), -1e9).triu(1)
+        self.mask: Tensor | None
+        self.register_buffer("mask", mask, persistent=False)
 
     def _split(self, t: Tensor) -> Tensor:
         return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, S, D) -> (B, H, S, D/H)
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self._split(self.q(x)), self._split(self.k(x)), self._split(self.v(x))
-        att = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        att = torch.softmax(scores if self.mask is None else scores + self.mask, dim=-1)
         return self.out((att @ v).transpose(1, 2).flatten(2))
 
 
 class EncoderLayer(nn.Module):
     """Pre-LayerNorm encoder block: x + attn(ln(x)), then x + mlp(ln(x)) with GELU."""
 
-    def __init__(self, d: int, heads: int, hidden: int) -> None:
+    def __init__(self, d: int, heads: int, hidden: int, causal_seq: int | None = None) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d)
-        self.attn = SelfAttention(d, heads)
+        self.attn = SelfAttention(d, heads, causal_seq)
         self.ln2 = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, hidden)
         self.fc2 = nn.Linear(hidden, d)
