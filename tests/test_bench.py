@@ -174,3 +174,15 @@ def test_compiled_and_autocast_variants(bench: ModuleType, tmp_path: Path) -> No
     assert compiled["flop_fraction"] < 1.0 and rows["exact+compile"]["flop_fraction"] == 1.0
     with pytest.raises(ValueError, match="suffix"):
         bench.main(["--quick", "--models", "mlp", "--variants", "exact+fast", "--out", str(out)])
+
+
+def test_speedups_pair_the_rounds(bench: ModuleType) -> None:
+    # the load triples from round 4 on; a burst also hits the variant's block in round 3
+    exact = bench.Variant("exact", torch.nn.Identity(), {}, step_s=[1.0, 1.0, 1.0, 3.0, 3.0])
+    fast = bench.Variant("approx@0.4", torch.nn.Identity(), {}, step_s=[0.7, 0.7, 2.1, 2.1, 2.1])
+    # round by round: 1/0.7 four times, 1/2.1 once -> the median is 1/0.7
+    assert fast.speedup_over(exact) == pytest.approx(1 / 0.7)
+    # two separate medians (1.0 against 2.1) would call it 2x slower
+    assert exact.median_ms / fast.median_ms == pytest.approx(1 / 2.1)
+    with pytest.raises(ValueError):
+        bench.Variant("x", torch.nn.Identity(), {}, step_s=[1.0]).speedup_over(exact)

@@ -30,6 +30,36 @@ def test_the_learning_rate_warms_up_then_decays() -> None:
     assert f[-1] == pytest.approx(0.1, abs=0.01)
 
 
+def test_recipes_take_a_step_multiplier() -> None:
+    assert ttq.parse_recipes("anneal, anneal:1.25,constant:2") == [
+        ("anneal", 1.0),
+        ("anneal", 1.25),
+        ("constant", 2.0),
+    ]
+    with pytest.raises(SystemExit, match="unknown recipes"):
+        ttq.parse_recipes("anneal,warmup")
+    with pytest.raises(SystemExit, match="must be a number"):
+        ttq.parse_recipes("anneal:x")
+    with pytest.raises(SystemExit, match="positive"):
+        ttq.parse_recipes("anneal:0")
+
+
+def test_equal_steps_compares_at_exacts_last_step_not_the_recipes() -> None:
+    exact = {"wall_s": 20.0, "curve": CURVE}
+    longer = {
+        "wall_s": 24.0,
+        "steps": 30,
+        "flops": 1.0,
+        "curve": [*CURVE[:2], {**CURVE[2], "val_loss": 2.2}, {"step": 30, "wall_s": 24.0, "val_loss": 1.9}],
+    }
+    table = ttq.summarize([{"runs": {"exact": {**exact, "flops": 2.0}, "anneal@0.2 x1.5 steps": longer}}])
+    row = table["anneal@0.2 x1.5 steps"]
+    assert row["loss_vs_exact_equal_steps"] == pytest.approx(2.2 / 2.0 - 1)  # at step 20, not 30
+    assert row["final_val_loss"] == 1.9 and row["steps"] == 30
+    # it passes exact's final loss 2.0 between step 20 (20 s) and step 30 (24 s)
+    assert row["time_to_exact_final_val_loss_s"] == pytest.approx(20.0 + 4.0 * (0.2 / 0.3))
+
+
 @pytest.mark.slow
 def test_quick_run_writes_the_headline_json_and_the_plots(tmp_path: Path) -> None:
     assert ttq.main(["--quick", "--seeds", "1", "--out", str(tmp_path)]) == 0
@@ -46,6 +76,18 @@ def test_quick_run_writes_the_headline_json_and_the_plots(tmp_path: Path) -> Non
     assert const["flops"] < 0.5 * seed["exact"]["flops"]  # the planned FLOPs really were cut
     assert (tmp_path / "figures" / "ttq-wallclock.png").stat().st_size > 1000
     assert (tmp_path / "figures" / "ttq-flops.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_recipe_with_more_steps_reads_on_and_ends_exact(tmp_path: Path) -> None:
+    argv = ["--quick", "--seeds", "1", "--recipes", "anneal:1.5", "--out", str(tmp_path)]
+    assert ttq.main(argv) == 0
+    seed = json.loads((tmp_path / "time_to_quality_runs.json").read_text())["seeds"][0]["runs"]
+    (name,) = [k for k in seed if k != "exact"]
+    assert name.endswith("x1.5 steps") and seed[name]["steps"] == 9 and seed["exact"]["steps"] == 6
+    steps = [p["step"] for p in seed[name]["curve"]]
+    assert 6 in steps and steps[-1] == 9  # evaluated at exact's last step and at its own
+    assert seed[name]["budgets"][-1] == 1.0 and seed[name]["budgets"][0] < 0.5
 
 
 @pytest.mark.slow

@@ -18,7 +18,10 @@ cross-entropy, backward, SGD(lr=0.01, momentum=0.9).step()):
 Timing: each variant is warmed up, then in each of ROUNDS rounds every variant runs STEPS
 steps in turn (the starting variant rotates each round), so load from other processes on
 a shared machine hits all variants alike; each block is timed with ``time.perf_counter``.
-The table quotes the median per-step time and speedups computed from those medians.
+The table quotes the median per-step time of each variant, and each speedup as the median over
+rounds of the paired ratio (the base's block time over the variant's in the same round): when
+the load changes between rounds, the ratio of two separate medians can pick steps from quiet
+rounds for one variant and from busy ones for the other, the paired ratio cannot.
 
 FLOPs: ``FlopCounterMode`` on one forward + backward of each variant, as a fraction of exact.
 
@@ -101,6 +104,10 @@ class Variant:
     @property
     def median_ms(self) -> float:
         return statistics.median(self.step_s) * 1e3
+
+    def speedup_over(self, base: Variant) -> float:
+        """Median over rounds of ``base``'s step time over this variant's, round by round."""
+        return statistics.median(b / s for b, s in zip(base.step_s, self.step_s, strict=True))
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -397,10 +404,10 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
             "model": name,
             "variant": v.name,
             "median_step_ms": v.median_ms,
-            "speedup_vs_exact": exact.median_ms / v.median_ms,
-            "speedup_vs_paper": paper.median_ms / v.median_ms if paper is not None else float("nan"),
+            "speedup_vs_exact": v.speedup_over(exact),
+            "speedup_vs_paper": v.speedup_over(paper) if paper is not None else float("nan"),
             # compiled sampled over compiled exact, bf16 over bf16: the exact twin with this suffix
-            "speedup_vs_base": by_name.get(_base_of(v.name), exact).median_ms / v.median_ms,
+            "speedup_vs_base": v.speedup_over(by_name.get(_base_of(v.name), exact)),
             "flops": v.flops,
             "flop_fraction": v.flops / exact.flops if exact.flops else float("nan"),
             "peak_mem_mb": v.memory.get("peak_mb"),

@@ -12,6 +12,12 @@ Recipes, each from the same initial weights:
   curves are measured again on the current batch and the least budget up to ``B`` whose plan
   keeps the mean relative error under ``--adaptive-target`` is chosen.
 
+``NAME:M`` in ``--recipes`` trains that recipe for ``M`` times exact's steps, its LR and budget
+schedules stretched to them: cheaper steps buy more of them, which is how a time-to-quality
+comparison lets a faster recipe spend its savings. It reads on past exact's last batch in the
+same order, and is evaluated at exact's last step too, so "equal steps" stays a like-for-like
+comparison.
+
 The recipes of a seed train in one process, interleaved step by step (the order rotates each
 step), so the machine's load falls on all of them alike; the wall-clock of a step is measured
 around forward, backward, the optimizer step and the schedule's own work. Validation (eval mode:
@@ -62,6 +68,7 @@ class Run:
     lr: torch.optim.lr_scheduler.LRScheduler
     control: Callable[[torch.Tensor], float]  # before each step: the budget in force
     dense_flops: int
+    steps: int  # this recipe's own step count (its LR and budget schedules span it)
     wall_s: float = 0.0
     flops: float = 0.0
     budgets: list[float] = field(default_factory=list)
@@ -87,7 +94,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adaptive-target", type=float, default=0.3)
     p.add_argument("--adaptive-every", type=int, default=25)
     p.add_argument("--adaptive-rows", type=int, default=None, help="measure on N sequences of the batch")
-    p.add_argument("--recipes", default="constant,anneal,adaptive", help="besides exact, comma-separated")
+    p.add_argument(
+        "--recipes",
+        default="constant,anneal,adaptive",
+        help="besides exact, comma-separated; NAME:M trains that recipe for M times --steps steps "
+        "(its LR and budget schedules stretched to them), e.g. anneal,anneal:1.25",
+    )
     p.add_argument("--measure-time", action="store_true", help="ApproxConfig(measure_time=True)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--corpus-limit", type=int, default=None, help="bytes per split (default: all)")
@@ -130,42 +142,71 @@ def feasible(fast: nn.Module, budget: float) -> float:
         return math.ceil((e.smallest_feasible or 1.0) * 100) / 100
 
 
+def parse_recipes(text: str) -> list[tuple[str, float]]:
+    """``"anneal,anneal:1.25"`` -> ``[("anneal", 1.0), ("anneal", 1.25)]`` (name, step multiplier)."""
+    out = []
+    for item in (r.strip() for r in text.split(",")):
+        if not item:
+            continue
+        name, _, mult = item.partition(":")
+        try:
+            m = float(mult) if mult else 1.0
+        except ValueError:
+            raise SystemExit(f"bad recipe {item!r}: the step multiplier after ':' must be a number") from None
+        if m <= 0:
+            raise SystemExit(f"bad recipe {item!r}: the step multiplier must be positive")
+        out.append((name, m))
+    unknown = sorted({n for n, _ in out} - set(RECIPES))
+    if unknown:
+        raise SystemExit(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+    return out
+
+
+RECIPES = ("constant", "anneal", "adaptive")
+
+
 def make_runs(model: nn.Module, fast: nn.Module, args: argparse.Namespace) -> list[Run]:
     dense = fast.meta["approxcompile"].dense_flops
 
-    def run(name: str, module: nn.Module, control: Callable[[torch.Tensor], float]) -> Run:
+    def run(name: str, module: nn.Module, control: Callable[[torch.Tensor], float], steps: int) -> Run:
         opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01)
-        lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, args.steps))
-        return Run(name, module, opt, lr, control, dense)
+        lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
+        return Run(name, module, opt, lr, control, dense, steps)
 
-    const_b = feasible(fast, args.budget)
-    anneal_b = feasible(fast, args.anneal_budget)
-    const = copy.deepcopy(fast)
-    approxcompile.set_budget(const, const_b)
-    anneal = copy.deepcopy(fast)
-    sched = schedule.Scheduler(anneal, "anneal_to_exact", args.steps, anneal_b, fraction=args.anneal_fraction)
-    adaptive = copy.deepcopy(fast)
-    adapt_b = feasible(fast, args.adaptive_budget)
-    adapt = schedule.Adaptive(
-        adaptive, budget=adapt_b, target=args.adaptive_target, every=args.adaptive_every,
-        rows=args.adaptive_rows,
-    )  # fmt: skip
-    recipes = {
-        "constant": lambda: run(f"constant@{const_b:g}", const, lambda x: const_b),
-        "anneal": lambda: run(f"anneal@{anneal_b:g}", anneal, lambda x: sched.step()),
-        "adaptive": lambda: run(f"adaptive@{adapt.budget:g}", adaptive, lambda x: adapt.step(x)),
-    }
-    chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    unknown = sorted(set(chosen) - set(recipes))
-    if unknown:
-        raise SystemExit(f"unknown recipes {unknown}; choose from {', '.join(recipes)}")
-    return [run("exact", copy.deepcopy(model), lambda x: 1.0), *(recipes[r]() for r in chosen)]
+    def constant(steps: int, suffix: str) -> Run:
+        b = feasible(fast, args.budget)
+        const = copy.deepcopy(fast)
+        approxcompile.set_budget(const, b)
+        return run(f"constant@{b:g}{suffix}", const, lambda x: b, steps)
+
+    def anneal(steps: int, suffix: str) -> Run:
+        b = feasible(fast, args.anneal_budget)
+        module = copy.deepcopy(fast)
+        sched = schedule.Scheduler(module, "anneal_to_exact", steps, b, fraction=args.anneal_fraction)
+        return run(f"anneal@{b:g}{suffix}", module, lambda x: sched.step(), steps)
+
+    def adaptive(steps: int, suffix: str) -> Run:
+        module = copy.deepcopy(fast)
+        adapt = schedule.Adaptive(
+            module, budget=feasible(fast, args.adaptive_budget), target=args.adaptive_target,
+            every=args.adaptive_every, rows=args.adaptive_rows,
+        )  # fmt: skip
+        return run(f"adaptive@{adapt.budget:g}{suffix}", module, lambda x: adapt.step(x), steps)
+
+    builders = {"constant": constant, "anneal": anneal, "adaptive": adaptive}
+    runs = [run("exact", copy.deepcopy(model), lambda x: 1.0, args.steps)]
+    for name, mult in parse_recipes(args.recipes):
+        steps = max(1, round(mult * args.steps))
+        runs.append(builders[name](steps, "" if steps == args.steps else f" x{mult:g} steps"))
+    return runs
 
 
 def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = ByteGPT(d=args.d, layers=args.layers, heads=args.heads, seq=args.seq)
-    data = list(text_data.batches(corpus.train, steps=args.steps, batch=args.batch, seq=args.seq, seed=seed))
+    longest = max(round(m * args.steps) for _, m in [("exact", 1.0), *parse_recipes(args.recipes)])
+    # one batch order for every recipe; a recipe with more steps reads on past exact's last batch
+    data = list(text_data.batches(corpus.train, steps=longest, batch=args.batch, seq=args.seq, seed=seed))
     val = text_data.fixed_batches(corpus.val, count=args.eval_batches, batch=args.batch, seq=args.seq)
     config = approxcompile.ApproxConfig(measure_time=args.measure_time)
     start = time.perf_counter()
@@ -176,8 +217,9 @@ def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) ->
     for r in runs:
         r.curve.append({"step": 0, "wall_s": 0.0, "flops": 0.0, "val_loss": val_loss(r.model, val)})
     for step, (x, y) in enumerate(data):
-        for i in range(len(runs)):
-            r = runs[(i + step) % len(runs)]  # rotate: no recipe always runs right after another
+        active = [r for r in runs if step < r.steps]
+        for i in range(len(active)):
+            r = active[(i + step) % len(active)]  # rotate: no recipe always runs right after another
             t = time.perf_counter()
             budget = r.control(x)
             loss = F.cross_entropy(r.model(x).flatten(0, 1), y.flatten())
@@ -189,12 +231,13 @@ def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) ->
             plan = getattr(r.model, "meta", {}).get("approxcompile")
             r.flops += plan.approx_flops if plan is not None else r.dense_flops
             r.budgets.append(budget)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            for r in runs:
+        done = step + 1
+        if done % args.eval_every == 0 or any(done in (r.steps, args.steps) for r in active):
+            for r in active:
                 loss_v = val_loss(r.model, val)
                 r.curve.append({"step": step + 1, "wall_s": r.wall_s, "flops": r.flops, "val_loss": loss_v})
-        walls = " ".join(f"{r.name}={r.wall_s:.0f}s/{r.curve[-1]['val_loss']:.3f}" for r in runs)
-        print(f"seed {seed} step {step + 1}/{args.steps}", walls, flush=True)
+        walls = " ".join(f"{r.name}={r.wall_s:.0f}s/{r.curve[-1]['val_loss']:.3f}" for r in active)
+        print(f"seed {seed} step {step + 1}/{len(data)}", walls, flush=True)
     return {
         "seed": seed,
         "optimize_s": optimize_s,
@@ -202,6 +245,7 @@ def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) ->
             r.name: {
                 "wall_s": r.wall_s,
                 "flops": r.flops,
+                "steps": r.steps,
                 "budgets": sorted(set(r.budgets)),
                 "curve": r.curve,
             }
@@ -221,6 +265,14 @@ def time_to(curve: list[dict[str, float]], target: float) -> float | None:
     return None
 
 
+def loss_at_step(curve: list[dict[str, float]], step: float) -> float:
+    """Validation loss evaluated at ``step`` (every recipe is evaluated at exact's last step)."""
+    for p in curve:
+        if p["step"] == step:
+            return p["val_loss"]
+    raise ValueError(f"no evaluation at step {step:g}")
+
+
 def loss_at(curve: list[dict[str, float]], wall: float) -> float:
     """Validation loss at wall-clock ``wall`` (linear between evaluations; the last one past the end)."""
     for a, b in zip(curve, curve[1:], strict=False):
@@ -238,7 +290,7 @@ def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
         rows = []
         for s in seeds:
             exact, r = s["runs"]["exact"], s["runs"][name]
-            target = exact["curve"][-1]["val_loss"]
+            target, exact_steps = exact["curve"][-1]["val_loss"], exact["curve"][-1]["step"]
             reach = time_to(r["curve"], target)
             final = r["curve"][-1]["val_loss"]
             rows.append(
@@ -247,7 +299,9 @@ def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
                     "wall_s": r["wall_s"],
                     "time_to_exact_final_s": reach,
                     "time_ratio": None if reach is None else reach / exact["wall_s"],
-                    "loss_vs_exact_equal_steps": final / target - 1,
+                    # at exact's step count: the final loss, or mid-run for a recipe with more steps
+                    "loss_vs_exact_equal_steps": loss_at_step(r["curve"], exact_steps) / target - 1,
+                    "steps": r.get("steps", exact_steps),
                     "exact_loss_at_equal_wall": loss_at(exact["curve"], r["wall_s"]),
                     "flops_fraction": r["flops"] / exact["flops"],
                 }
@@ -268,6 +322,7 @@ def summarize(seeds: list[dict[str, Any]]) -> dict[str, Any]:
             "time_to_exact_final_val_loss_s": _median_or_none([row["time_to_exact_final_s"] for row in rows]),
             "time_ratio": _median_or_none([row["time_ratio"] for row in rows]),
             "loss_vs_exact_equal_steps": med("loss_vs_exact_equal_steps"),
+            "steps": med("steps"),
             "exact_loss_at_equal_wall": med("exact_loss_at_equal_wall"),
             "flops_fraction": med("flops_fraction"),
             "per_seed": rows,
@@ -351,14 +406,15 @@ def markdown(table: dict[str, Any]) -> str:
         return "never" if v is None else format(v, fmt)
 
     lines = [
-        "| recipe | final val loss | vs exact, equal steps | train wall-clock (s) | speed vs exact "
+        "| recipe | steps | final val loss | vs exact, equal steps | train wall-clock (s) | speed vs exact "
         "| time to exact's final loss (s) | / exact's wall-clock | seeds reaching it "
         "| exact's loss at the recipe's wall-clock | FLOPs / exact's |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in table.items():
         lines.append(
-            f"| {name} | {r['final_val_loss']:.4f} | {r['loss_vs_exact_equal_steps'] * 100:+.2f}% "
+            f"| {name} | {r.get('steps', '')} | {r['final_val_loss']:.4f} "
+            f"| {r['loss_vs_exact_equal_steps'] * 100:+.2f}% "
             f"| {r['wall_s']:.1f} | {r['speed_vs_exact']:.2f}x "
             f"| {num(r['time_to_exact_final_val_loss_s'], '.1f')} | {num(r['time_ratio'], '.2f')} "
             f"| {r['reached_exact_final']} | {r['exact_loss_at_equal_wall']:.4f} "
