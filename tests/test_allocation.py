@@ -14,7 +14,8 @@ from torch import nn
 
 from approxcompile.errors import BudgetError
 from approxcompile.passes import allocate
-from approxcompile.plan import META_KEY, Flops, NodePlan
+from approxcompile.plan import META_KEY, Flops
+from tests.plans import linear_plan
 
 
 class Two(nn.Module):
@@ -32,16 +33,8 @@ def _graph(curves: dict[str, tuple[int, tuple[tuple[float, float], ...]]]) -> to
     for node in gm.graph.nodes:
         if node.op == "call_module":
             f, sensitivity = curves[node.target]
-            node.meta[META_KEY] = NodePlan(
-                name=node.target,
-                kind="linear",
-                op="Linear",
-                shapes=((1, 100), (100, 100)),
-                out_shape=(1, 100),
-                inner=100,
-                flops=Flops(f, f, f),
-                sensitivity=sensitivity,
-            )
+            plan = linear_plan(node.target, 1, 100, 100, flops=Flops(f, f, f), sensitivity=sensitivity)
+            node.meta[META_KEY] = plan
     return gm
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from approxcompile.errors import BudgetError
 from approxcompile.passes import allocate
 from approxcompile.plan import META_KEY, Flops, NodePlan
+from tests.plans import linear_plan
 
 
 class Chain(nn.Module):
@@ -42,13 +43,11 @@ def _graph(
     for node in gm.graph.nodes:
         if node.op == "call_module":
             f, sensitivity = curves[node.target]
-            node.meta[META_KEY] = NodePlan(
-                name=node.target,
-                kind="linear",
-                op="Linear",
-                shapes=((1, 100), (100, 100)),
-                out_shape=(1, 100),
-                inner=100,
+            node.meta[META_KEY] = linear_plan(
+                node.target,
+                1,
+                100,
+                100,
                 flops=Flops(f, 0, 0) if forward_only else Flops(f, f, f),
                 sensitivity=sensitivity,
                 reason=(reasons or {}).get(node.target),

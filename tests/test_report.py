@@ -10,24 +10,21 @@ import torch
 from torch import nn
 
 import approxcompile
-from approxcompile.plan import META_KEY, Flops, NodePlan, Plan
+from approxcompile.plan import META_KEY, NodePlan, Plan
 from approxcompile.report import Report, format_shapes, human_flops, report
 from tests.models import mlp
+from tests.plans import linear_plan
 
 
 def _linear(name: str, m: int, n: int, p: int, **kw: object) -> NodePlan:
-    f = 2 * m * n * p
-    return NodePlan(
-        name=name,
-        kind="linear",
-        op="Linear",
-        shapes=((m, n), (p, n)),
-        out_shape=(m, p),
-        inner=n,
-        flops=Flops(f, f, f),
+    return linear_plan(
+        name,
+        m,
+        n,
+        p,
         overhead_fixed=1000,
         overhead_per_kept=10,
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
 
 

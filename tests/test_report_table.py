@@ -12,23 +12,12 @@ import torch
 
 import approxcompile
 from approxcompile import ApproxConfig, NodeOverride
-from approxcompile.plan import Flops, NodePlan, Plan
+from approxcompile.plan import Plan
 from approxcompile.report import Report, report
 from tests.models import mlp
+from tests.plans import linear_plan
 
-
-def _linear(name: str, m: int, n: int, p: int, **kw: object) -> NodePlan:
-    f = 2 * m * n * p
-    return NodePlan(
-        name=name,
-        kind="linear",
-        op="Linear",
-        shapes=((m, n), (p, n)),
-        out_shape=(m, p),
-        inner=n,
-        flops=Flops(f, f, f),
-        **kw,  # type: ignore[arg-type]
-    )
+_linear = linear_plan
 
 
 # fc1: 3 x 2·64·784·128 = 38,535,168 (38.5M), first node, exact.
