@@ -20,7 +20,7 @@ from approxcompile.choices import Mode
 from approxcompile.config import ApproxConfig
 from approxcompile.passes.base import SensitivityResult
 from approxcompile.passes.match import site_of
-from approxcompile.plan import META_KEY, NodePlan, aligned_count
+from approxcompile.plan import META_KEY, NodePlan, aligned_count, kept_count
 from approxcompile.progress import Bar
 
 
@@ -53,6 +53,62 @@ def _gradients(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[...,
     return grads
 
 
+def _split_curves(
+    kind: str,
+    operands: tuple[Any, ...],
+    conv: Any,
+    grids: tuple[list[float], list[float]],
+    method: str,
+    config: ApproxConfig,
+    generator: torch.Generator,
+) -> tuple[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]]:
+    """Backward mode with two ratios: dX's ``(keep, error)`` curve and dW's, from the same draws.
+
+    The two products are sampled independently and dX's error depends on ``keep`` only (dW's
+    on ``row_keep`` only), so draw ``i`` takes ``keep=grids[0][i]`` and ``row_keep=grids[1][i]``
+    at once (1.0, exact, where one grid is shorter): no more probes than one shared curve.
+    """
+    x, w = (t.detach().requires_grad_() for t in operands[:2])
+    product = product_fn(kind, (x, w, *operands[2:]), conv, "backward")
+    shape = product(1.0, training=False).shape
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+
+    def grads(keep: float, row_keep: float, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            dx, dw = torch.autograd.grad(product(keep, row_keep=row_keep, **kw), (x, w), dy)
+        return dx.float(), dw.float()
+
+    exact = grads(1.0, 1.0, training=False)
+    denoms = [float(e.pow(2).sum()) for e in exact]
+    xs, ws = grids
+    draws = 1 if method == "topk" else config.sensitivity_draws
+    curves: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+    for i in range(max(len(xs), len(ws))):
+        keeps = (xs[i] if i < len(xs) else 1.0, ws[i] if i < len(ws) else 1.0)
+        totals = [0.0, 0.0]
+        for _ in range(draws):
+            approx = grads(*keeps, training=True, method=method, eps=config.eps, generator=generator)
+            for j in (0, 1):
+                totals[j] += float((approx[j] - exact[j]).pow(2).sum())
+        for j, grid in enumerate(grids):
+            if i < len(grid):
+                curves[j].append((keeps[j], totals[j] / draws / denoms[j] if denoms[j] > 0 else 0.0))
+    return tuple(curves[0]), tuple(curves[1])
+
+
+def split_grids(plan: NodePlan, config: ApproxConfig) -> tuple[list[float], list[float]]:
+    """The ratios a split backward plan measures: dX's over ``inner`` (aligned, ``>= min_k``), dW's."""
+    if plan.fixed_keep is not None or plan.row_fixed_keep is not None:
+        pinned_x = plan.fixed_keep
+        pinned_w = plan.row_fixed_keep if plan.row_fixed_keep is not None else plan.fixed_keep
+    else:
+        pinned_x = pinned_w = None
+    ks = {aligned_count(r, plan.inner, config.align) for r in config.keep_grid}
+    xs = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
+    ws = [r for r in sorted(set(config.keep_grid), reverse=True) if kept_count(r, plan.rows) < plan.rows]
+    return ([pinned_x] if pinned_x is not None else xs), ([pinned_w] if pinned_w is not None else ws)
+
+
 def _curve(
     product: Callable[..., torch.Tensor],
     n: int,
@@ -83,7 +139,12 @@ def node_curve(
     config: ApproxConfig,
     generator: torch.Generator,
 ) -> tuple[tuple[float, float], ...]:
-    """One node's ``(keep, error)`` curve over ``grid`` on ``operands`` (also the adaptive schedule's)."""
+    """One node's ``(keep, error)`` curve over ``grid`` on ``operands`` (also the adaptive schedule's).
+
+    A split backward plan: dX's curve (``sensitivity``; dW's is ``row_sensitivity``).
+    """
+    if plan.split:
+        return _split_curves(kind, operands, conv, (grid, []), plan.method, config, generator)[0]
     if plan.mode == "backward":
         product = _gradients(kind, operands, conv)
     else:
@@ -110,6 +171,15 @@ def measure_sensitivity(
             if plan is None or plan.reason is not None or node.name not in captured:
                 continue
             site = site_of(gm, node, plan)
+            if plan.split:
+                xs_ws = split_grids(plan, config)
+                dx, dw = _split_curves(
+                    site.kind, captured[node.name], site.conv, xs_ws, plan.method, config, generator
+                )
+                node.meta[META_KEY] = plan.with_(sensitivity=dx, row_sensitivity=dw)
+                measured += 1
+                bar.update()
+                continue
             ks = {aligned_count(r, plan.inner, config.align) for r in config.keep_grid}
             grid = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:

@@ -60,6 +60,7 @@ def _sampled_linear_grads(
     row_index: Tensor,
     x_shape: list[int],
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     rows_drawn: bool,
@@ -70,7 +71,7 @@ def _sampled_linear_grads(
     m = math.prod(x_shape) // n
     flops = 2 * m * kept_count(keep, p) * n if weight is not None else 0
     if saved_x is not None:
-        rows = row_index.numel() if rows_drawn else kept_count(keep, m)
+        rows = row_index.numel() if rows_drawn else kept_count(row_keep, m)
         flops += 2 * rows * n * p
     return flops
 
@@ -92,6 +93,7 @@ def _sampled_conv_grads(
     padding: Any,
     dilation: Any,
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     rows_drawn: bool,
@@ -102,7 +104,7 @@ def _sampled_conv_grads(
     o, batch = w_shape[0], x_shape[0]
     flops = full * kept_count(keep, o) // o if weight is not None else 0
     if saved_x is not None:
-        rows = row_index.numel() if rows_drawn else kept_count(keep, batch)
+        rows = row_index.numel() if rows_drawn else kept_count(row_keep, batch)
         flops += full * rows // batch
     return flops
 
