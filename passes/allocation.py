@@ -122,31 +122,29 @@ def _holders(plans: dict[str, NodePlan], dense: int) -> str:
     return f"; the largest exact nodes: {rows}"
 
 
-def _why_exact(p: NodePlan, admissible: dict[Key, list[tuple[int, float, float]]]) -> str:
+def _why_exact(p: NodePlan, mine: list[list[tuple[int, float, float]]]) -> str:
+    """Why a node the allocation left exact is exact; ``mine``: its products' admissible options."""
     if p.fixed_keep is not None:
         return "fixed keep rounds to k = n"
-    mine = [opts for (name, _), opts in admissible.items() if name == p.name]
     if p.timing and mine and all(len(opts) == 1 for opts in mine):
         dense_ms = dict(p.timing)[1.0] * 1e3
         return f"sampling measured no faster than the dense op ({dense_ms:.2f} ms) at any keep ratio"
     return "budget is met without sampling this node"
 
 
-def _decide(
-    p: NodePlan, keeps: dict[str, float], admissible: dict[Key, list[tuple[int, float, float]]]
-) -> NodePlan:
+def _decide(p: NodePlan, keeps: dict[str, float], mine: list[list[tuple[int, float, float]]]) -> NodePlan:
     """``p`` with the chosen ratio of each of its products (exact, with a reason, when none samples)."""
     if not p.split:
         keep = keeps[""]
         k = kept_count(keep, p.inner)
         if k >= p.inner:
-            return p.with_(keep=1.0, k=p.inner, est_error=0.0, reason=_why_exact(p, admissible))
+            return p.with_(keep=1.0, k=p.inner, est_error=0.0, reason=_why_exact(p, mine))
         return p.with_(keep=keep, k=k, est_error=_error_at(p.sensitivity, keep))
     k, row_k = kept_count(keeps["dx"], p.inner), kept_count(keeps["dw"], p.rows)
     keep = keeps["dx"] if k < p.inner else 1.0
     row_keep = keeps["dw"] if row_k < p.rows else 1.0
     if k >= p.inner and row_k >= p.rows:
-        return p.with_(keep=1.0, k=p.inner, row_keep=1.0, est_error=0.0, reason=_why_exact(p, admissible))
+        return p.with_(keep=1.0, k=p.inner, row_keep=1.0, est_error=0.0, reason=_why_exact(p, mine))
     error = _error_at(p.sensitivity, keep) + _error_at(p.row_sensitivity, row_keep)
     return p.with_(keep=keep, k=min(k, p.inner), row_keep=row_keep, est_error=error)
 
@@ -214,7 +212,8 @@ def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> Allocati
         p = plans[node.name]
         if p.reason is not None:
             continue
-        node.meta[META_KEY] = decided = _decide(p, keeps[node.name], admissible)
+        mine = [opts for (name, _), opts in admissible.items() if name == node.name]
+        node.meta[META_KEY] = decided = _decide(p, keeps[node.name], mine)
         sampled += decided.reason is None
     return AllocationResult(
         graph_module=gm, modified=False, sampled=sampled, fraction=total / dense if dense else 1.0
