@@ -20,7 +20,7 @@ from approxcompile.choices import Mode
 from approxcompile.config import ApproxConfig
 from approxcompile.passes.base import SensitivityResult
 from approxcompile.passes.match import site_of
-from approxcompile.plan import META_KEY, NodePlan, aligned_count, kept_count
+from approxcompile.plan import META_KEY, NodePlan, aligned_count
 from approxcompile.progress import Bar
 
 
@@ -96,17 +96,16 @@ def _split_curves(
     return tuple(curves[0]), tuple(curves[1])
 
 
-def split_grids(plan: NodePlan, config: ApproxConfig) -> tuple[list[float], list[float]]:
-    """The ratios a split backward plan measures: dX's over ``inner`` (aligned, ``>= min_k``), dW's."""
-    if plan.fixed_keep is not None or plan.row_fixed_keep is not None:
-        pinned_x = plan.fixed_keep
-        pinned_w = plan.row_fixed_keep if plan.row_fixed_keep is not None else plan.fixed_keep
-    else:
-        pinned_x = pinned_w = None
-    ks = {aligned_count(r, plan.inner, config.align) for r in config.keep_grid}
-    xs = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
-    ws = [r for r in sorted(set(config.keep_grid), reverse=True) if kept_count(r, plan.rows) < plan.rows]
-    return ([pinned_x] if pinned_x is not None else xs), ([pinned_w] if pinned_w is not None else ws)
+def row_grid(plan: NodePlan, config: ApproxConfig) -> list[float]:
+    """The dW ratios a split backward plan measures: ``keep_grid`` where it drops a batch row.
+
+    Or the pinned one: ``row_fixed_keep``, else ``fixed_keep`` (which pins both products).
+    """
+    pinned = plan.row_fixed_keep if plan.row_fixed_keep is not None else plan.fixed_keep
+    if pinned is not None:
+        return [pinned]
+    ratios = sorted(set(config.keep_grid), reverse=True)
+    return [r for r in ratios if aligned_count(r, plan.rows, 1) < plan.rows]  # align 1: kept_count
 
 
 def _curve(
@@ -171,21 +170,18 @@ def measure_sensitivity(
             if plan is None or plan.reason is not None or node.name not in captured:
                 continue
             site = site_of(gm, node, plan)
-            if plan.split:
-                xs_ws = split_grids(plan, config)
-                dx, dw = _split_curves(
-                    site.kind, captured[node.name], site.conv, xs_ws, plan.method, config, generator
-                )
-                node.meta[META_KEY] = plan.with_(sensitivity=dx, row_sensitivity=dw)
-                measured += 1
-                bar.update()
-                continue
             ks = {aligned_count(r, plan.inner, config.align) for r in config.keep_grid}
             grid = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:
                 grid = [plan.fixed_keep]
-            curve = node_curve(site.kind, captured[node.name], site.conv, plan, grid, config, generator)
-            node.meta[META_KEY] = plan.with_(sensitivity=curve)
+            if plan.split:  # dX over ``grid``, dW over its own ratios, from the same draws
+                grids = (grid, row_grid(plan, config))
+                operands = captured[node.name]
+                dx, dw = _split_curves(site.kind, operands, site.conv, grids, plan.method, config, generator)
+                node.meta[META_KEY] = plan.with_(sensitivity=dx, row_sensitivity=dw)
+            else:
+                curve = node_curve(site.kind, captured[node.name], site.conv, plan, grid, config, generator)
+                node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1
             bar.update()
     bar.close()
