@@ -167,3 +167,15 @@ def test_a_saved_plan_reapplies_both_ratios_and_the_export_refuses(tmp_path) -> 
     assert any("'row_keep': 0.2" in k for k in kwargs), kwargs
     with pytest.raises(ExportError, match="backward mode"):
         lower_for_export(again)
+
+
+def test_set_budget_moves_both_ratios_in_the_graph() -> None:
+    model, x = _skewed()
+    fast = approxcompile.optimize(model, 0.8, example_inputs=(x,), config=CFG)
+    plan = approxcompile.set_budget(fast, 0.5)
+    assert plan.fraction <= 0.5 + 1e-9
+    calls = {n.name: n.kwargs for n in fast.graph.nodes if n.target is ops.backward_sampled_linear}
+    assert len(calls) == 2
+    for node, kwargs in zip(plan.nodes, calls.values(), strict=True):
+        assert (kwargs["keep"], kwargs["row_keep"]) == (node.keep, node.row_keep)
+    assert any(n.row_k < n.rows for n in plan.nodes)
