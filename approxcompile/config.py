@@ -114,12 +114,16 @@ class NodeOverride:
     keep:   a fixed keep ratio in (0, 1] instead of the one the budget allocation picks.
     method: the sampling method for this node.
     min_k:  never keep fewer than this many columns / channels.
+    row_keep: backward mode, linear and conv nodes: a fixed keep ratio of the weight-gradient
+            product's batch rows (dW), apart from ``keep`` (dX's); without it a fixed ``keep``
+            pins both. Other nodes and forward mode have no separate dW ratio and ignore it.
     """
 
     exact: bool | None = None
     keep: float | None = None
     method: Method | None = None
     min_k: int | None = None
+    row_keep: float | None = None
 
     def __repr__(self) -> str:
         set_fields = (f for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
@@ -129,6 +133,8 @@ class NodeOverride:
         _check_bool("NodeOverride.exact", self.exact, optional=True)
         if self.keep is not None:
             check_keep(self.keep, "NodeOverride.keep")
+        if self.row_keep is not None:
+            check_keep(self.row_keep, "NodeOverride.row_keep")
         if self.method is not None:
             check_method(self.method)
         if self.min_k is not None:
@@ -144,6 +150,7 @@ class NodeSettings:
     method: Method
     min_k: int
     source: str  # which override level decided `exact`/`keep`, for the report
+    row_keep: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -319,14 +326,19 @@ class ApproxConfig:
         ][:1]
         levels += [(f"module_name {m!r}", o) for m, o in self.module_name_overrides if m in names][:1]
         exact, keep, method, min_k, source = False, None, self.method, self.min_k, "global"
+        row_keep = None
         for where, o in levels:
             if o.exact is not None:
                 exact, source = o.exact, where
             if o.keep is not None:
                 keep, source = o.keep, where
+            if o.row_keep is not None:
+                row_keep, source = o.row_keep, where
             method = o.method if o.method is not None else method
             min_k = o.min_k if o.min_k is not None else min_k
-        return NodeSettings(exact=exact, keep=keep, method=method, min_k=min_k, source=source)
+        return NodeSettings(
+            exact=exact, keep=keep, method=method, min_k=min_k, source=source, row_keep=row_keep
+        )
 
     # -- persistence and display ----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def sweep(plan: Plan, budgets: Sequence[float] = BUDGETS) -> tuple[SweepPoint, .
     for i, p in enumerate(plan.nodes):
         node = graph.placeholder(f"n{i}")
         if _allocatable(p):
-            p = p.with_(keep=1.0, k=p.inner, est_error=0.0, reason=None)
+            row = {"row_keep": 1.0} if p.split else {}
+            p = p.with_(keep=1.0, k=p.inner, est_error=0.0, reason=None, **row)
         base[node.name] = p
     graph.output(None)
     gm = fx.GraphModule(nn.Module(), graph)

@@ -91,6 +91,7 @@ class OpKind:
     backward_rows: Callable[[Shape, Shape], int] | None = None  # (x, w shapes) -> dW's batch rows
     backward_unsupported: Callable[[Site], str | None] = lambda site: None
     backward_out: Callable[[Shape, Shape], int] = lambda xs, ws: ws[0]  # dX's inner dimension p
+    backward_split: bool = False  # the backward op takes row_keep: dW's ratio apart from dX's keep
     weight_scores: bool = False  # supports scores="weights" (a weight operand to score by alone)
     export_twin: str | None = None  # function name in approxcompile.export.estimators
     symbol: str = "@"  # the report writes operand shapes joined by it
@@ -306,6 +307,7 @@ KINDS: dict[str, OpKind] = {
             probe=_weighted_probe(ops.sampled_linear, ops.backward_sampled_linear),
             backward_op=ops.backward_sampled_linear,
             backward_rows=lambda xs, ws: math.prod(xs) // ws[-1],
+            backward_split=True,
             weight_scores=True,
             export_twin="export_linear",
         ),
@@ -379,6 +381,7 @@ KINDS: dict[str, OpKind] = {
             probe=_weighted_probe(ops.sampled_conv, ops.backward_sampled_conv),
             backward_op=ops.backward_sampled_conv,
             backward_rows=lambda xs, ws: xs[0],
+            backward_split=True,
             backward_unsupported=_conv_backward_unsupported,
             weight_scores=True,
             export_twin="export_conv",

@@ -84,9 +84,17 @@ class NodePlan:
     reason: str | None = None  # why the node stays exact
     settings_source: str = "global"
     # "backward": forward exact; ``inner`` is then the output features p (dX's inner
-    # dimension) and ``rows`` the batch rows M (dW's), both sampled at ratio ``keep``.
+    # dimension) and ``rows`` the batch rows M (dW's). ``keep`` is dX's ratio; ``row_keep``
+    # dW's, chosen on its own from ``row_sensitivity`` (dW's error curve; ``sensitivity`` is
+    # then dX's) and ``row_overhead_*``. ``row_keep=None``: dW shares ``keep`` (matmul and
+    # attention, whose ops take one ratio, and plans saved before the split).
     mode: Mode = "forward"
     rows: int = 0
+    row_keep: float | None = None
+    row_fixed_keep: float | None = None  # an override's pinned dW ratio
+    row_sensitivity: tuple[tuple[float, float], ...] = ()
+    row_overhead_fixed: int = 0
+    row_overhead_per_kept: int = 0
     # How the node multiplies, as the cost pass matched it; later passes read it instead of
     # matching again. It refers to graph nodes, so rewrite drops it once the graph changed.
     site: Site | None = field(default=None, compare=False, repr=False)
@@ -96,15 +104,48 @@ class NodePlan:
             object.__setattr__(self, "k", self.inner)
 
     @property
-    def sampled(self) -> bool:
-        return self.k < self.inner
+    def split(self) -> bool:
+        """Backward mode with separate dX (``keep``) and dW (``row_keep``) ratios."""
+        return self.mode == "backward" and self.row_keep is not None
 
-    def cost(self, k: int | None = None) -> int:
-        """Training FLOPs with ``k`` kept (default: as planned), overhead included."""
+    @property
+    def row_k(self) -> int:
+        """Batch rows dW keeps (backward mode), as planned."""
+        if self.row_keep is None:
+            return kept_count(self.k / self.inner, self.rows) if self.inner else self.rows
+        return kept_count(self.row_keep, self.rows)
+
+    @property
+    def sampled(self) -> bool:
+        return self.k < self.inner or (self.split and self.row_k < self.rows)
+
+    def cost(self, k: int | None = None, row_k: int | None = None) -> int:
+        """Training FLOPs with ``k`` kept (default: as planned), overhead included.
+
+        Split backward plans: ``row_k`` dW rows (default: as planned, or ``k``'s ratio when
+        only ``k`` is given); each product is charged at its own count.
+        """
+        if self.split:
+            if row_k is None:
+                row_k = self.row_k if k is None else kept_count(k / self.inner, self.rows)
+            k = self.k if k is None else k
+            return self.flops.forward + self.grad_cost("dx", k) + self.grad_cost("dw", row_k)
         k = self.k if k is None else k
         if k >= self.inner:
             return self.flops.total
         return self._scaled(k).total + self.overhead_fixed + self.overhead_per_kept * k
+
+    def grad_cost(self, product: str, kept: int) -> int:
+        """Split backward plans: FLOPs of ``dx`` (``kept`` outputs) or ``dw`` (``kept`` rows) + overhead."""
+        if product == "dx":
+            dense, n = self.flops.input_grad, self.inner
+            fixed, per = self.overhead_fixed, self.overhead_per_kept
+        else:
+            dense, n = self.flops.weight_grad, self.rows
+            fixed, per = self.row_overhead_fixed, self.row_overhead_per_kept
+        if kept >= n or dense == 0:  # a gradient autograd does not ask for is not computed
+            return dense
+        return dense * kept // n + fixed + per * kept
 
     def _scaled(self, k: int) -> Flops:
         if self.mode == "backward":
@@ -114,6 +155,8 @@ class NodePlan:
     @property
     def approx_flops(self) -> Flops:
         """The products' FLOPs as planned (what FlopCounterMode sees; no overhead)."""
+        if self.split:
+            return self.flops.scaled_backward(self.k, self.inner, self.row_k, self.rows)
         return self._scaled(self.k) if self.sampled else self.flops
 
     @property

@@ -44,12 +44,22 @@ def format_shapes(node: NodePlan) -> str:
 
 def decided_by(n: NodePlan) -> str:
     """Which step decided the node's keep ratio: an override, the exclusions, the timing or the allocation."""
-    if n.settings_source != "global" and (n.fixed_keep is not None or not n.sampled):
+    pinned = n.fixed_keep is not None or n.row_fixed_keep is not None
+    if n.settings_source != "global" and (pinned or not n.sampled):
         return n.settings_source
     if n.sampled or n.sensitivity or n.reason is None:
         measured_slower = n.reason is not None and n.reason.startswith("sampling measured")
         return "timing" if measured_slower else "allocation"
     return "exclusions"
+
+
+def _keep_text(n: NodePlan) -> str:
+    """The keep column: a split backward node shows dX's ratio, then dW's."""
+    if not n.sampled:
+        return "1"
+    if n.split:
+        return f"{n.keep:.2f}, dW {n.row_keep:.2f}"
+    return f"{n.keep:.2f}"
 
 
 def report(module: Any) -> Report:
@@ -116,8 +126,8 @@ class Report:
                     format_shapes(n),
                     str(n.inner),
                     human_flops(n.flops.total),
-                    f"{n.keep:.2f}" if n.sampled else "1",
-                    f"{n.k}/{n.inner}",
+                    _keep_text(n),
+                    f"{n.k}/{n.inner}" + (f", dW {n.row_k}/{n.rows}" if n.split else ""),
                     human_flops(n.cost()),
                     f"{n.est_error:.1e}" if n.sampled else "-",
                     n.method if n.sampled else "-",
@@ -186,8 +196,12 @@ class Report:
           :class:`~approxcompile.plan.NodePlan` (but ``site``, which refers to graph nodes):
           ``name``, ``kind``, ``op``, ``shapes`` (list of int lists), ``out_shape``, ``inner``,
           ``keep``, ``k``, ``method``, ``min_k``, ``fixed_keep``, ``est_error`` (relative
-          squared error), ``reason`` (null when sampled), ``settings_source``, ``mode``, ``rows``
-          (backward mode: the batch rows dW samples), ``dense_flops`` (the ``flops`` field),
+          squared error; a split backward node: dX's plus dW's), ``reason`` (null when sampled),
+          ``settings_source``, ``mode``, ``rows`` (backward mode: the batch rows dW samples),
+          ``row_keep`` (backward-mode linear / conv: dW's ratio, ``keep`` is then dX's; null where
+          dW shares ``keep``), ``row_fixed_keep``, ``row_sensitivity`` (dW's curve; ``sensitivity``
+          is then dX's), ``row_overhead_fixed``, ``row_overhead_per_kept``, ``dense_flops`` (the
+          ``flops`` field),
           ``overhead_fixed``, ``overhead_per_kept``, ``sensitivity`` (list of ``[keep, error]``),
           ``timing`` (list of ``[keep, seconds]`` measured with ``measure_time``; keep 1.0 is
           the dense op, empty when not measured); and what follows from them: ``sampled``,
@@ -254,7 +268,7 @@ def _from_json(name: str, value: Any) -> Any:
     """The inverse of :func:`_json` for the field ``name``."""
     if name == "flops":
         return Flops(**{k: v for k, v in value.items() if k != "total"})
-    if name in ("sensitivity", "timing"):
+    if name in ("sensitivity", "row_sensitivity", "timing"):
         return tuple((float(r), float(e)) for r, e in value)
     if name == "shapes":
         return tuple(tuple(s) for s in value)

@@ -84,7 +84,8 @@ def _undecided(plan: NodePlan) -> NodePlan:
     """
     if not plan.sensitivity:
         return plan
-    return plan.with_(keep=1.0, k=plan.inner, est_error=0.0, reason=None)
+    row = {"row_keep": 1.0} if plan.split else {}
+    return plan.with_(keep=1.0, k=plan.inner, est_error=0.0, reason=None, **row)
 
 
 def _select(gm: fx.GraphModule, budget: float) -> Plan:
@@ -120,6 +121,8 @@ def _apply(gm: fx.GraphModule, budget: float) -> Plan:
     for n in nodes:
         if n.target in ops.SAMPLED_OPS:
             n.update_kwarg("keep", n.meta[META_KEY].keep)
+            if n.meta[META_KEY].split:
+                n.update_kwarg("row_keep", n.meta[META_KEY].row_keep)
     gm.recompile()
     plan = dataclasses.replace(old, budget=budget, nodes=tuple(n.meta[META_KEY] for n in nodes))
     gm.meta[META_KEY] = plan

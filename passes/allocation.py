@@ -3,13 +3,16 @@
 ``allocate`` picks a keep ratio per node the exclusions left eligible that minimises the
 summed relative error subject to ``sum(cost) <= budget * dense``: each node's (cost, error)
 options are reduced to their lower convex hull, and the cheapest error-per-FLOP step is
-taken until the budget holds. It updates ``node.meta["approxcompile"]`` only; the graph is
-unchanged.
+taken until the budget holds. A backward-mode linear / conv node brings two such products,
+its input gradient dX (``keep``) and its weight gradient dW (``row_keep``), each with its
+own measured error curve and FLOPs, so the two get different ratios where they differ.
+It updates ``node.meta["approxcompile"]`` only; the graph is unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch.fx as fx
 
@@ -43,11 +46,34 @@ def _hull(options: list[tuple[int, float, float]]) -> list[tuple[int, float, flo
     return hull
 
 
-def _options(plan: NodePlan) -> list[tuple[int, float, float]]:
-    dense = plan.flops.total
+Curve = tuple[tuple[float, float], ...]
+Key = tuple[str, str]  # (node name, product: "" for the whole node, "dx" or "dw")
+Side = tuple[str, Curve, "float | None", Callable[[float], int], int]
+
+
+def _sides(p: NodePlan) -> list[Side]:
+    """What the allocation sizes apart in one node: ``(product, curve, fixed keep, cost of a ratio, dense)``.
+
+    A split backward plan has two, dX (``keep``, over ``inner``) and dW (``row_keep``, over
+    ``rows``), each with its own error curve and FLOPs; its exact forward is fixed cost.
+    Every other plan is one product of the whole node.
+    """
+    if not p.split:
+        return [("", p.sensitivity, p.fixed_keep, lambda r: p.cost(kept_count(r, p.inner)), p.flops.total)]
+    row_fixed = p.row_fixed_keep if p.row_fixed_keep is not None else p.fixed_keep
+    dx_cost = lambda r: p.grad_cost("dx", kept_count(r, p.inner))  # noqa: E731
+    dw_cost = lambda r: p.grad_cost("dw", kept_count(r, p.rows))  # noqa: E731
+    return [
+        ("dx", p.sensitivity, p.fixed_keep, dx_cost, p.flops.input_grad),
+        ("dw", p.row_sensitivity, row_fixed, dw_cost, p.flops.weight_grad),
+    ]
+
+
+def _options(plan: NodePlan, side: Side) -> list[tuple[int, float, float]]:
+    _, curve, _, cost_of, dense = side
     opts = [(dense, 0.0, 1.0)]
-    for keep, err in plan.sensitivity:
-        cost = plan.cost(kept_count(keep, plan.inner))
+    for keep, err in curve:
+        cost = cost_of(keep)
         # A ratio whose overhead eats the FLOP savings, or that measured slower than the
         # dense op, is never worth it.
         if cost < dense and plan.saves_time(keep):
@@ -55,13 +81,13 @@ def _options(plan: NodePlan) -> list[tuple[int, float, float]]:
     return opts
 
 
-def _error_at(plan: NodePlan, keep: float) -> float:
-    return next((e for r, e in plan.sensitivity if r == keep), 0.0)
+def _error_at(curve: Curve, keep: float) -> float:
+    return next((e for r, e in curve if r == keep), 0.0)
 
 
 def _spend_leftover(
-    chosen: dict[str, tuple[int, float, float]],
-    admissible: dict[str, list[tuple[int, float, float]]],
+    chosen: dict[Key, tuple[int, float, float]],
+    admissible: dict[Key, list[tuple[int, float, float]]],
     leftover: float,
 ) -> int:
     """Move nodes to dearer, more accurate options while the budget holds; returns the FLOPs added.
@@ -72,7 +98,7 @@ def _spend_leftover(
     """
     added = 0
     while True:
-        best: tuple[float, str, tuple[int, float, float]] | None = None
+        best: tuple[float, Key, tuple[int, float, float]] | None = None
         for name, (cost, err, _) in chosen.items():
             for opt in admissible[name]:
                 extra = opt[0] - cost
@@ -96,22 +122,59 @@ def _holders(plans: dict[str, NodePlan], dense: int) -> str:
     return f"; the largest exact nodes: {rows}"
 
 
+def _why_exact(p: NodePlan, mine: list[list[tuple[int, float, float]]]) -> str:
+    """Why a node the allocation left exact is exact; ``mine``: its products' admissible options."""
+    if p.fixed_keep is not None:
+        return "fixed keep rounds to k = n"
+    if p.timing and mine and all(len(opts) == 1 for opts in mine):
+        dense_ms = dict(p.timing)[1.0] * 1e3
+        return f"sampling measured no faster than the dense op ({dense_ms:.2f} ms) at any keep ratio"
+    return "budget is met without sampling this node"
+
+
+def _decide(p: NodePlan, keeps: dict[str, float], mine: list[list[tuple[int, float, float]]]) -> NodePlan:
+    """``p`` with the chosen ratio of each of its products (exact, with a reason, when none samples)."""
+    if not p.split:
+        keep = keeps[""]
+        k = kept_count(keep, p.inner)
+        if k >= p.inner:
+            return p.with_(keep=1.0, k=p.inner, est_error=0.0, reason=_why_exact(p, mine))
+        return p.with_(keep=keep, k=k, est_error=_error_at(p.sensitivity, keep))
+    k, row_k = kept_count(keeps["dx"], p.inner), kept_count(keeps["dw"], p.rows)
+    keep = keeps["dx"] if k < p.inner else 1.0
+    row_keep = keeps["dw"] if row_k < p.rows else 1.0
+    if k >= p.inner and row_k >= p.rows:
+        return p.with_(keep=1.0, k=p.inner, row_keep=1.0, est_error=0.0, reason=_why_exact(p, mine))
+    error = _error_at(p.sensitivity, keep) + _error_at(p.row_sensitivity, row_keep)
+    return p.with_(keep=keep, k=min(k, p.inner), row_keep=row_keep, est_error=error)
+
+
 def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> AllocationResult:
-    """Choose ``keep`` / ``k`` for every eligible node so the step fits ``budget`` of dense FLOPs."""
+    """Choose ``keep`` / ``k`` for every eligible node so the step fits ``budget`` of dense FLOPs.
+
+    A split backward node's dX (``keep``) and dW (``row_keep``) compete as two products.
+    """
     nodes = _planned(gm)
     plans = {n.name: n.meta[META_KEY] for n in nodes}
     dense = sum(p.flops.total for p in plans.values()) + other_flops
     fixed = other_flops
-    admissible: dict[str, list[tuple[int, float, float]]] = {}
-    choices: dict[str, list[tuple[int, float, float]]] = {}  # lower convex hull of admissible
+    admissible: dict[Key, list[tuple[int, float, float]]] = {}
+    choices: dict[Key, list[tuple[int, float, float]]] = {}  # lower convex hull of admissible
+    fixed_keeps: dict[Key, float] = {}
     for name, p in plans.items():
         if p.reason is not None:
             fixed += p.flops.total
-        elif p.fixed_keep is not None:
-            fixed += p.cost(kept_count(p.fixed_keep, p.inner))
-        else:
-            admissible[name] = _options(p)
-            choices[name] = _hull(admissible[name])
+            continue
+        if p.split:
+            fixed += p.flops.forward
+        for side in _sides(p):
+            key = (name, side[0])
+            if side[2] is not None:
+                fixed += side[3](side[2])
+                fixed_keeps[key] = side[2]
+            else:
+                admissible[key] = _options(p, side)
+                choices[key] = _hull(admissible[key])
     target = budget * dense
     smallest = fixed + sum(opts[-1][0] for opts in choices.values())
     if smallest > target * (1 + 1e-9):
@@ -128,36 +191,30 @@ def allocate(gm: fx.GraphModule, *, budget: float, other_flops: int) -> Allocati
         movable = [n for n in choices if at[n] + 1 < len(choices[n])]
         if not movable:  # within the rounding tolerance above: the smallest options it is
             break
-        name = min(
+        key = min(
             movable,
             key=lambda n: (
                 (choices[n][at[n] + 1][1] - choices[n][at[n]][1])
                 / max(choices[n][at[n]][0] - choices[n][at[n] + 1][0], 1)
             ),
         )
-        total -= choices[name][at[name]][0] - choices[name][at[name] + 1][0]
-        at[name] += 1
+        total -= choices[key][at[key]][0] - choices[key][at[key] + 1][0]
+        at[key] += 1
     chosen = {n: choices[n][at[n]] for n in choices}
     total += _spend_leftover(chosen, admissible, target - total)
+    keeps: dict[str, dict[str, float]] = {}
+    for (name, product), opt in chosen.items():
+        keeps.setdefault(name, {})[product] = opt[2]
+    for (name, product), keep in fixed_keeps.items():
+        keeps.setdefault(name, {})[product] = keep
     sampled = 0
     for node in nodes:
         p = plans[node.name]
         if p.reason is not None:
             continue
-        keep = p.fixed_keep if p.fixed_keep is not None else chosen[node.name][2]
-        k = kept_count(keep, p.inner)
-        if k >= p.inner:
-            if p.fixed_keep is not None:
-                why = "fixed keep rounds to k = n"
-            elif p.timing and len(admissible[node.name]) == 1:
-                dense_ms = dict(p.timing)[1.0] * 1e3
-                why = f"sampling measured no faster than the dense op ({dense_ms:.2f} ms) at any keep ratio"
-            else:
-                why = "budget is met without sampling this node"
-            node.meta[META_KEY] = p.with_(keep=1.0, k=p.inner, est_error=0.0, reason=why)
-            continue
-        node.meta[META_KEY] = p.with_(keep=keep, k=k, est_error=_error_at(p, keep))
-        sampled += 1
+        mine = [opts for (name, _), opts in admissible.items() if name == node.name]
+        node.meta[META_KEY] = decided = _decide(p, keeps[node.name], mine)
+        sampled += decided.reason is None
     return AllocationResult(
         graph_module=gm, modified=False, sampled=sampled, fraction=total / dense if dense else 1.0
     )

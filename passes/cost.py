@@ -65,7 +65,9 @@ def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
 
     ``inner`` becomes the output width p (dX's inner dimension) and ``rows`` the batch M
     (dW's). Overhead: norms of W per output, of dY per output and per row, of X per row;
-    per kept output a slice of dY and of W, per kept row a slice of X and of dY.
+    per kept output a slice of dY and of W, per kept row a slice of X and of dY. Linear and
+    conv nodes (``backward_split``) get ``row_keep`` and the dW share of the overhead apart
+    (``row_overhead_*``), so the allocation sizes the two products separately.
     """
     plan = plan.with_(mode="backward")
     if plan.reason is not None:
@@ -80,6 +82,17 @@ def _backward_costs(plan: NodePlan, site: Site) -> NodePlan:
     x_numel, w_numel, y_numel = math.prod(xs), math.prod(ws), math.prod(out)
     p = kind.backward_out(xs, ws)
     rows = kind.backward_rows(xs, ws)
+    if kind.backward_split:  # dX and dW sampled at their own ratios: each charged its own overhead
+        return plan.with_(
+            inner=p,
+            k=p,
+            rows=rows,
+            row_keep=1.0,
+            overhead_fixed=2 * (w_numel + y_numel),
+            overhead_per_kept=(y_numel + w_numel) // p,
+            row_overhead_fixed=2 * (x_numel + y_numel),
+            row_overhead_per_kept=(x_numel + y_numel) // max(rows, 1),
+        )
     fixed = 2 * (w_numel + 2 * y_numel + x_numel)
     per_kept = y_numel // p + w_numel // p + (x_numel + y_numel) // p
     return plan.with_(inner=p, k=p, rows=rows, overhead_fixed=fixed, overhead_per_kept=per_kept)

@@ -31,19 +31,27 @@ def apply_exclusions(gm: fx.GraphModule, config: ApproxConfig) -> ExclusionResul
         site = site_of(gm, node, plan)
         s = config.resolve(kind=plan.kind, names=(plan.name, site.owner) if site.owner else (plan.name,))
         reason = plan.reason
+        at_end = config.exclude_first_last and node.name in ends
         if reason is None and s.exact:
             reason = f"left exact by override ({s.source})"
-        elif reason is None and s.keep is None and config.exclude_first_last and node.name in ends:
+        elif reason is None and s.keep is s.row_keep is None and at_end:
             reason = f"{ends[node.name]} candidate node (kept exact, as in the paper)"
         elif reason is None and plan.inner < config.min_inner:
             reason = f"inner dimension {plan.inner} is too small to sample (min_inner={config.min_inner})"
         elif reason is None and plan.inner <= s.min_k:
             reason = f"inner dimension {plan.inner} is not above min_k={s.min_k}"
-        fixed = None
+        fixed = row_fixed = None
         if reason is None and s.keep is not None:
             fixed = max(s.keep, s.min_k / plan.inner)
+        if reason is None and s.row_keep is not None and plan.split:
+            row_fixed = s.row_keep
         node.meta[META_KEY] = plan.with_(
-            method=s.method, min_k=s.min_k, fixed_keep=fixed, reason=reason, settings_source=s.source
+            method=s.method,
+            min_k=s.min_k,
+            fixed_keep=fixed,
+            row_fixed_keep=row_fixed,
+            reason=reason,
+            settings_source=s.source,
         )
         excluded += reason is not None
     return ExclusionResult(graph_module=gm, modified=False, excluded=excluded)

@@ -25,12 +25,15 @@ _DECIDED = (
     "method",
     "min_k",
     "fixed_keep",
+    "row_fixed_keep",
     "keep",
+    "row_keep",
     "k",
     "est_error",
     "reason",
     "settings_source",
     "sensitivity",
+    "row_sensitivity",
     "timing",
 )
 

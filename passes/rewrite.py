@@ -84,6 +84,8 @@ def _replace(
         if site.conv is not None:
             args = (*args, *site.conv)
         kwargs: dict[str, Any] = {"keep": plan.keep, "method": plan.method, "training": training}
+        if plan.split:
+            kwargs["row_keep"] = plan.row_keep
         if config.eps != DEFAULT_EPS:
             kwargs["eps"] = config.eps
         kwargs.update(_mode_kwargs(site, plan, config))

@@ -53,6 +53,61 @@ def _gradients(kind: str, operands: tuple[Any, ...], conv: Any) -> Callable[...,
     return grads
 
 
+def _split_curves(
+    kind: str,
+    operands: tuple[Any, ...],
+    conv: Any,
+    grids: tuple[list[float], list[float]],
+    method: str,
+    config: ApproxConfig,
+    generator: torch.Generator,
+) -> tuple[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]]:
+    """Backward mode with two ratios: dX's ``(keep, error)`` curve and dW's, from the same draws.
+
+    The two products are sampled independently and dX's error depends on ``keep`` only (dW's
+    on ``row_keep`` only), so draw ``i`` takes ``keep=grids[0][i]`` and ``row_keep=grids[1][i]``
+    at once (1.0, exact, where one grid is shorter): no more probes than one shared curve.
+    """
+    x, w = (t.detach().requires_grad_() for t in operands[:2])
+    product = product_fn(kind, (x, w, *operands[2:]), conv, "backward")
+    shape = product(1.0, training=False).shape
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x.dtype)
+
+    def grads(keep: float, row_keep: float, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            dx, dw = torch.autograd.grad(product(keep, row_keep=row_keep, **kw), (x, w), dy)
+        return dx.float(), dw.float()
+
+    exact = grads(1.0, 1.0, training=False)
+    denoms = [float(e.pow(2).sum()) for e in exact]
+    xs, ws = grids
+    draws = 1 if method == "topk" else config.sensitivity_draws
+    curves: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+    for i in range(max(len(xs), len(ws))):
+        keeps = (xs[i] if i < len(xs) else 1.0, ws[i] if i < len(ws) else 1.0)
+        totals = [0.0, 0.0]
+        for _ in range(draws):
+            approx = grads(*keeps, training=True, method=method, eps=config.eps, generator=generator)
+            for j in (0, 1):
+                totals[j] += float((approx[j] - exact[j]).pow(2).sum())
+        for j, grid in enumerate(grids):
+            if i < len(grid):
+                curves[j].append((keeps[j], totals[j] / draws / denoms[j] if denoms[j] > 0 else 0.0))
+    return tuple(curves[0]), tuple(curves[1])
+
+
+def row_grid(plan: NodePlan, config: ApproxConfig) -> list[float]:
+    """The dW ratios a split backward plan measures: ``keep_grid`` where it drops a batch row.
+
+    Or the pinned one: ``row_fixed_keep``, else ``fixed_keep`` (which pins both products).
+    """
+    pinned = plan.row_fixed_keep if plan.row_fixed_keep is not None else plan.fixed_keep
+    if pinned is not None:
+        return [pinned]
+    ratios = sorted(set(config.keep_grid), reverse=True)
+    return [r for r in ratios if aligned_count(r, plan.rows, 1) < plan.rows]  # align 1: kept_count
+
+
 def _curve(
     product: Callable[..., torch.Tensor],
     n: int,
@@ -83,7 +138,12 @@ def node_curve(
     config: ApproxConfig,
     generator: torch.Generator,
 ) -> tuple[tuple[float, float], ...]:
-    """One node's ``(keep, error)`` curve over ``grid`` on ``operands`` (also the adaptive schedule's)."""
+    """One node's ``(keep, error)`` curve over ``grid`` on ``operands`` (also the adaptive schedule's).
+
+    A split backward plan: dX's curve (``sensitivity``; dW's is ``row_sensitivity``).
+    """
+    if plan.split:
+        return _split_curves(kind, operands, conv, (grid, []), plan.method, config, generator)[0]
     if plan.mode == "backward":
         product = _gradients(kind, operands, conv)
     else:
@@ -114,8 +174,14 @@ def measure_sensitivity(
             grid = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:
                 grid = [plan.fixed_keep]
-            curve = node_curve(site.kind, captured[node.name], site.conv, plan, grid, config, generator)
-            node.meta[META_KEY] = plan.with_(sensitivity=curve)
+            if plan.split:  # dX over ``grid``, dW over its own ratios, from the same draws
+                grids = (grid, row_grid(plan, config))
+                operands = captured[node.name]
+                dx, dw = _split_curves(site.kind, operands, site.conv, grids, plan.method, config, generator)
+                node.meta[META_KEY] = plan.with_(sensitivity=dx, row_sensitivity=dw)
+            else:
+                curve = node_curve(site.kind, captured[node.name], site.conv, plan, grid, config, generator)
+                node.meta[META_KEY] = plan.with_(sensitivity=curve)
             measured += 1
             bar.update()
     bar.close()

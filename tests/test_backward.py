@@ -150,15 +150,19 @@ def test_optimize_backward_mode_rewrites_linear_nodes_and_counts_flops() -> None
     assert plan.nodes[0].flops.input_grad == 0 and plan.nodes[0].approx_flops.input_grad == 0
     for node in plan.nodes:
         if node.sampled:
-            # forward exact; dX over k of p output features, dW over the kept rows (crs draws
-            # exactly k features / rows); 64 rows, so rows kept = round(64 k / p)
-            rows = round(64 * node.k / node.inner)
+            # forward exact; dX over k of p output features at ``keep``, dW over the rows kept at
+            # its own ``row_keep`` (crs draws exactly k features / rows); 64 rows
+            assert node.split and node.row_keep is not None
+            rows = round(64 * node.row_keep)
+            assert node.row_k == rows
             assert node.approx_flops.forward == node.flops.forward
             assert node.approx_flops.input_grad == node.flops.input_grad * node.k // node.inner
-            assert (
-                node.approx_flops.weight_grad == node.flops.weight_grad * rows // 64 < node.flops.weight_grad
-            )
+            assert node.approx_flops.weight_grad == node.flops.weight_grad * rows // 64
     assert any(n.sampled and n.flops.input_grad > 0 for n in plan.nodes), "a layer with a dX product"
+    assert any(n.row_k < n.rows for n in plan.nodes if n.sampled), "some dW product is sampled"
+    # the rewritten calls carry each node's two ratios
+    for call in calls:
+        assert set(call.kwargs) >= {"keep", "row_keep"}
     fast.train()
     assert plan.counted_flops == pytest.approx(measure_step_flops(fast, (x,)), rel=0.03)
     assert plan.fraction <= 0.7 + 1e-9

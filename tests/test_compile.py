@@ -96,13 +96,13 @@ STRUCTURE = ("test_schema", "test_autograd_registration", "test_faketensor")
         (
             ops.backward_sampled_linear_forward,
             (torch.randn(8, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True), None)
-            + (0.5, "uniform", 0.1, True, None),
+            + (0.5, 0.25, "uniform", 0.1, True, None),
             STRUCTURE,
         ),
         (
             ops.backward_sampled_conv_forward,
             (torch.randn(4, 3, 5, 5, requires_grad=True), torch.randn(2, 3, 3, 3, requires_grad=True), None)
-            + ([1, 1], [0, 0], [1, 1], 0.5, "crs", 0.1, False, None),
+            + ([1, 1], [0, 0], [1, 1], 0.5, 0.5, "crs", 0.1, False, None),
             STRUCTURE,
         ),
     ],

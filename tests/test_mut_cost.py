@@ -77,21 +77,30 @@ def test_backward_mode_costs_by_hand() -> None:
     fc2 = plans["fc2"]
     # fc2: x (6, 8), w (4, 8), y (6, 4): dX samples the p = 4 outputs, dW the 6 rows
     assert (fc2.mode, fc2.inner, fc2.k, fc2.rows) == ("backward", 4, 4, 6)
-    # norms: 2·(w 32 + 2·y 24 + x 48) = 2·128 = 256
-    # per kept output: y 24/4 + w 32/4 + (x 48 + y 24)/4 = 6 + 8 + 18 = 32
-    assert (fc2.overhead_fixed, fc2.overhead_per_kept) == (256, 32)
-    assert type(fc2.overhead_fixed) is int and type(fc2.overhead_per_kept) is int  # FLOP counts
+    # linear and conv size dX and dW apart (row_keep), each charged its own overhead:
+    # dX: norms 2·(w 32 + y 24) = 112; per kept output a slice of y (24/4) and of w (32/4) = 14
+    # dW: norms 2·(x 48 + y 24) = 144; per kept row a slice of x (48/6) and of y (24/6) = 12
+    assert fc2.split and fc2.row_keep == 1.0 and fc2.row_k == 6
+    assert (fc2.overhead_fixed, fc2.overhead_per_kept) == (112, 14)
+    assert (fc2.row_overhead_fixed, fc2.row_overhead_per_kept) == (144, 12)
+    assert type(fc2.overhead_fixed) is int and type(fc2.row_overhead_per_kept) is int  # FLOP counts
     assert fc2.flops == Flops(384, 384, 384) and fc2.reason is None
+    # each product at its own count: dX 2 of 4 outputs, dW 3 of 6 rows
+    assert fc2.cost(2, 3) == 384 + (192 + 112 + 2 * 14) + (192 + 144 + 3 * 12)
+    assert fc2.cost(4, 3) == 384 + 384 + (192 + 144 + 3 * 12)  # dX exact: no dX overhead
     conv = plans["conv"]
     # conv: x (2, 3, 7, 7) 294, w (5, 3, 3, 3) 135, y (2, 5, 5, 5) 250; p = 5 out channels, rows 2
     assert (conv.inner, conv.k, conv.rows) == (5, 5, 2)
-    # 2·(135 + 500 + 294) = 1858; 250/5 + 135/5 + (294 + 250)//5 = 50 + 27 + 108 = 185
-    assert (conv.overhead_fixed, conv.overhead_per_kept) == (1858, 185)
+    # dX: 2·(135 + 250) = 770; (250 + 135)//5 = 77. dW: 2·(294 + 250) = 1088; (294 + 250)//2 = 272
+    assert (conv.overhead_fixed, conv.overhead_per_kept) == (770, 77)
+    assert (conv.row_overhead_fixed, conv.row_overhead_per_kept) == (1088, 272)
     # a matmul between activations samples its gradient products per batch slice: over the
     # 3 output columns of its (2, 3, 4) @ (2, 4, 3) product
     mm = plans["matmul"]
     assert mm.mode == "backward" and mm.reason is None
     assert (mm.inner, mm.rows) == (3, 3)
+    # its op takes one ratio: dW shares keep, and the shared overhead is charged per kept output
+    assert mm.row_keep is None and not mm.split
 
 
 def test_a_node_without_shapes_stays_exact_with_a_reason() -> None:

@@ -194,6 +194,7 @@ def test_json_node_fields() -> None:
         "name", "kind", "op", "shapes", "out_shape", "inner", "keep", "k", "sampled", "method", "min_k",
         "fixed_keep", "est_error", "reason", "settings_source", "mode", "rows", "dense_flops", "approx_flops",
         "overhead", "overhead_fixed", "overhead_per_kept", "cost", "sensitivity", "timing",
+        "row_keep", "row_fixed_keep", "row_sensitivity", "row_overhead_fixed", "row_overhead_per_kept",
     }  # fmt: skip
     assert fc2["sampled"] is True and fc2["k"] == 45 and fc2["reason"] is None
     assert fc2["dense_flops"] == {

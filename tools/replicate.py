@@ -42,7 +42,7 @@ from approxcompile.config import ApproxConfig, NodeOverride
 from approxcompile.plan import META_KEY, Plan, kept_count
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("topk", "crs", "bernoulli", "uniform")
+METHODS = ("topk", "crs", "bernoulli", "uniform", "wta_crs")
 BUDGETS = (0.6, 0.4, 0.3, 0.2)
 RATIO = "topk-single-ratio"  # the paper's recipe: one keep ratio on every eligible layer, top-k
 EXACT = "exact"

@@ -2,14 +2,15 @@
 
 ::
 
-    linear(x, W, b) -> backward_sampled_linear(x, W, b, keep=0.4, method='bernoulli', training=training)
+    linear(x, W, b) -> backward_sampled_linear(x, W, b, keep=0.4, row_keep=0.25, method='bernoulli', ...)
     conv2d(x, W, b, s, p, d) -> backward_sampled_conv(x, W, b, s, p, d, keep=0.4, method='bernoulli', ...)
 
 The forward product ``Y = X·Wᵀ + b`` is exact. In backward, with ``dY`` of shape ``(M, p)``:
 
-- the input gradient ``dX = dY·W`` sums over the ``p`` output features; it keeps output
-  feature ``o`` with score ``|W[o]|·|dY[:, o]|``;
-- the weight gradient ``dW = dYᵀ·X`` sums over the ``M`` batch rows; it keeps row ``b``
+- the input gradient ``dX = dY·W`` sums over the ``p`` output features; it keeps ``keep`` of
+  them, output feature ``o`` with score ``|W[o]|·|dY[:, o]|``;
+- the weight gradient ``dW = dYᵀ·X`` sums over the ``M`` batch rows; it keeps ``row_keep``
+  of them (default: ``keep``; the cost model chooses the two apart), row ``b``
   with score ``|X[b]|·|dY[b]|`` (``row_scores="x_dy"``, the default) or ``|X[b]|``
   (``row_scores="x"``);
 - the bias gradient ``db = dY.sum(0)`` stays exact (it costs ``M·p``, no product).
@@ -80,6 +81,7 @@ def _linear_forward(
     weight: Tensor,
     bias: Tensor | None,
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     draw_rows: bool,
@@ -94,7 +96,7 @@ def _linear_forward(
     y = F.linear(x2, weight, bias).view(*x.shape[:-1], p)
     if not draw_rows:
         return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
-    rows, index = _draw_rows(x2, keep, method, eps, lookup(generator))
+    rows, index = _draw_rows(x2, row_keep, method, eps, lookup(generator))
     return y, rows, index
 
 
@@ -104,6 +106,7 @@ def _linear_forward_fake(
     weight: Tensor,
     bias: Tensor | None,
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     draw_rows: bool,
@@ -112,7 +115,7 @@ def _linear_forward_fake(
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     if not draw_rows:
         return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
-    return (y, *_rows_fake(x.reshape(-1, weight.shape[1]), keep, method))
+    return (y, *_rows_fake(x.reshape(-1, weight.shape[1]), row_keep, method))
 
 
 @torch.library.custom_op(
@@ -127,17 +130,23 @@ def _linear_backward_op(
     row_index: Tensor,
     x_shape: Sequence[int],
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     rows_drawn: bool,
     generator: int | None,
 ) -> tuple[Tensor, Tensor]:
-    """``(dx, dW)``: ``dx`` over sampled output features (needs ``weight``), ``dW`` over sampled rows."""
+    """``(dx, dW)``: ``dx`` over ``keep`` of the outputs (needs ``weight``), ``dW`` over ``row_keep`` rows.
+
+    A product whose ratio keeps everything is computed exactly.
+    """
     gen = lookup(generator)
     p = dy.shape[-1]
     dy2 = dy.reshape(-1, p)
     dx = dw = dy.new_empty(0)
-    if weight is not None:
+    if weight is not None and kept_count(keep, p) >= p:
+        dx = (dy2 @ weight).view(x_shape)
+    elif weight is not None:
         scores = slice_norms(weight, 0) * column_norms(dy2)
         index, scale = sample_pairs(scores, kept_count(keep, p), method, eps=eps, generator=gen)
         dys = dy2.index_select(1, index)
@@ -145,11 +154,13 @@ def _linear_backward_op(
             dys.mul_(scale.to(dys.dtype))
         dx = (dys @ weight.index_select(0, index)).view(x_shape)
     if saved_x is not None:
+        rows = kept_count(row_keep, dy2.shape[0])
         if rows_drawn:
             dw = dy2.index_select(0, row_index).t() @ saved_x
+        elif rows >= dy2.shape[0]:
+            dw = dy2.t() @ saved_x
         else:
             scores = slice_norms(saved_x, 0) * slice_norms(dy2, 0)
-            rows = kept_count(keep, dy2.shape[0])
             index, scale = sample_pairs(scores, rows, method, eps=eps, generator=gen)
             dw = scale_along(dy2.index_select(0, index), scale, 0).t() @ saved_x.index_select(0, index)
     return dx, dw
@@ -163,6 +174,7 @@ def _linear_backward_fake(
     row_index: Tensor,
     x_shape: Sequence[int],
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     rows_drawn: bool,
@@ -174,13 +186,13 @@ def _linear_backward_fake(
 
 
 def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, weight, bias, keep, method, eps, draw_rows, generator = inputs
+    x, weight, bias, keep, row_keep, method, eps, draw_rows, generator = inputs
     _, rows, row_index = output
     ctx.mark_non_differentiable(rows, row_index)
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     saved_x = (rows if draw_rows else x.reshape(-1, weight.shape[1])) if need_w else None
     ctx.save_for_backward(saved_x, weight if need_x else None, row_index)
-    ctx.sample = (x.shape, keep, method, eps, draw_rows, generator)
+    ctx.sample = (x.shape, keep, row_keep, method, eps, draw_rows, generator)
     ctx.has_bias = bias is not None
 
 
@@ -192,7 +204,7 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
         dy, saved_x, weight, row_index, *ctx.sample
     )
     db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return dx if need_x else None, dw if need_w else None, db, None, None, None, None, None
+    return dx if need_x else None, dw if need_w else None, db, None, None, None, None, None, None
 
 
 _linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -219,6 +231,7 @@ def _conv_forward(
     padding: Sequence[int],
     dilation: Sequence[int],
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     draw_rows: bool,
@@ -228,7 +241,7 @@ def _conv_forward(
     y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)
     if not draw_rows:
         return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
-    rows, index = _draw_rows(x, keep, method, eps, lookup(generator))
+    rows, index = _draw_rows(x, row_keep, method, eps, lookup(generator))
     return y, rows, index
 
 
@@ -241,6 +254,7 @@ def _conv_forward_fake(
     padding: Sequence[int],
     dilation: Sequence[int],
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     draw_rows: bool,
@@ -249,7 +263,7 @@ def _conv_forward_fake(
     y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)
     if not draw_rows:
         return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
-    return (y, *_rows_fake(x, keep, method))
+    return (y, *_rows_fake(x, row_keep, method))
 
 
 @torch.library.custom_op(
@@ -268,6 +282,7 @@ def _conv_backward_op(
     padding: Sequence[int],
     dilation: Sequence[int],
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     rows_drawn: bool,
@@ -277,7 +292,9 @@ def _conv_backward_op(
     gen = lookup(generator)
     conv = (stride, padding, dilation)
     dx = dw = dy.new_empty(0)
-    if weight is not None:
+    if weight is not None and kept_count(keep, weight.shape[0]) >= weight.shape[0]:
+        dx = _conv_grads(dy, dy.new_empty(1).expand(x_shape), weight, conv, (True, False))[0]
+    elif weight is not None:
         o = weight.shape[0]
         scores = slice_norms(weight, 0) * slice_norms(dy, 1)
         index, scale = sample_pairs(scores, kept_count(keep, o), method, eps=eps, generator=gen)
@@ -287,9 +304,12 @@ def _conv_backward_op(
     if saved_x is not None:
         if rows_drawn:
             xs, dys = saved_x, dy.index_select(0, row_index)
+        elif kept_count(row_keep, dy.shape[0]) >= dy.shape[0]:
+            xs, dys = saved_x, dy
         else:
+            rows = kept_count(row_keep, dy.shape[0])
             scores = slice_norms(saved_x, 0) * slice_norms(dy, 0)
-            index, scale = sample_pairs(scores, kept_count(keep, dy.shape[0]), method, eps=eps, generator=gen)
+            index, scale = sample_pairs(scores, rows, method, eps=eps, generator=gen)
             xs, dys = saved_x.index_select(0, index), scale_along(dy.index_select(0, index), scale, 0)
         w_stub = dy.new_empty(1).expand(w_shape)
         dw = _conv_grads(dys, xs, w_stub, conv, (False, True))[1]
@@ -308,6 +328,7 @@ def _conv_backward_fake(
     padding: Sequence[int],
     dilation: Sequence[int],
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     rows_drawn: bool,
@@ -318,13 +339,25 @@ def _conv_backward_fake(
 
 
 def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, weight, bias, stride, padding, dilation, keep, method, eps, draw_rows, generator = inputs
+    x, weight, bias, stride, padding, dilation, keep, row_keep, method, eps, draw_rows, generator = inputs
     _, rows, row_index = output
     ctx.mark_non_differentiable(rows, row_index)
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     saved_x = (rows if draw_rows else x) if need_w else None
     ctx.save_for_backward(saved_x, weight if need_x else None, row_index)
-    ctx.sample = (x.shape, weight.shape, stride, padding, dilation, keep, method, eps, draw_rows, generator)
+    ctx.sample = (
+        x.shape,
+        weight.shape,
+        stride,
+        padding,
+        dilation,
+        keep,
+        row_keep,
+        method,
+        eps,
+        draw_rows,
+        generator,
+    )
     ctx.has_bias = bias is not None
 
 
@@ -338,7 +371,7 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
     db = None
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = dy.sum([d for d in range(dy.dim()) if d != 1])
-    return (dx if need_x else None, dw if need_w else None, db, *([None] * 8))
+    return (dx if need_x else None, dw if need_w else None, db, *([None] * 9))
 
 
 _conv_forward.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -359,6 +392,7 @@ def backward_sampled_linear(
     bias: Tensor | None = None,
     *,
     keep: float,
+    row_keep: float | None = None,
     method: str = "bernoulli",
     training: bool = True,
     eps: float = DEFAULT_EPS,
@@ -368,13 +402,18 @@ def backward_sampled_linear(
     """``F.linear(x, weight, bias)`` exactly, with unbiased sampled input and weight gradients.
 
     >>> y = backward_sampled_linear(x, w, b, keep=0.25)  # dX over ~p/4 features, dW over ~M/4 rows
+    >>> y = backward_sampled_linear(x, w, b, keep=0.5, row_keep=0.2)  # dX over ~p/2, dW over ~M/5
+
+    ``row_keep`` (default: ``keep``) is dW's ratio; a ratio that keeps everything makes
+    that product exact.
     """
     check_backward_method(method)
     if row_scores not in ROW_SCORES:
         raise ValueError(f"row_scores must be one of {ROW_SCORES}, got {row_scores!r}")
+    row_keep = keep if row_keep is None else row_keep
     rows = x.numel() // max(weight.shape[-1], 1)
     exact = rows == 0 or (
-        kept_count(keep, weight.shape[0]) >= weight.shape[0] and kept_count(keep, rows) >= rows
+        kept_count(keep, weight.shape[0]) >= weight.shape[0] and kept_count(row_keep, rows) >= rows
     )
     # An exporter traces through the op's forward only, and ONNX Runtime then builds
     # the exact gradient of that forward: sampling here would change nothing exported.
@@ -383,8 +422,8 @@ def backward_sampled_linear(
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return F.linear(x, weight, bias)  # nothing will be differentiated: nothing to sample
     x, weight, bias = autocast_inputs(x, weight, bias)
-    draw_rows = row_scores == "x" and weight.requires_grad
-    args = (keep, method, eps, draw_rows, generator_handle(generator))
+    draw_rows = row_scores == "x" and weight.requires_grad and kept_count(row_keep, rows) < rows
+    args = (keep, row_keep, method, eps, draw_rows, generator_handle(generator))
     return _linear_forward(x, weight, bias, *args)[0]
 
 
@@ -397,6 +436,7 @@ def backward_sampled_conv(
     dilation: int | Sequence[int] = 1,
     *,
     keep: float,
+    row_keep: float | None = None,
     method: str = "bernoulli",
     training: bool = True,
     eps: float = DEFAULT_EPS,
@@ -405,7 +445,8 @@ def backward_sampled_conv(
 ) -> Tensor:
     """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation)`` exactly; unbiased sampled gradients.
 
-    ``dX`` sums over ~``keep`` of the output channels, ``dW`` over ~``keep`` of the batch samples.
+    ``dX`` sums over ~``keep`` of the output channels, ``dW`` over ~``row_keep`` (default
+    ``keep``) of the batch samples.
     Only ``groups=1`` convolutions of batched inputs with integer padding are sampled.
     """
     check_backward_method(method)
@@ -413,8 +454,9 @@ def backward_sampled_conv(
         raise ValueError(f"row_scores must be one of {ROW_SCORES}, got {row_scores!r}")
     d = weight.dim() - 2
     conv = CONV[d]
+    row_keep = keep if row_keep is None else row_keep
     o, batch = weight.shape[0], x.shape[0]
-    exact = x.numel() == 0 or (kept_count(keep, o) >= o and kept_count(keep, batch) >= batch)
+    exact = x.numel() == 0 or (kept_count(keep, o) >= o and kept_count(row_keep, batch) >= batch)
     if (
         not training
         or exact
@@ -428,9 +470,9 @@ def backward_sampled_conv(
         return conv(x, weight, bias, stride, padding, dilation)
     x, weight, bias = autocast_inputs(x, weight, bias)
     conv_args = tuple(list(_ntuple(d)(a)) for a in (stride, padding, dilation))
-    draw_rows = row_scores == "x" and weight.requires_grad
+    draw_rows = row_scores == "x" and weight.requires_grad and kept_count(row_keep, batch) < batch
     return _conv_forward(
-        x, weight, bias, *conv_args, keep, method, eps, draw_rows, generator_handle(generator)
+        x, weight, bias, *conv_args, keep, row_keep, method, eps, draw_rows, generator_handle(generator)
     )[0]
 
 

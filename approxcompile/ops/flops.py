@@ -30,7 +30,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, *args
 
 @register_flop_formula(ops.sampled_linear_product_backward, get_raw=True)
 def _linear_backward(dy: Tensor, xs: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> int:
-    need_x, need_w = args[-2], args[-1]
+    need_x, need_w = args[5], args[6]  # after index, scale, x_shape, n, unique (then x_dtype)
     return 2 * xs.shape[0] * xs.shape[1] * weight.shape[0] * (int(need_x) + int(need_w))
 
 
@@ -60,6 +60,7 @@ def _sampled_linear_grads(
     row_index: Tensor,
     x_shape: list[int],
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     rows_drawn: bool,
@@ -70,7 +71,7 @@ def _sampled_linear_grads(
     m = math.prod(x_shape) // n
     flops = 2 * m * kept_count(keep, p) * n if weight is not None else 0
     if saved_x is not None:
-        rows = row_index.numel() if rows_drawn else kept_count(keep, m)
+        rows = row_index.numel() if rows_drawn else kept_count(row_keep, m)
         flops += 2 * rows * n * p
     return flops
 
@@ -92,6 +93,7 @@ def _sampled_conv_grads(
     padding: Any,
     dilation: Any,
     keep: float,
+    row_keep: float,
     method: str,
     eps: float,
     rows_drawn: bool,
@@ -102,7 +104,7 @@ def _sampled_conv_grads(
     o, batch = w_shape[0], x_shape[0]
     flops = full * kept_count(keep, o) // o if weight is not None else 0
     if saved_x is not None:
-        rows = row_index.numel() if rows_drawn else kept_count(keep, batch)
+        rows = row_index.numel() if rows_drawn else kept_count(row_keep, batch)
         flops += full * rows // batch
     return flops
 

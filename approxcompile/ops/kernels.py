@@ -73,6 +73,20 @@ def slice_norms(t: Tensor, dim: int) -> Tensor:
     return torch.linalg.vector_norm(t, dim=dims)
 
 
+def autocast_compute(x: Tensor, weight: Tensor, bias: Tensor | None) -> torch.dtype | None:
+    """The dtype a sampled linear product runs in under autocast, ``None`` when nothing changes.
+
+    ``None`` too when an operand is float64: autocast leaves float64 alone, so those inputs
+    take :func:`autocast_inputs`' whole-tensor route (the op then sees the dtypes autocast's
+    own cast would give).
+    """
+    dtype = amp.autocast_dtype(x)
+    operands = [t for t in (x, weight, bias) if t is not None]
+    if dtype is None or any(t.dtype == torch.float64 or not t.is_floating_point() for t in operands):
+        return None
+    return None if all(t.dtype == dtype for t in operands) else dtype
+
+
 def autocast_inputs(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
     """A product's inputs cast to the autocast dtype when autocast is on for ``x``'s device.
 
@@ -99,9 +113,19 @@ def _scatter(cols: Tensor, dim: int, index: Tensor, full: Tensor, unique: bool) 
     return full.index_add_(dim, index, cols)
 
 
+def _to(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 @torch.library.custom_op("approxcompile::sampled_linear_product", mutates_args=())
 def sampled_linear_product(
-    x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor | None, unique: bool
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    index: Tensor,
+    scale: Tensor | None,
+    unique: bool,
+    compute: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``y = (x[:, I] * s) @ W[:, I]^T + b`` -> ``(y, xs)``; the gathered input slice is kept for backward.
 
@@ -111,23 +135,36 @@ def sampled_linear_product(
     ``zero_grad`` and ``backward`` there is), so the forward allocates no weight-sized memory.
     Its backward touches only the sample, computes only the gradients autograd asks for, and
     builds full-size gradients in reusable workspace memory. ``unique``: no index repeats.
+
+    ``compute``: the dtype the product runs in (autocast's, see :func:`autocast_compute`) when
+    it differs from the inputs'. Only the gathered slices are cast, ``(M, k)`` and ``(p, k)``,
+    never the whole weight, and ``y`` and ``xs`` come out in it; the backward returns each
+    gradient in its input's own dtype.
     """
     n, p = weight.shape[1], weight.shape[0]
-    xs = x.reshape(-1, n).index_select(1, index)
+    xs = _to(x.reshape(-1, n).index_select(1, index), compute)
     if scale is not None:
         xs.mul_(scale.to(xs.dtype))
     ws = WORKSPACE.borrow("grad", (p, index.numel()), weight.dtype, weight.device)
     ws = torch.index_select(weight, 1, index, out=ws) if ws is not None else weight.index_select(1, index)
-    y = torch.addmm(bias, xs, ws.t()) if bias is not None else xs @ ws.t()
+    ws = _to(ws, compute)
+    y = torch.addmm(_to(bias, compute), xs, ws.t()) if bias is not None else xs @ ws.t()
     return y.view(*x.shape[:-1], p), xs
 
 
 @sampled_linear_product.register_fake
 def _linear_fake(
-    x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor | None, unique: bool
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    index: Tensor,
+    scale: Tensor | None,
+    unique: bool,
+    compute: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     n, p, k = weight.shape[1], weight.shape[0], index.shape[0]
-    return x.new_empty((*x.shape[:-1], p)), x.new_empty((x.numel() // n, k))
+    dtype = compute or x.dtype
+    return x.new_empty((*x.shape[:-1], p), dtype=dtype), x.new_empty((x.numel() // n, k), dtype=dtype)
 
 
 @torch.library.custom_op("approxcompile::sampled_linear_product_backward", mutates_args=())
@@ -142,8 +179,13 @@ def sampled_linear_product_backward(
     unique: bool,
     need_x: bool,
     need_w: bool,
+    x_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(dx, dW)`` of :func:`sampled_linear_product`; an empty tensor for one not needed.
+
+    ``dx`` comes in ``x_dtype`` (default: ``xs``'s), ``dW`` in the weight's dtype: under
+    autocast the products run in ``xs``'s (lower) dtype on the gathered slices only, and the
+    ``dW`` columns are widened into the full-precision workspace gradient.
 
     One weight-sized workspace buffer serves twice: its tail first holds the gathered weight
     columns for ``dx``, then the ``dW`` product, which is spread out in place
@@ -153,15 +195,16 @@ def sampled_linear_product_backward(
     """
     p = weight.shape[0]
     k = index.numel()
-    dy2 = dy.reshape(-1, p)
+    dy2 = _to(dy.reshape(-1, p), xs.dtype)
     dx = dw = dy.new_empty(0)
-    full = WORKSPACE.get("grad", (p, n), xs.dtype, dy.device)
+    full = WORKSPACE.get("grad", (p, n), weight.dtype, dy.device)
     if need_x:
         ws = full.view(-1)[p * n - p * k :].view(p, k)
         torch.index_select(weight, 1, index, out=ws)
-        dxs = dy2 @ ws
+        dxs = dy2 @ _to(ws, xs.dtype)
         if scale is not None:
             dxs.mul_(scale.to(dxs.dtype))
+        dxs = _to(dxs, x_dtype)
         dx = _scatter(dxs, 1, index, WORKSPACE.get("dx", (dy2.shape[0], n), dxs.dtype, dy.device), unique)
         dx = dx.view(x_shape)
     if need_w:
@@ -181,12 +224,18 @@ def _weight_grad_in_place(dy2: Tensor, xs: Tensor, index: Tensor, full: Tensor, 
     largest ``r1``, so the rows left shrink by ``k/n`` per block; once at most ``p/8`` are
     left (after 2 blocks at keep 0.35, 10 at 0.8) they move from a copy in the workspace.
     Few blocks because each is a parallel region, which costs on a busy machine.
+
+    Under autocast (``xs`` in a lower dtype than ``full``) the product is computed in ``xs``'s
+    dtype into a ``(p, k)`` workspace buffer of that dtype and widened into the tail.
     """
     p, n = full.shape
     k = index.numel()
     base = p * n - p * k
     product = full.view(-1)[base:].view(p, k)
-    torch.mm(dy2.t(), xs, out=product)
+    if xs.dtype == full.dtype:
+        torch.mm(dy2.t(), xs, out=product)
+    else:
+        product.copy_(torch.mm(dy2.t(), xs, out=WORKSPACE.get("dwc", (p, k), xs.dtype, xs.device)))
     r0 = 0
     while 8 * (p - r0) > p:
         r1 = min((base + r0 * k) // n, p)
@@ -212,17 +261,19 @@ def _linear_backward_fake(
     unique: bool,
     need_x: bool,
     need_w: bool,
+    x_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    dx = dy.new_empty(x_shape) if need_x else dy.new_empty(0)
-    return dx, dy.new_empty((weight.shape[0], n)) if need_w else dy.new_empty(0)
+    dx = dy.new_empty(x_shape, dtype=x_dtype or xs.dtype) if need_x else dy.new_empty(0)
+    return dx, dy.new_empty((weight.shape[0], n), dtype=weight.dtype) if need_w else dy.new_empty(0)
 
 
 def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, weight, bias, index, scale, unique = inputs
+    x, weight, bias, index, scale, unique, *_ = inputs
     _, xs = output
     ctx.mark_non_differentiable(xs)
     ctx.save_for_backward(xs, weight, index, scale)
     ctx.x_shape, ctx.n, ctx.unique, ctx.has_bias = x.shape, weight.shape[1], unique, bias is not None
+    ctx.x_dtype, ctx.b_dtype = x.dtype, None if bias is None else bias.dtype
 
 
 def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
@@ -230,10 +281,10 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
     xs, weight, index, scale = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx, dw = torch.ops.approxcompile.sampled_linear_product_backward(
-        dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w
+        dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype
     )
-    db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and need_b else None
-    return dx if need_x else None, dw if need_w else None, db, None, None, None
+    db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=ctx.b_dtype) if ctx.has_bias and need_b else None
+    return dx if need_x else None, dw if need_w else None, db, None, None, None, None
 
 
 sampled_linear_product.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -24,7 +24,8 @@ Inductor code, the draw and the linear / conv products are custom ops (``draw.py
 Mixed precision: under ``torch.autocast`` a sampled op computes in the autocast dtype, as
 the exact op it replaces does (``F.linear``, ``F.conv2d``, ``torch.matmul`` and
 ``torch.addmm`` are on autocast's lower-precision list): floating inputs other than float64
-are cast first, and gradients come back in each input's own dtype.
+are cast first, and gradients come back in each input's own dtype. The sampled linear casts
+only the gathered slices (``compute`` of ``sampled_linear_product``), not the whole weight.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from torch import Tensor
 from approxcompile.ops.draw import draw_pairs
 from approxcompile.ops.estimator import CONV, DEFAULT_EPS, repeats, scale_along
 from approxcompile.ops.kernels import (
+    autocast_compute,
     autocast_inputs,
     column_norms,
     sampled_conv_product,
@@ -116,8 +118,11 @@ def sampled_linear(
         a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
     seed = seed if by_weights else None
     index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
-    x, w, b = autocast_inputs(x, weight, bias)
-    return sampled_linear_product(x, w, b, index, scale, not repeats(method))[0]
+    compute = autocast_compute(x, weight, bias)
+    if compute is None:  # autocast off, or float64 operands: the inputs as autocast would pass them
+        x, weight, bias = autocast_inputs(x, weight, bias)
+    # Otherwise the op casts only the gathered slices to ``compute``, never the whole weight.
+    return sampled_linear_product(x, weight, bias, index, scale, not repeats(method), compute)[0]
 
 
 def sampled_matmul(
