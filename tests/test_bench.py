@@ -102,6 +102,8 @@ def test_bad_arguments(bench: ModuleType) -> None:
         bench.parse_args(["--models", "resnet"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--budgets", "0.4,1.5"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--pinned", "0"])
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
@@ -174,3 +176,39 @@ def test_compiled_and_autocast_variants(bench: ModuleType, tmp_path: Path) -> No
     assert compiled["flop_fraction"] < 1.0 and rows["exact+compile"]["flop_fraction"] == 1.0
     with pytest.raises(ValueError, match="suffix"):
         bench.main(["--quick", "--models", "mlp", "--variants", "exact+fast", "--out", str(out)])
+
+
+def test_pinned_variants(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pinned@R: the budget-R plan's nodes at keep R exactly (top-k, no rounding); paper-pinned@R alike."""
+    out = tmp_path / "bench.json"
+    argv = [
+        "--quick",
+        "--models",
+        "cnn",
+        "--budgets",
+        "0.4",
+        "--pinned",
+        "0.4",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+    ]
+    argv += ["--warmup", "0", "--memory-steps", "0", "--threads", "1", "--markdown", "--out", str(out)]
+    result = bench.main(argv)
+    names = ["exact", "paper@0.4", "approx@0.4", "pinned@0.4", "paper-pinned@0.4"]
+    _check_result(result, argv, out, capsys.readouterr().out, ["cnn"], names)
+    rows = {r["variant"]: r for r in result["rows"]}
+    planned = rows["approx@0.4"]["info"]["sampled"]
+    pinned = rows["pinned@0.4"]["info"]["sampled"]
+    assert set(pinned) == set(planned) == {"convs.1", "convs.2", "convs.3"}
+    # 32 channels at 0.4: 13 kept (the budget allocation would round to multiples of 8)
+    assert all(p == {"keep": 0.4, "k": 13, "inner": 32} for p in pinned.values())
+    assert rows["paper-pinned@0.4"]["info"]["sampled"] == dict.fromkeys(pinned, 0.4)
+    assert rows["pinned@0.4"]["flop_fraction"] == pytest.approx(rows["paper-pinned@0.4"]["flop_fraction"])
+    # pinned@R is compared with paper-pinned@R, approx@B with paper@B
+    ref = rows["paper-pinned@0.4"]["median_step_ms"]
+    assert rows["pinned@0.4"]["speedup_vs_paper"] == pytest.approx(ref / rows["pinned@0.4"]["median_step_ms"])
+    assert rows["paper-pinned@0.4"]["speedup_vs_paper"] == 1.0
+    ref = rows["paper@0.4"]["median_step_ms"]
+    assert rows["approx@0.4"]["speedup_vs_paper"] == pytest.approx(ref / rows["approx@0.4"]["median_step_ms"])

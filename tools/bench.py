@@ -8,6 +8,10 @@ cross-entropy, backward, SGD(lr=0.01, momentum=0.9).step()):
 - ``paper@0.4``: the plain index_select + dense-op implementation (tools/paper_style.py)
   on the layers and keep ratios approxcompile's budget-0.4 plan chose;
 - ``approx@B``: ``approxcompile.optimize(model, B, example_inputs=(x,))`` for each budget;
+- ``pinned@R``: the nodes approx@R's plan samples, each pinned to keep ratio R with top-k
+  (``NodeOverride(keep=R, method="topk")``, so no rounding of the kept count to a multiple of
+  8), the rest exact; ``paper-pinned@R``: the paper-style implementation of that same plan.
+  The pair compares the two implementations of one approximation, kernel for kernel;
 - a suffix ``+compile`` (``torch.compile(model, fullgraph=True)``, optimizer step eager;
   ``+compile_breaks`` without ``fullgraph``) and/or
   ``+bf16`` / ``+fp16`` (each step under ``torch.autocast`` with that dtype) on any of them,
@@ -154,10 +158,11 @@ def label(kind: str, budget: float) -> str:
 def make_variant(
     w: Workload, name: str, optimized: dict[float, fx.GraphModule], measure_time: bool = False
 ) -> Variant:
-    """``exact``, ``paper@B`` or ``approx@B``, from a deep copy of ``w.model``.
+    """``exact``, ``paper@B``, ``approx@B``, ``pinned@R`` or ``paper-pinned@R``, from a copy of ``w.model``.
 
-    ``optimized`` caches ``optimize`` results by budget, so paper@B reuses approx@B's plan;
-    ``optimize`` shares parameters with its input, hence the copy before it.
+    ``optimized`` caches ``optimize`` results by budget (``pinned@R`` under ``-R``), so
+    paper@B reuses approx@B's plan; ``optimize`` shares parameters with its input, hence the
+    copy before it.
     """
     base, *suffixes = name.split("+")
     v = _base_variant(w, base, optimized, measure_time)
@@ -185,20 +190,52 @@ def _base_variant(
     if kind == "exact":
         return Variant(name, copy.deepcopy(w.model), {})
     b = float(budget)
+    if kind in ("pinned", "paper-pinned"):
+        key = -b  # budgets are positive: negative keys hold the pinned plans
+        if key not in optimized:
+            optimized[key] = pinned_model(w, b, _optimized(w, b, optimized, measure_time))
+        gm = optimized[key]
+    else:
+        gm = _optimized(w, b, optimized, measure_time)
+    plan = gm.meta[META_KEY]
+    if kind in ("paper", "paper-pinned"):
+        paper = paper_style(w.model, plan)
+        return Variant(
+            name, paper.model, {"plan_budget": b, "sampled": paper.sampled, "left_exact": paper.left_exact}
+        )
+    if kind in ("approx", "pinned"):
+        return Variant(name, gm, _plan_info(plan, gm))
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def _optimized(
+    w: Workload, b: float, optimized: dict[float, fx.GraphModule], measure_time: bool
+) -> fx.GraphModule:
+    """``optimize(model, b)`` once per budget (cached in ``optimized``)."""
     if b not in optimized:
         config = approxcompile.ApproxConfig(measure_time=measure_time)
         start = time.perf_counter()
         optimized[b] = approxcompile.optimize(copy.deepcopy(w.model), b, example_inputs=(w.x,), config=config)
         optimized[b].meta["bench_optimize_s"] = time.perf_counter() - start
-    plan = optimized[b].meta[META_KEY]
-    if kind == "paper":
-        paper = paper_style(w.model, plan)
-        return Variant(
-            name, paper.model, {"plan_budget": b, "sampled": paper.sampled, "left_exact": paper.left_exact}
-        )
-    if kind == "approx":
-        return Variant(name, optimized[b], _plan_info(plan, optimized[b]))
-    raise ValueError(f"unknown variant {name!r}")
+    return optimized[b]
+
+
+def pinned_model(w: Workload, keep: float, planned: fx.GraphModule) -> fx.GraphModule:
+    """``w.model`` with every node ``planned`` samples pinned to ``keep`` with top-k, the rest exact.
+
+    Budget 1.0: the pinned nodes are fixed by their overrides, and the allocation then has
+    no reason to sample any other node.
+    """
+    config = approxcompile.ApproxConfig()
+    sampled = [n.name for n in planned.meta[META_KEY].nodes if n.sampled]
+    if not sampled:
+        raise ValueError(f"pinned@{keep}: the budget-{keep} plan samples no node of {w.name}")
+    for name in sampled:
+        config = config.set_module_name(name, approxcompile.NodeOverride(keep=keep, method="topk"))
+    start = time.perf_counter()
+    gm = approxcompile.optimize(copy.deepcopy(w.model), 1.0, example_inputs=(w.x,), config=config)
+    gm.meta["bench_optimize_s"] = time.perf_counter() - start
+    return gm
 
 
 def variant_names(args: argparse.Namespace, model: str = "") -> list[str]:
@@ -208,6 +245,7 @@ def variant_names(args: argparse.Namespace, model: str = "") -> list[str]:
         return args.variants
     paper = [] if model == "gpt2" else [label("paper", args.paper_budget)]
     names = ["exact", *paper, *(label("approx", b) for b in args.budgets)]
+    names += [label(kind, r) for r in args.pinned for kind in ("pinned", "paper-pinned")]
     plain = ["exact", *(label("approx", b) for b in args.budgets)]
     if args.compile:
         names += [n + "+compile" for n in plain]
@@ -392,13 +430,17 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
     by_name = {v.name: v for v in variants}
     exact = by_name.get("exact", variants[0])
     paper = next((v for v in variants if v.name.startswith("paper@")), None)
+    # pinned@R is compared with paper-pinned@R (the same kept counts), not with paper@B
+    pinned_paper = {v.name.removeprefix("paper-"): v for v in variants if v.name.startswith("paper-pinned@")}
     return [
         {
             "model": name,
             "variant": v.name,
             "median_step_ms": v.median_ms,
             "speedup_vs_exact": exact.median_ms / v.median_ms,
-            "speedup_vs_paper": paper.median_ms / v.median_ms if paper is not None else float("nan"),
+            "speedup_vs_paper": _vs_paper(
+                v, pinned_paper.get(v.name.split("+")[0].removeprefix("paper-"), paper)
+            ),
             # compiled sampled over compiled exact, bf16 over bf16: the exact twin with this suffix
             "speedup_vs_base": by_name.get(_base_of(v.name), exact).median_ms / v.median_ms,
             "flops": v.flops,
@@ -410,6 +452,10 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
         }
         for v in variants
     ]
+
+
+def _vs_paper(v: Variant, paper: Variant | None) -> float:
+    return paper.median_ms / v.median_ms if paper is not None else float("nan")
 
 
 def _base_of(name: str) -> str:
@@ -499,6 +545,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--budgets", type=_floats, default=[0.2, 0.4, 0.6, 0.8], help="approxcompile budgets")
     p.add_argument("--paper-budget", type=float, default=0.4, help="the plan paper-style copies")
+    p.add_argument(
+        "--pinned",
+        type=_floats,
+        default=[],
+        help="keep ratios R: add pinned@R and paper-pinned@R (the plan's nodes pinned to R, top-k)",
+    )
     p.add_argument("--steps", type=int, help="training steps per timed block (default 5; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed steps per variant first (default 2; quick 1)")
     p.add_argument(
@@ -546,7 +598,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in FACTORIES]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(FACTORIES)}")
-    if not args.budgets or any(not 0 < b <= 1 for b in args.budgets) or not 0 < args.paper_budget <= 1:
+    ratios = [*args.budgets, *args.pinned, args.paper_budget]
+    if not args.budgets or any(not 0 < b <= 1 for b in ratios):
         p.error("budgets must be in (0, 1]")
     if min(args.steps, args.rounds) < 1 or min(args.warmup, args.memory_steps) < 0 or args.threads < 1:
         p.error("--steps and --rounds must be >= 1, --warmup and --memory-steps >= 0, --threads >= 1")
@@ -573,7 +626,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "command": command,
         "machine": machine(device),
-        "settings": {k: getattr(args, k) for k in ("size", "budgets", "paper_budget", "steps", "warmup")}
+        "settings": {
+            k: getattr(args, k) for k in ("size", "budgets", "paper_budget", "pinned", "steps", "warmup")
+        }
         | {"variants": variant_names(args)}
         | {k: getattr(args, k) for k in ("rounds", "memory_steps", "seed", "measure_time")},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
