@@ -8,14 +8,17 @@ cross-entropy, backward, SGD(lr=0.01, momentum=0.9).step()):
 - ``paper@0.4``: the plain index_select + dense-op implementation (tools/paper_style.py)
   on the layers and keep ratios approxcompile's budget-0.4 plan chose;
 - ``approx@B``: ``approxcompile.optimize(model, B, example_inputs=(x,))`` for each budget;
-- ``pinned@R``: the nodes approx@R's plan samples, each pinned to keep ratio R with top-k
+- ``pinned@R``: every node approx@R's plan could sample (sampled, or left exact only because
+  the budget was met without it or it measured no faster), each pinned to keep ratio R with top-k
   (``NodeOverride(keep=R, method="topk")``, so no rounding of the kept count to a multiple of
   8), the rest exact; ``paper-pinned@R``: the paper-style implementation of that same plan.
   The pair compares the two implementations of one approximation, kernel for kernel;
 - a suffix ``+compile`` (``torch.compile(model, fullgraph=True)``, optimizer step eager;
   ``+compile_breaks`` without ``fullgraph``) and/or
   ``+bf16`` / ``+fp16`` (each step under ``torch.autocast`` with that dtype) on any of them,
-  e.g. ``approx@0.4+compile``; ``--compile`` / ``--autocast bf16`` add those variants, and
+  e.g. ``approx@0.4+compile``; ``+cl`` trains the model and its input in channels-last
+  memory format (``model.to(memory_format=torch.channels_last)``, the input converted each
+  step), as PyTorch recommends for CNNs on a CPU; ``--compile`` / ``--autocast bf16`` add those variants, and
   ``--variants`` names the exact list. Ratios to ``exact`` also come as ratios to the exact
   variant with the same suffix (``vs base``: compiled sampled over compiled exact).
 
@@ -175,12 +178,25 @@ def make_variant(
             v.model = torch.compile(v.model, fullgraph=full)  # type: ignore[assignment]
         elif suffix in AUTOCAST:
             v.autocast = AUTOCAST[suffix]
+        elif suffix == "cl":
+            v.model = ChannelsLast(v.model)
         else:
             raise ValueError(f"unknown variant suffix {suffix!r} in {name!r}")
     return v
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ChannelsLast(nn.Module):
+    """``model`` with its 4-D parameters and its input in channels-last memory format (``+cl``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
 
 
 def _base_variant(
@@ -220,14 +236,23 @@ def _optimized(
     return optimized[b]
 
 
+# passes/allocation.py's reasons for leaving a candidate node exact
+_ALLOCATION_REASONS = ("budget is met without sampling", "sampling measured no faster")
+
+
 def pinned_model(w: Workload, keep: float, planned: fx.GraphModule) -> fx.GraphModule:
-    """``w.model`` with every node ``planned`` samples pinned to ``keep`` with top-k, the rest exact.
+    """``w.model`` with every node ``planned`` could sample pinned to ``keep`` with top-k, the rest exact.
+
+    A node could be sampled when the plan samples it or left it exact for a reason of the
+    allocation (``_ALLOCATION_REASONS``), not of the exclusions (first / last node, too few
+    channels, an override).
 
     Budget 1.0: the pinned nodes are fixed by their overrides, and the allocation then has
     no reason to sample any other node.
     """
     config = approxcompile.ApproxConfig()
-    sampled = [n.name for n in planned.meta[META_KEY].nodes if n.sampled]
+    nodes = planned.meta[META_KEY].nodes
+    sampled = [n.name for n in nodes if n.sampled or (n.reason or "").startswith(_ALLOCATION_REASONS)]
     if not sampled:
         raise ValueError(f"pinned@{keep}: the budget-{keep} plan samples no node of {w.name}")
     for name in sampled:
@@ -438,9 +463,7 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
             "variant": v.name,
             "median_step_ms": v.median_ms,
             "speedup_vs_exact": exact.median_ms / v.median_ms,
-            "speedup_vs_paper": _vs_paper(
-                v, pinned_paper.get(v.name.split("+")[0].removeprefix("paper-"), paper)
-            ),
+            "speedup_vs_paper": _vs_paper(v, _paper_of(v.name, pinned_paper, paper)),
             # compiled sampled over compiled exact, bf16 over bf16: the exact twin with this suffix
             "speedup_vs_base": by_name.get(_base_of(v.name), exact).median_ms / v.median_ms,
             "flops": v.flops,
@@ -452,6 +475,12 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
         }
         for v in variants
     ]
+
+
+def _paper_of(name: str, pinned_paper: dict[str, Variant], paper: Variant | None) -> Variant | None:
+    """paper-pinned@R with the same suffixes, else eager paper-pinned@R, for pinned@R; else paper@B."""
+    name = name.removeprefix("paper-")
+    return pinned_paper.get(name) or pinned_paper.get(name.split("+")[0]) or paper
 
 
 def _vs_paper(v: Variant, paper: Variant | None) -> float:
