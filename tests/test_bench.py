@@ -212,3 +212,20 @@ def test_pinned_variants(bench: ModuleType, tmp_path: Path, capsys: pytest.Captu
     assert rows["paper-pinned@0.4"]["speedup_vs_paper"] == 1.0
     ref = rows["paper@0.4"]["median_step_ms"]
     assert rows["approx@0.4"]["speedup_vs_paper"] == pytest.approx(ref / rows["approx@0.4"]["median_step_ms"])
+
+
+def test_channels_last_variants(bench: ModuleType, tmp_path: Path) -> None:
+    """+cl trains a channels-last model; pinned@R+cl is compared with paper-pinned@R+cl and exact+cl."""
+    out = tmp_path / "bench.json"
+    names = ["exact", "exact+cl", "pinned@0.4+cl", "paper-pinned@0.4+cl"]
+    argv = ["--quick", "--models", "cnn", "--budgets", "0.4", "--variants", ",".join(names), "--rounds", "1"]
+    argv += ["--steps", "1", "--warmup", "0", "--memory-steps", "0", "--threads", "1", "--out", str(out)]
+    rows = {r["variant"]: r for r in bench.main(argv)["rows"]}
+    pinned, paper, exact = rows["pinned@0.4+cl"], rows["paper-pinned@0.4+cl"], rows["exact+cl"]
+    assert pinned["speedup_vs_paper"] == pytest.approx(paper["median_step_ms"] / pinned["median_step_ms"])
+    assert pinned["speedup_vs_base"] == pytest.approx(exact["median_step_ms"] / pinned["median_step_ms"])
+    assert pinned["flop_fraction"] < 1.0 and exact["flop_fraction"] == 1.0
+    w = bench.build("cnn", "quick")
+    model = bench.ChannelsLast(w.model)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    torch.testing.assert_close(model(w.x), w.model(w.x))
