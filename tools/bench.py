@@ -220,6 +220,11 @@ def _base_variant(
             name, paper.model, {"plan_budget": b, "sampled": paper.sampled, "left_exact": paper.left_exact}
         )
     if kind in ("approx", "pinned"):
+        # approx@B and approx@B+cl / +compile train their own copies: +cl converts the
+        # parameters in place, which would change the layout the plain variant trains in.
+        if gm.meta.get("bench_handed_out"):
+            gm = copy.deepcopy(gm)
+        gm.meta["bench_handed_out"] = True
         return Variant(name, gm, _plan_info(plan, gm))
     raise ValueError(f"unknown variant {name!r}")
 
