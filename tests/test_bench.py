@@ -229,3 +229,12 @@ def test_channels_last_variants(bench: ModuleType, tmp_path: Path) -> None:
     model = bench.ChannelsLast(w.model)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
     torch.testing.assert_close(model(w.x), w.model(w.x))
+
+
+def test_conv_layout_tool_prints_both_layouts(capsys: pytest.CaptureFixture[str]) -> None:
+    _tool("bench_conv_layout").main(
+        ["--size", "8", "--batch", "2", "--out", "16", "--ks", "4,8", "--repeats", "1"]
+    )
+    printed = capsys.readouterr().out
+    assert "| kept k | NCHW | channels-last |" in printed
+    assert all(f"| {k} | " in printed for k in (4, 8)) and "max_pool2d 2x2 forward, NCHW" in printed
