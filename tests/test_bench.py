@@ -238,3 +238,16 @@ def test_conv_layout_tool_prints_both_layouts(capsys: pytest.CaptureFixture[str]
     printed = capsys.readouterr().out
     assert "| kept k | NCHW | channels-last |" in printed
     assert all(f"| {k} | " in printed for k in (4, 8)) and "max_pool2d 2x2 forward, NCHW" in printed
+
+
+def test_pinned_model_pins_nodes_the_allocation_left_exact(bench: ModuleType) -> None:
+    """A node the budget did not need is still pinned; first / last (exclusions) stay exact."""
+    w = bench.build("cnn", "quick")
+    planned = approxcompile.optimize(copy.deepcopy(w.model), 0.8, example_inputs=(w.x,))
+    reasons = {n.name: n.reason for n in planned.meta["approxcompile"].nodes}
+    assert reasons["convs.2"] == "budget is met without sampling this node"  # the case under test
+    pinned = bench.pinned_model(w, 0.4, planned)
+    nodes = {n.name: n for n in pinned.meta["approxcompile"].nodes}
+    assert {name for name, n in nodes.items() if n.sampled} == {"convs.1", "convs.2", "convs.3"}
+    assert all(nodes[f"convs.{i}"].keep == 0.4 and nodes[f"convs.{i}"].method == "topk" for i in (1, 2, 3))
+    assert not nodes["convs.0"].sampled and not nodes["head"].sampled
