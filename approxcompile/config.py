@@ -163,8 +163,10 @@ class ApproxConfig:
     min_k: never keep fewer than this many columns / channels.
     keep_grid: the keep ratios the budget allocation chooses from.
     align: kept counts the allocation picks are rounded to multiples of this (GEMM and
-        convolution kernels run whole vector widths); 1 turns rounding off. Fixed keep
-        ratios from overrides are never rounded.
+        convolution kernels run whole vector widths); on a CPU a convolution's kept channels
+        are also rounded to whole oneDNN channel blocks (16 with AVX-512, see
+        ``plan.conv_align``); 1 turns rounding off. Fixed keep ratios from overrides are
+        never rounded.
     eps: weight of the uniform distribution mixed into ``crs`` / ``bernoulli`` probabilities.
     sensitivity_draws: draws averaged when measuring the error of a random method.
     seed: seed of the private generator used while measuring sensitivities.

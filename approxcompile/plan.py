@@ -7,6 +7,7 @@ ad-hoc attributes on nodes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,22 @@ def aligned_count(keep: float, n: int, align: int) -> int:
     if align <= 1 or n < 8 * align:
         return k
     return min(n, max(align, align * round(k / align)))
+
+
+def conv_align(align: int, device_type: str) -> int:
+    """The kept-channel multiple for a convolution: ``align``, raised to oneDNN's channel block on a CPU.
+
+    oneDNN runs CPU convolutions of contiguous (NCHW) tensors in blocked channel layouts,
+    16 channels a block with AVX-512 (8 below it), and pads the channels up to a whole
+    block: a 3x3 convolution over 24 kept channels trains as slowly as one over 32, 40 as
+    48, 51 or 56 as 64 (docs/performance.md). ``align <= 1`` (rounding off) stays off.
+    """
+    if align <= 1 or device_type != "cpu":
+        return align
+    import torch  # here, not at the top: the rest of plan.py is plain data
+
+    block = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+    return math.lcm(align, block)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from approxcompile.choices import Mode
 from approxcompile.config import ApproxConfig
 from approxcompile.passes.base import SensitivityResult
 from approxcompile.passes.match import site_of
-from approxcompile.plan import META_KEY, NodePlan, aligned_count
+from approxcompile.plan import META_KEY, NodePlan, aligned_count, conv_align
 from approxcompile.progress import Bar
 
 
@@ -170,7 +170,11 @@ def measure_sensitivity(
             if plan is None or plan.reason is not None or node.name not in captured:
                 continue
             site = site_of(gm, node, plan)
-            ks = {aligned_count(r, plan.inner, config.align) for r in config.keep_grid}
+            align = config.align
+            if plan.kind == "conv":
+                tensors = [a for a in captured[node.name] if isinstance(a, torch.Tensor)]
+                align = conv_align(align, tensors[0].device.type if tensors else "cpu")
+            ks = {aligned_count(r, plan.inner, align) for r in config.keep_grid}
             grid = [k / plan.inner for k in sorted(ks, reverse=True) if plan.min_k <= k < plan.inner]
             if plan.fixed_keep is not None:
                 grid = [plan.fixed_keep]

@@ -102,6 +102,8 @@ def test_bad_arguments(bench: ModuleType) -> None:
         bench.parse_args(["--models", "resnet"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--budgets", "0.4,1.5"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--pinned", "0"])
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
@@ -186,3 +188,78 @@ def test_speedups_pair_the_rounds(bench: ModuleType) -> None:
     assert exact.median_ms / fast.median_ms == pytest.approx(1 / 2.1)
     with pytest.raises(ValueError):
         bench.Variant("x", torch.nn.Identity(), {}, step_s=[1.0]).speedup_over(exact)
+
+
+def test_pinned_variants(bench: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """pinned@R: the budget-R plan's nodes at keep R exactly (top-k, no rounding); paper-pinned@R alike."""
+    out = tmp_path / "bench.json"
+    argv = [
+        "--quick",
+        "--models",
+        "cnn",
+        "--budgets",
+        "0.4",
+        "--pinned",
+        "0.4",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+    ]
+    argv += ["--warmup", "0", "--memory-steps", "0", "--threads", "1", "--markdown", "--out", str(out)]
+    result = bench.main(argv)
+    names = ["exact", "paper@0.4", "approx@0.4", "pinned@0.4", "paper-pinned@0.4"]
+    _check_result(result, argv, out, capsys.readouterr().out, ["cnn"], names)
+    rows = {r["variant"]: r for r in result["rows"]}
+    planned = rows["approx@0.4"]["info"]["sampled"]
+    pinned = rows["pinned@0.4"]["info"]["sampled"]
+    assert set(pinned) == set(planned) == {"convs.1", "convs.2", "convs.3"}
+    # 32 channels at 0.4: 13 kept (the budget allocation would round to multiples of 8)
+    assert all(p == {"keep": 0.4, "k": 13, "inner": 32} for p in pinned.values())
+    assert rows["paper-pinned@0.4"]["info"]["sampled"] == dict.fromkeys(pinned, 0.4)
+    assert rows["pinned@0.4"]["flop_fraction"] == pytest.approx(rows["paper-pinned@0.4"]["flop_fraction"])
+    # pinned@R is compared with paper-pinned@R, approx@B with paper@B
+    ref = rows["paper-pinned@0.4"]["median_step_ms"]
+    assert rows["pinned@0.4"]["speedup_vs_paper"] == pytest.approx(ref / rows["pinned@0.4"]["median_step_ms"])
+    assert rows["paper-pinned@0.4"]["speedup_vs_paper"] == 1.0
+    ref = rows["paper@0.4"]["median_step_ms"]
+    assert rows["approx@0.4"]["speedup_vs_paper"] == pytest.approx(ref / rows["approx@0.4"]["median_step_ms"])
+
+
+def test_channels_last_variants(bench: ModuleType, tmp_path: Path) -> None:
+    """+cl trains a channels-last model; pinned@R+cl is compared with paper-pinned@R+cl and exact+cl."""
+    out = tmp_path / "bench.json"
+    names = ["exact", "exact+cl", "pinned@0.4+cl", "paper-pinned@0.4+cl"]
+    argv = ["--quick", "--models", "cnn", "--budgets", "0.4", "--variants", ",".join(names), "--rounds", "1"]
+    argv += ["--steps", "1", "--warmup", "0", "--memory-steps", "0", "--threads", "1", "--out", str(out)]
+    rows = {r["variant"]: r for r in bench.main(argv)["rows"]}
+    pinned, paper, exact = rows["pinned@0.4+cl"], rows["paper-pinned@0.4+cl"], rows["exact+cl"]
+    assert pinned["speedup_vs_paper"] == pytest.approx(paper["median_step_ms"] / pinned["median_step_ms"])
+    assert pinned["speedup_vs_base"] == pytest.approx(exact["median_step_ms"] / pinned["median_step_ms"])
+    assert pinned["flop_fraction"] < 1.0 and exact["flop_fraction"] == 1.0
+    w = bench.build("cnn", "quick")
+    model = bench.ChannelsLast(w.model)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    torch.testing.assert_close(model(w.x), w.model(w.x))
+
+
+def test_conv_layout_tool_prints_both_layouts(capsys: pytest.CaptureFixture[str]) -> None:
+    _tool("bench_conv_layout").main(
+        ["--size", "8", "--batch", "2", "--out", "16", "--ks", "4,8", "--repeats", "1"]
+    )
+    printed = capsys.readouterr().out
+    assert "| kept k | NCHW | channels-last |" in printed
+    assert all(f"| {k} | " in printed for k in (4, 8)) and "max_pool2d 2x2 forward, NCHW" in printed
+
+
+def test_pinned_model_pins_nodes_the_allocation_left_exact(bench: ModuleType) -> None:
+    """A node the budget did not need is still pinned; first / last (exclusions) stay exact."""
+    w = bench.build("cnn", "quick")
+    planned = approxcompile.optimize(copy.deepcopy(w.model), 0.8, example_inputs=(w.x,))
+    reasons = {n.name: n.reason for n in planned.meta["approxcompile"].nodes}
+    assert reasons["convs.2"] == "budget is met without sampling this node"  # the case under test
+    pinned = bench.pinned_model(w, 0.4, planned)
+    nodes = {n.name: n for n in pinned.meta["approxcompile"].nodes}
+    assert {name for name, n in nodes.items() if n.sampled} == {"convs.1", "convs.2", "convs.3"}
+    assert all(nodes[f"convs.{i}"].keep == 0.4 and nodes[f"convs.{i}"].method == "topk" for i in (1, 2, 3))
+    assert not nodes["convs.0"].sampled and not nodes["head"].sampled

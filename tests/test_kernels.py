@@ -226,3 +226,30 @@ def test_sampled_linear_keeps_no_weight_sized_buffer_besides_the_gradient() -> N
         assert ws.borrow("grad", (32, 16), torch.float32, torch.device("cpu")) is not None
     finally:
         kernels.WORKSPACE = saved
+
+
+@pytest.mark.parametrize("method", ["topk", "crs"])
+def test_channels_last_conv_follows_the_input_layout_with_the_same_values(method: str) -> None:
+    """A channels-last input gives channels-last y and dx, and the values and gradients of the NCHW path."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 9, 9) * torch.linspace(0.2, 2, 40).view(1, -1, 1, 1)
+    w, b = torch.randn(6, 40, 3, 3), torch.randn(6)
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.clone(memory_format=layout).requires_grad_(True)
+        wl, bl = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        gen = torch.Generator().manual_seed(5)
+        y = sampled_conv(xl, wl, bl, 1, 1, 1, keep=0.3, method=method, generator=gen)
+        y.pow(2).sum().backward()
+        assert xl.grad is not None and wl.grad is not None and bl.grad is not None
+        for t in (y, xl.grad):
+            strictly_cl = layout == torch.channels_last
+            assert t.is_contiguous(memory_format=layout) and strictly_cl != t.is_contiguous()
+        results.append((y.detach(), xl.grad, wl.grad, bl.grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        _close(got, want)
+    ref_x = x.clone().requires_grad_(True)
+    ref_w, ref_b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    reference.conv(ref_x, ref_w, ref_b, 12, method, 5, 1, 1, 1).pow(2).sum().backward()
+    _close(results[1][1], ref_x.grad)  # the channels-last gradients are autograd's too
+    _close(results[1][2], ref_w.grad)

@@ -103,3 +103,23 @@ def test_autocast_inputs_cast_only_under_autocast() -> None:
         assert (cx.dtype, cw.dtype, cb.dtype) == (torch.bfloat16,) * 3
         _, _, none = autocast_inputs(x, w, None)
         assert none is None
+
+
+def test_conv_fakes_follow_a_channels_last_input() -> None:
+    """The fakes give the kernels' strides for a channels-last input (Inductor passes its own layout)."""
+    g = _g()
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 7, 7, generator=g).contiguous(memory_format=cl)
+    w, b = torch.randn(4, 8, 3, 3, generator=g), torch.randn(4, generator=g)
+    index, scale = torch.tensor([0, 3, 5]), torch.tensor([2.0, 1.5, 3.0])
+    args = (x, w, b, index, scale, True, [1, 1], [1, 1], [1, 1])
+    torch.library.opcheck(OPS.sampled_conv_product, args, test_utils=FAKE)
+    y, xs, ws = OPS.sampled_conv_product(*args)
+    assert y.is_contiguous(memory_format=cl) and not y.is_contiguous()
+    assert xs.is_contiguous(memory_format=cl) and not xs.is_contiguous()
+    dy = torch.randn(y.shape, generator=g).contiguous(memory_format=cl)
+    shapes = ([2, 8, 7, 7], [4, 8, 3, 3])
+    back = (dy, xs, ws, index, scale, *shapes, True, [1, 1], [1, 1], [1, 1], True, True, True)
+    torch.library.opcheck(OPS.sampled_conv_product_backward, back, test_utils=FAKE)
+    dx, _, _ = OPS.sampled_conv_product_backward(*back)
+    assert dx.is_contiguous(memory_format=cl) and not dx.is_contiguous()

@@ -9,7 +9,7 @@ import torch
 
 import approxcompile
 from approxcompile import ApproxConfig, BudgetError
-from approxcompile.plan import META_KEY, Flops, NodePlan, aligned_count
+from approxcompile.plan import META_KEY, Flops, NodePlan, aligned_count, conv_align
 from approxcompile.report import Report
 from tests.models import MLP, mlp
 
@@ -101,3 +101,23 @@ def test_allocation_picks_aligned_counts() -> None:
     for node in fast.graph.nodes:
         if META_KEY in node.meta and node.meta[META_KEY].sampled:
             assert node.kwargs["keep"] == node.meta[META_KEY].keep
+
+
+def test_conv_counts_align_to_the_cpu_channel_block() -> None:
+    """oneDNN pads a CPU convolution's channels to whole blocks (16 with AVX-512): plans keep whole blocks."""
+    block = 16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 8
+    assert conv_align(8, "cpu") == block and conv_align(1, "cpu") == 1 and conv_align(8, "cuda") == 8
+    assert conv_align(3, "cpu") == 3 * block  # a user's own multiple is kept too
+    torch.manual_seed(0)  # with align 8 alone, this model's budget-0.35 plan keeps 40 channels
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 128, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(128, 128, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(128, 128, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(128, 10, 1),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    sampled = approxcompile.report(approxcompile.optimize(model, 0.35, example_inputs=(x,))).sampled
+    assert sampled and all(n.kind == "conv" and n.k % block == 0 for n in sampled)

@@ -8,10 +8,17 @@ cross-entropy, backward, SGD(lr=0.01, momentum=0.9).step()):
 - ``paper@0.4``: the plain index_select + dense-op implementation (tools/paper_style.py)
   on the layers and keep ratios approxcompile's budget-0.4 plan chose;
 - ``approx@B``: ``approxcompile.optimize(model, B, example_inputs=(x,))`` for each budget;
+- ``pinned@R``: every node approx@R's plan could sample (sampled, or left exact only because
+  the budget was met without it or it measured no faster), each pinned to keep ratio R with top-k
+  (``NodeOverride(keep=R, method="topk")``, so no rounding of the kept count to a multiple of
+  8), the rest exact; ``paper-pinned@R``: the paper-style implementation of that same plan.
+  The pair compares the two implementations of one approximation, kernel for kernel;
 - a suffix ``+compile`` (``torch.compile(model, fullgraph=True)``, optimizer step eager;
   ``+compile_breaks`` without ``fullgraph``) and/or
   ``+bf16`` / ``+fp16`` (each step under ``torch.autocast`` with that dtype) on any of them,
-  e.g. ``approx@0.4+compile``; ``--compile`` / ``--autocast bf16`` add those variants, and
+  e.g. ``approx@0.4+compile``; ``+cl`` trains the model and its input in channels-last
+  memory format (``model.to(memory_format=torch.channels_last)``, the input converted each
+  step), as PyTorch recommends for CNNs on a CPU; ``--compile`` / ``--autocast bf16`` add those variants, and
   ``--variants`` names the exact list. Ratios to ``exact`` also come as ratios to the exact
   variant with the same suffix (``vs base``: compiled sampled over compiled exact).
 
@@ -161,10 +168,11 @@ def label(kind: str, budget: float) -> str:
 def make_variant(
     w: Workload, name: str, optimized: dict[float, fx.GraphModule], measure_time: bool = False
 ) -> Variant:
-    """``exact``, ``paper@B`` or ``approx@B``, from a deep copy of ``w.model``.
+    """``exact``, ``paper@B``, ``approx@B``, ``pinned@R`` or ``paper-pinned@R``, from a copy of ``w.model``.
 
-    ``optimized`` caches ``optimize`` results by budget, so paper@B reuses approx@B's plan;
-    ``optimize`` shares parameters with its input, hence the copy before it.
+    ``optimized`` caches ``optimize`` results by budget (``pinned@R`` under ``-R``), so
+    paper@B reuses approx@B's plan; ``optimize`` shares parameters with its input, hence the
+    copy before it.
     """
     base, *suffixes = name.split("+")
     v = _base_variant(w, base, optimized, measure_time)
@@ -177,12 +185,25 @@ def make_variant(
             v.model = torch.compile(v.model, fullgraph=full)  # type: ignore[assignment]
         elif suffix in AUTOCAST:
             v.autocast = AUTOCAST[suffix]
+        elif suffix == "cl":
+            v.model = ChannelsLast(v.model)
         else:
             raise ValueError(f"unknown variant suffix {suffix!r} in {name!r}")
     return v
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ChannelsLast(nn.Module):
+    """``model`` with its 4-D parameters and its input in channels-last memory format (``+cl``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
 
 
 def _base_variant(
@@ -192,20 +213,66 @@ def _base_variant(
     if kind == "exact":
         return Variant(name, copy.deepcopy(w.model), {})
     b = float(budget)
+    if kind in ("pinned", "paper-pinned"):
+        key = -b  # budgets are positive: negative keys hold the pinned plans
+        if key not in optimized:
+            optimized[key] = pinned_model(w, b, _optimized(w, b, optimized, measure_time))
+        gm = optimized[key]
+    else:
+        gm = _optimized(w, b, optimized, measure_time)
+    plan = gm.meta[META_KEY]
+    if kind in ("paper", "paper-pinned"):
+        paper = paper_style(w.model, plan)
+        return Variant(
+            name, paper.model, {"plan_budget": b, "sampled": paper.sampled, "left_exact": paper.left_exact}
+        )
+    if kind in ("approx", "pinned"):
+        # approx@B and approx@B+cl / +compile train their own copies: +cl converts the
+        # parameters in place, which would change the layout the plain variant trains in.
+        if gm.meta.get("bench_handed_out"):
+            gm = copy.deepcopy(gm)
+        gm.meta["bench_handed_out"] = True
+        return Variant(name, gm, _plan_info(plan, gm))
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def _optimized(
+    w: Workload, b: float, optimized: dict[float, fx.GraphModule], measure_time: bool
+) -> fx.GraphModule:
+    """``optimize(model, b)`` once per budget (cached in ``optimized``)."""
     if b not in optimized:
         config = approxcompile.ApproxConfig(measure_time=measure_time)
         start = time.perf_counter()
         optimized[b] = approxcompile.optimize(copy.deepcopy(w.model), b, example_inputs=(w.x,), config=config)
         optimized[b].meta["bench_optimize_s"] = time.perf_counter() - start
-    plan = optimized[b].meta[META_KEY]
-    if kind == "paper":
-        paper = paper_style(w.model, plan)
-        return Variant(
-            name, paper.model, {"plan_budget": b, "sampled": paper.sampled, "left_exact": paper.left_exact}
-        )
-    if kind == "approx":
-        return Variant(name, optimized[b], _plan_info(plan, optimized[b]))
-    raise ValueError(f"unknown variant {name!r}")
+    return optimized[b]
+
+
+# passes/allocation.py's reasons for leaving a candidate node exact
+_ALLOCATION_REASONS = ("budget is met without sampling", "sampling measured no faster")
+
+
+def pinned_model(w: Workload, keep: float, planned: fx.GraphModule) -> fx.GraphModule:
+    """``w.model`` with every node ``planned`` could sample pinned to ``keep`` with top-k, the rest exact.
+
+    A node could be sampled when the plan samples it or left it exact for a reason of the
+    allocation (``_ALLOCATION_REASONS``), not of the exclusions (first / last node, too few
+    channels, an override).
+
+    Budget 1.0: the pinned nodes are fixed by their overrides, and the allocation then has
+    no reason to sample any other node.
+    """
+    config = approxcompile.ApproxConfig()
+    nodes = planned.meta[META_KEY].nodes
+    sampled = [n.name for n in nodes if n.sampled or (n.reason or "").startswith(_ALLOCATION_REASONS)]
+    if not sampled:
+        raise ValueError(f"pinned@{keep}: the budget-{keep} plan samples no node of {w.name}")
+    for name in sampled:
+        config = config.set_module_name(name, approxcompile.NodeOverride(keep=keep, method="topk"))
+    start = time.perf_counter()
+    gm = approxcompile.optimize(copy.deepcopy(w.model), 1.0, example_inputs=(w.x,), config=config)
+    gm.meta["bench_optimize_s"] = time.perf_counter() - start
+    return gm
 
 
 def variant_names(args: argparse.Namespace, model: str = "") -> list[str]:
@@ -215,6 +282,7 @@ def variant_names(args: argparse.Namespace, model: str = "") -> list[str]:
         return args.variants
     paper = [] if model == "gpt2" else [label("paper", args.paper_budget)]
     names = ["exact", *paper, *(label("approx", b) for b in args.budgets)]
+    names += [label(kind, r) for r in args.pinned for kind in ("pinned", "paper-pinned")]
     plain = ["exact", *(label("approx", b) for b in args.budgets)]
     if args.compile:
         names += [n + "+compile" for n in plain]
@@ -399,13 +467,15 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
     by_name = {v.name: v for v in variants}
     exact = by_name.get("exact", variants[0])
     paper = next((v for v in variants if v.name.startswith("paper@")), None)
+    # pinned@R is compared with paper-pinned@R (the same kept counts), not with paper@B
+    pinned_paper = {v.name.removeprefix("paper-"): v for v in variants if v.name.startswith("paper-pinned@")}
     return [
         {
             "model": name,
             "variant": v.name,
             "median_step_ms": v.median_ms,
             "speedup_vs_exact": v.speedup_over(exact),
-            "speedup_vs_paper": v.speedup_over(paper) if paper is not None else float("nan"),
+            "speedup_vs_paper": _vs_paper(v, _paper_of(v.name, pinned_paper, paper)),
             # compiled sampled over compiled exact, bf16 over bf16: the exact twin with this suffix
             "speedup_vs_base": v.speedup_over(by_name.get(_base_of(v.name), exact)),
             "flops": v.flops,
@@ -417,6 +487,16 @@ def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> li
         }
         for v in variants
     ]
+
+
+def _paper_of(name: str, pinned_paper: dict[str, Variant], paper: Variant | None) -> Variant | None:
+    """paper-pinned@R with the same suffixes, else eager paper-pinned@R, for pinned@R; else paper@B."""
+    name = name.removeprefix("paper-")
+    return pinned_paper.get(name) or pinned_paper.get(name.split("+")[0]) or paper
+
+
+def _vs_paper(v: Variant, paper: Variant | None) -> float:
+    return v.speedup_over(paper) if paper is not None else float("nan")
 
 
 def _base_of(name: str) -> str:
@@ -506,6 +586,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--budgets", type=_floats, default=[0.2, 0.4, 0.6, 0.8], help="approxcompile budgets")
     p.add_argument("--paper-budget", type=float, default=0.4, help="the plan paper-style copies")
+    p.add_argument(
+        "--pinned",
+        type=_floats,
+        default=[],
+        help="keep ratios R: add pinned@R and paper-pinned@R (the plan's nodes pinned to R, top-k)",
+    )
     p.add_argument("--steps", type=int, help="training steps per timed block (default 5; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed steps per variant first (default 2; quick 1)")
     p.add_argument(
@@ -553,7 +639,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in args.models if m not in FACTORIES]
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(FACTORIES)}")
-    if not args.budgets or any(not 0 < b <= 1 for b in args.budgets) or not 0 < args.paper_budget <= 1:
+    ratios = [*args.budgets, *args.pinned, args.paper_budget]
+    if not args.budgets or any(not 0 < b <= 1 for b in ratios):
         p.error("budgets must be in (0, 1]")
     if min(args.steps, args.rounds) < 1 or min(args.warmup, args.memory_steps) < 0 or args.threads < 1:
         p.error("--steps and --rounds must be >= 1, --warmup and --memory-steps >= 0, --threads >= 1")
@@ -580,7 +667,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "command": command,
         "machine": machine(device),
-        "settings": {k: getattr(args, k) for k in ("size", "budgets", "paper_budget", "steps", "warmup")}
+        "settings": {
+            k: getattr(args, k) for k in ("size", "budgets", "paper_budget", "pinned", "steps", "warmup")
+        }
         | {"variants": variant_names(args)}
         | {k: getattr(args, k) for k in ("rounds", "memory_steps", "seed", "measure_time")},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),

@@ -290,7 +290,11 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
 sampled_linear_product.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-@torch.library.custom_op("approxcompile::sampled_conv_product", mutates_args=())
+# flexible_layout: Inductor hands the conv ops its own layout (channels-last around its convs)
+# instead of converting every activation to the layout eager tracing saw; the ops follow it.
+@torch.library.custom_op(
+    "approxcompile::sampled_conv_product", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+)
 def sampled_conv_product(
     x: Tensor,
     weight: Tensor,
@@ -307,8 +311,12 @@ def sampled_conv_product(
     The scale rides on the (small) weight slice. Backward calls
     ``aten.convolution_backward`` with an output mask from ``ctx.needs_input_grad`` and
     scatters the channel gradients into reusable workspace memory.
+
+    A channels-last ``x`` gives a channels-last ``xs`` and ``y`` (as ``F.conv2d`` does) and
+    ``dx``: the gather then reads contiguous runs, and oneDNN runs channels-last
+    convolutions without padding the kept channels to whole 16-channel blocks.
     """
-    xs = x.index_select(1, index)
+    xs = _gather_channels(x, index)
     ws = weight.index_select(1, index)
     if scale is not None:
         ws.mul_(scale.to(ws.dtype).view(1, -1, *([1] * (ws.dim() - 2))))
@@ -328,12 +336,26 @@ def _conv_fake(
     padding: Sequence[int],
     dilation: Sequence[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    xs, ws = x.index_select(1, index), weight.index_select(1, index)
+    xs, ws = _gather_channels(x, index), weight.index_select(1, index)
     y = torch.ops.aten.convolution(xs, ws, bias, stride, padding, dilation, False, [0] * len(stride), 1)
     return y, xs, ws
 
 
-@torch.library.custom_op("approxcompile::sampled_conv_product_backward", mutates_args=())
+def _channels_last(t: Tensor) -> bool:
+    """Strictly channels-last (a tensor that is both, e.g. one channel, counts as contiguous)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _gather_channels(x: Tensor, index: Tensor) -> Tensor:
+    """``x[:, index]``, channels-last when ``x`` is (a gather along its innermost dimension)."""
+    if _channels_last(x):
+        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+    return x.index_select(1, index)
+
+
+@torch.library.custom_op(
+    "approxcompile::sampled_conv_product_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+)
 def sampled_conv_product_backward(
     dy: Tensor,
     xs: Tensor,
@@ -365,7 +387,11 @@ def sampled_conv_product_backward(
         [need_x, need_w, need_b],
     )
     dx = dw = dy.new_empty(0)
-    if need_x:
+    if need_x and _channels_last(xs):  # dx channels-last too: scatter along the innermost dim
+        n, c, h, w = x_shape
+        full = WORKSPACE.get("dx", (n, h, w, c), dxs.dtype, dy.device)
+        dx = _scatter(dxs.permute(0, 2, 3, 1), 3, index, full, unique).permute(0, 3, 1, 2)
+    elif need_x:
         dx = _scatter(dxs, 1, index, WORKSPACE.get("dx", x_shape, dxs.dtype, dy.device), unique)
     if need_w:
         if scale is not None:
@@ -391,7 +417,11 @@ def _conv_backward_fake(
     need_w: bool,
     need_b: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dx = dy.new_empty(x_shape) if need_x else dy.new_empty(0)
+    dx = dy.new_empty(0)
+    if need_x and _channels_last(xs):
+        dx = dy.new_empty(x_shape).contiguous(memory_format=torch.channels_last)
+    elif need_x:
+        dx = dy.new_empty(x_shape)
     dw = dy.new_empty(w_shape) if need_w else dy.new_empty(0)
     return dx, dw, dy.new_empty((dy.shape[1],)) if need_b else dy.new_empty(0)
 
@@ -421,6 +451,4 @@ sampled_conv_product.register_autograd(_conv_backward, setup_context=_conv_setup
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if _channels_last(t) else torch.contiguous_format
