@@ -26,6 +26,7 @@ from approxcompile.errors import SaveError
 from approxcompile.module import ApproxModule
 from approxcompile.passes.dynamo import DynamoModule
 from approxcompile.plan import META_KEY
+from tests.capture_models import Branchy
 
 X = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
 
@@ -45,17 +46,11 @@ class TrainingBranch(nn.Module):
         return self.c(F.dropout(h, 0.25, training=self.training))
 
 
-class DataBranch(nn.Module):
-    """BatchNorm and a branch on the values (dynamo frontend)."""
+class DataBranch(Branchy):
+    """Branchy with BatchNorm before its branch on the values (dynamo frontend)."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.a, self.pos, self.neg, self.out = (
-            nn.Linear(64, 128),
-            nn.Linear(128, 128),
-            nn.Linear(128, 128),
-            nn.Linear(128, 8),
-        )
+        super().__init__()  # the same layers, created in the same order, then the BatchNorm
         self.bn = nn.BatchNorm1d(128)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
