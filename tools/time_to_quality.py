@@ -112,6 +112,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.seeds, args.steps, args.d, args.layers, args.heads = min(args.seeds, 2), 6, 64, 2, 2
         args.seq, args.batch, args.eval_every, args.eval_batches = 32, 4, 3, 1
         args.adaptive_every, args.corpus_limit = 3, args.corpus_limit or 100_000
+    # each recipe's own step count, decided (and checked) once, before any training
+    args.recipe_steps = [
+        (name, mult, max(1, round(mult * args.steps))) for name, mult in parse_recipes(args.recipes)
+    ]
     return args
 
 
@@ -195,8 +199,7 @@ def make_runs(model: nn.Module, fast: nn.Module, args: argparse.Namespace) -> li
 
     builders = {"constant": constant, "anneal": anneal, "adaptive": adaptive}
     runs = [run("exact", copy.deepcopy(model), lambda x: 1.0, args.steps)]
-    for name, mult in parse_recipes(args.recipes):
-        steps = max(1, round(mult * args.steps))
+    for name, mult, steps in args.recipe_steps:
         runs.append(builders[name](steps, "" if steps == args.steps else f" x{mult:g} steps"))
     return runs
 
@@ -204,7 +207,7 @@ def make_runs(model: nn.Module, fast: nn.Module, args: argparse.Namespace) -> li
 def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = ByteGPT(d=args.d, layers=args.layers, heads=args.heads, seq=args.seq)
-    longest = max(round(m * args.steps) for _, m in [("exact", 1.0), *parse_recipes(args.recipes)])
+    longest = max([args.steps, *(steps for *_, steps in args.recipe_steps)])
     # one batch order for every recipe; a recipe with more steps reads on past exact's last batch
     data = list(text_data.batches(corpus.train, steps=longest, batch=args.batch, seq=args.seq, seed=seed))
     val = text_data.fixed_batches(corpus.val, count=args.eval_batches, batch=args.batch, seq=args.seq)
