@@ -179,6 +179,10 @@ def _anneal_to_exact(t: float, budget: float, fraction: float) -> float:
     return budget if t < start else budget + (1.0 - budget) * min(1.0, (t - start) / fraction)
 
 
+def _exact_cooldown(t: float, budget: float, fraction: float) -> float:
+    return budget if t < 1.0 - fraction else 1.0
+
+
 def _cosine(t: float, budget: float, fraction: float) -> float:
     return budget + (1.0 - budget) * (1.0 - math.cos(math.pi * t)) / 2.0
 
@@ -188,6 +192,7 @@ SCHEDULES: dict[str, Callable[[float, float, float], float]] = {
     "constant": _constant,
     "warmup_exact": _warmup_exact,  # exact for the first `fraction` of steps, then `budget`
     "anneal_to_exact": _anneal_to_exact,  # `budget`, then linear to exact over the last `fraction`
+    "exact_cooldown": _exact_cooldown,  # `budget`, then exact at once for the last `fraction`
     "cosine": _cosine,  # `budget` rising to exact along half a cosine
 }
 

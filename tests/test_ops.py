@@ -208,3 +208,24 @@ def test_fast_linear_matches_a_dense_masked_product(method: str, x_grad: bool) -
     torch.testing.assert_close(got[3], b.grad, **tol)
     kept = int((w.grad != 0).any(0).sum())
     assert kept <= 14 if method != "bernoulli" else 0 < kept < 48
+
+
+@pytest.mark.parametrize(
+    ("shape", "dim", "transposed"),
+    [((3, 4, 10, 9), -1, False), ((3, 4, 10, 9), 3, False), ((3, 4, 10, 9), -1, True),
+     ((3, 4, 10, 9), 2, False), ((5, 9), -1, False), ((2, 10, 9), 1, False)],
+)  # fmt: skip
+def test_select_matches_index_select_values_and_gradients(shape: tuple, dim: int, transposed: bool) -> None:
+    from approxcompile.ops.sampled import select
+
+    t = torch.randn(*shape, dtype=torch.float64)
+    if transposed:  # a non-contiguous view takes index_select's own path
+        t = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    t.requires_grad_(True)
+    index = torch.tensor([0, 3, 4, 8])
+    got, want = select(t, dim, index), t.index_select(dim, index)
+    assert got.shape == want.shape and torch.equal(got, want)
+    g = torch.randn_like(want)
+    (dgot,) = torch.autograd.grad(got, t, g)
+    (dwant,) = torch.autograd.grad(want, t, g)
+    assert torch.equal(dgot, dwant)

@@ -116,6 +116,8 @@ def test_schedule_shapes() -> None:
     at = schedule.budget_at
     assert [at("warmup_exact", s, 10, budget=0.3, fraction=0.3) for s in range(10)] == [1.0] * 3 + [0.3] * 7
     assert {at("constant", s, 10, budget=0.4) for s in range(10)} == {0.4}
+    cool = [at("exact_cooldown", s, 10, budget=0.2, fraction=0.25) for s in range(10)]
+    assert cool == [0.2] * 7 + [1.0] * 3
     cos = [at("cosine", s, 50, budget=0.2) for s in range(50)]
     assert cos[0] == 0.2 and cos[-1] == 1.0 and cos == sorted(cos) and len(set(cos)) <= 18
     assert all(math.isclose(b * 20, round(b * 20)) for b in cos[1:])  # rounded up to 1/20 steps

@@ -30,18 +30,24 @@ def test_the_learning_rate_warms_up_then_decays() -> None:
     assert f[-1] == pytest.approx(0.1, abs=0.01)
 
 
-def test_recipes_take_a_step_multiplier() -> None:
-    assert ttq.parse_recipes("anneal, anneal:1.25,constant:2") == [
-        ("anneal", 1.0),
-        ("anneal", 1.25),
-        ("constant", 2.0),
+def test_recipes_take_a_budget_a_fraction_and_a_step_multiplier() -> None:
+    R = ttq.Recipe
+    assert ttq.parse_recipes("anneal, anneal:1.25,constant@0.3:2, cooldown@0.2/0.25:1.1,cooldown/0.5") == [
+        R("anneal"),
+        R("anneal", mult=1.25),
+        R("constant", budget=0.3, mult=2.0),
+        R("cooldown", budget=0.2, fraction=0.25, mult=1.1),
+        R("cooldown", fraction=0.5),
     ]
+    assert R("cooldown", 0.2, 0.25, 1.1).label(0.2, 330, 300) == "cooldown@0.2 last 0.25 x1.1 steps"
+    assert R("anneal").label(0.2, 300, 300) == "anneal@0.2"
     with pytest.raises(SystemExit, match="unknown recipes"):
         ttq.parse_recipes("anneal,warmup")
     with pytest.raises(SystemExit, match="must be a number"):
         ttq.parse_recipes("anneal:x")
-    with pytest.raises(SystemExit, match="positive"):
-        ttq.parse_recipes("anneal:0")
+    for bad in ("anneal:0", "anneal@1.5", "cooldown/0", "constant@-1"):
+        with pytest.raises(SystemExit, match="must be in"):
+            ttq.parse_recipes(bad)
 
 
 def test_equal_steps_compares_at_exacts_last_step_not_the_recipes() -> None:
@@ -80,10 +86,11 @@ def test_quick_run_writes_the_headline_json_and_the_plots(tmp_path: Path) -> Non
 
 @pytest.mark.slow
 def test_a_recipe_with_more_steps_reads_on_and_ends_exact(tmp_path: Path) -> None:
-    argv = ["--quick", "--seeds", "1", "--recipes", "anneal:1.5", "--out", str(tmp_path)]
+    argv = ["--quick", "--seeds", "1", "--recipes", "anneal:1.5,cooldown@0.3/0.5", "--out", str(tmp_path)]
     assert ttq.main(argv) == 0
     seed = json.loads((tmp_path / "time_to_quality_runs.json").read_text())["seeds"][0]["runs"]
-    (name,) = [k for k in seed if k != "exact"]
+    assert seed["cooldown@0.3 last 0.5"]["budgets"] == [0.3, 1.0]  # sampled, then exact at once
+    (name,) = [k for k in seed if k.startswith("anneal")]
     assert name.endswith("x1.5 steps") and seed[name]["steps"] == 9 and seed["exact"]["steps"] == 6
     steps = [p["step"] for p in seed[name]["curve"]]
     assert 6 in steps and steps[-1] == 9  # evaluated at exact's last step and at its own

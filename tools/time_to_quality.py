@@ -8,11 +8,14 @@ Recipes, each from the same initial weights:
 - ``constant@B``: ``approxcompile.optimize(model, B)`` throughout;
 - ``anneal@B``: budget ``B``, then linear to exact over the last ``--anneal-fraction`` of steps
   (``approxcompile.schedule.Scheduler(..., "anneal_to_exact")``), so it ends exact;
+- ``cooldown@B``: budget ``B``, then exact at once for the last ``--anneal-fraction`` of steps
+  (``"exact_cooldown"``), where the learning rate has decayed;
 - ``adaptive@B``: ``approxcompile.schedule.Adaptive``: every ``--adaptive-every`` steps the error
   curves are measured again on the current batch and the least budget up to ``B`` whose plan
   keeps the mean relative error under ``--adaptive-target`` is chosen.
 
-``NAME:M`` in ``--recipes`` trains that recipe for ``M`` times exact's steps, its LR and budget
+``KIND@B/F`` in ``--recipes`` sets that recipe's budget and fraction (``cooldown@0.3/0.2``);
+``KIND:M`` trains that recipe for ``M`` times exact's steps, its LR and budget
 schedules stretched to them: cheaper steps buy more of them, which is how a time-to-quality
 comparison lets a faster recipe spend its savings. It reads on past exact's last batch in the
 same order, and is evaluated at exact's last step too, so "equal steps" stays a like-for-like
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -89,7 +93,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--budget", type=float, default=0.4, help="the constant recipe's budget")
     p.add_argument("--anneal-budget", type=float, default=0.2)
-    p.add_argument("--anneal-fraction", type=float, default=0.3)
+    p.add_argument("--anneal-fraction", type=float, default=0.3, help="anneal's and cooldown's default")
     p.add_argument("--adaptive-budget", type=float, default=0.6)
     p.add_argument("--adaptive-target", type=float, default=0.3)
     p.add_argument("--adaptive-every", type=int, default=25)
@@ -97,11 +101,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--recipes",
         default="constant,anneal,adaptive",
-        help="besides exact, comma-separated; NAME:M trains that recipe for M times --steps steps "
-        "(its LR and budget schedules stretched to them), e.g. anneal,anneal:1.25",
+        help="besides exact, comma-separated KIND[@BUDGET][/FRACTION][:M]: BUDGET and FRACTION override "
+        "the flags' defaults for that recipe; :M trains it for M times --steps steps (its LR and budget "
+        "schedules stretched to them), e.g. anneal,cooldown@0.3/0.2:1.1",
     )
     p.add_argument("--measure-time", action="store_true", help="ApproxConfig(measure_time=True)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--optimizer", choices=("adamw-fused", "adamw"), default="adamw-fused",
+        help="every recipe's optimizer: AdamW(fused=True), or PyTorch's default AdamW kernels",
+    )  # fmt: skip
     p.add_argument("--corpus-limit", type=int, default=None, help="bytes per split (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test")
     p.add_argument("--out", default="docs")
@@ -113,9 +122,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.seq, args.batch, args.eval_every, args.eval_batches = 32, 4, 3, 1
         args.adaptive_every, args.corpus_limit = 3, args.corpus_limit or 100_000
     # each recipe's own step count, decided (and checked) once, before any training
-    args.recipe_steps = [
-        (name, mult, max(1, round(mult * args.steps))) for name, mult in parse_recipes(args.recipes)
-    ]
+    args.recipe_steps = [(r, max(1, round(r.mult * args.steps))) for r in parse_recipes(args.recipes)]
     return args
 
 
@@ -146,68 +153,108 @@ def feasible(fast: nn.Module, budget: float) -> float:
         return math.ceil((e.smallest_feasible or 1.0) * 100) / 100
 
 
-def parse_recipes(text: str) -> list[tuple[str, float]]:
-    """``"anneal,anneal:1.25"`` -> ``[("anneal", 1.0), ("anneal", 1.25)]`` (name, step multiplier)."""
+@dataclass(frozen=True)
+class Recipe:
+    """One ``--recipes`` item: ``KIND[@BUDGET][/FRACTION][:MULT]``; unset parts take the flags' defaults."""
+
+    kind: str
+    budget: float | None = None
+    fraction: float | None = None
+    mult: float = 1.0
+
+    def label(self, budget: float, steps: int, exact_steps: int) -> str:
+        text = f"{self.kind}@{budget:g}"
+        if self.fraction is not None:
+            text += f" last {self.fraction:g}"
+        return text if steps == exact_steps else f"{text} x{self.mult:g} steps"
+
+
+def _number(item: str, part: str, what: str, low: float, high: float) -> float:
+    try:
+        v = float(part)
+    except ValueError:
+        raise SystemExit(f"bad recipe {item!r}: the {what} must be a number") from None
+    if not low < v <= high:
+        raise SystemExit(f"bad recipe {item!r}: the {what} must be in ({low:g}, {high:g}]")
+    return v
+
+
+def parse_recipes(text: str) -> list[Recipe]:
+    """``"anneal,cooldown@0.3/0.2:1.1"`` -> recipes (kind, budget, fraction of steps, step multiplier)."""
     out = []
     for item in (r.strip() for r in text.split(",")):
         if not item:
             continue
-        name, _, mult = item.partition(":")
-        try:
-            m = float(mult) if mult else 1.0
-        except ValueError:
-            raise SystemExit(f"bad recipe {item!r}: the step multiplier after ':' must be a number") from None
-        if m <= 0:
-            raise SystemExit(f"bad recipe {item!r}: the step multiplier must be positive")
-        out.append((name, m))
-    unknown = sorted({n for n, _ in out} - set(RECIPES))
+        head, _, mult = item.partition(":")
+        head, _, fraction = head.partition("/")
+        kind, _, budget = head.partition("@")
+        out.append(
+            Recipe(
+                kind=kind,
+                budget=_number(item, budget, "budget after '@'", 0.0, 1.0) if budget else None,
+                fraction=_number(item, fraction, "fraction after '/'", 0.0, 1.0) if fraction else None,
+                mult=_number(item, mult, "step multiplier after ':'", 0.0, math.inf) if mult else 1.0,
+            )
+        )
+    unknown = sorted({r.kind for r in out} - set(RECIPES))
     if unknown:
         raise SystemExit(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
     return out
 
 
-RECIPES = ("constant", "anneal", "adaptive")
+RECIPES = ("constant", "anneal", "cooldown", "adaptive")
+
+
+def make_optimizer(module: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    # Fused AdamW by default: the single-tensor and foreach kernels take ``sqrt`` of the
+    # second-moment state, which on this CPU is ~15x slower on exact zeros, and a sampled
+    # weight's never-kept columns have exactly zero state (docs/performance.md).
+    fused = {"adamw-fused": True, "adamw": None}[args.optimizer]
+    return torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01, fused=fused)
 
 
 def make_runs(model: nn.Module, fast: nn.Module, args: argparse.Namespace) -> list[Run]:
     dense = fast.meta["approxcompile"].dense_flops
 
     def run(name: str, module: nn.Module, control: Callable[[torch.Tensor], float], steps: int) -> Run:
-        opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01)
+        opt = make_optimizer(module, args)
         lr = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
         return Run(name, module, opt, lr, control, dense, steps)
 
-    def constant(steps: int, suffix: str) -> Run:
-        b = feasible(fast, args.budget)
-        const = copy.deepcopy(fast)
-        approxcompile.set_budget(const, b)
-        return run(f"constant@{b:g}{suffix}", const, lambda x: b, steps)
-
-    def anneal(steps: int, suffix: str) -> Run:
-        b = feasible(fast, args.anneal_budget)
-        module = copy.deepcopy(fast)
-        sched = schedule.Scheduler(module, "anneal_to_exact", steps, b, fraction=args.anneal_fraction)
-        return run(f"anneal@{b:g}{suffix}", module, lambda x: sched.step(), steps)
-
-    def adaptive(steps: int, suffix: str) -> Run:
-        module = copy.deepcopy(fast)
-        adapt = schedule.Adaptive(
-            module, budget=feasible(fast, args.adaptive_budget), target=args.adaptive_target,
-            every=args.adaptive_every, rows=args.adaptive_rows,
-        )  # fmt: skip
-        return run(f"adaptive@{adapt.budget:g}{suffix}", module, lambda x: adapt.step(x), steps)
-
-    builders = {"constant": constant, "anneal": anneal, "adaptive": adaptive}
+    defaults = {
+        "constant": (args.budget, None),
+        "anneal": (args.anneal_budget, args.anneal_fraction),
+        "cooldown": (args.anneal_budget, args.anneal_fraction),
+        "adaptive": (args.adaptive_budget, None),
+    }
     runs = [run("exact", copy.deepcopy(model), lambda x: 1.0, args.steps)]
-    for name, mult, steps in args.recipe_steps:
-        runs.append(builders[name](steps, "" if steps == args.steps else f" x{mult:g} steps"))
+    for recipe, steps in args.recipe_steps:
+        default_budget, default_fraction = defaults[recipe.kind]
+        b = feasible(fast, recipe.budget if recipe.budget is not None else default_budget)
+        f = recipe.fraction if recipe.fraction is not None else default_fraction
+        module = copy.deepcopy(fast)
+        name = recipe.label(b, steps, args.steps)
+        if recipe.kind == "constant":
+            approxcompile.set_budget(module, b)
+            control: Callable[[torch.Tensor], float] = lambda x, b=b: b  # noqa: E731
+        elif recipe.kind in ("anneal", "cooldown"):
+            named = "anneal_to_exact" if recipe.kind == "anneal" else "exact_cooldown"
+            sched = schedule.Scheduler(module, named, steps, b, fraction=f)
+            control = lambda x, sched=sched: sched.step()  # noqa: E731
+        else:
+            adapt = schedule.Adaptive(
+                module, budget=b, target=args.adaptive_target, every=args.adaptive_every,
+                rows=args.adaptive_rows,
+            )  # fmt: skip
+            control = lambda x, adapt=adapt: adapt.step(x)  # noqa: E731
+        runs.append(run(name, module, control, steps))
     return runs
 
 
 def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = ByteGPT(d=args.d, layers=args.layers, heads=args.heads, seq=args.seq)
-    longest = max([args.steps, *(steps for *_, steps in args.recipe_steps)])
+    longest = max([args.steps, *(steps for _, steps in args.recipe_steps)])
     # one batch order for every recipe; a recipe with more steps reads on past exact's last batch
     data = list(text_data.batches(corpus.train, steps=longest, batch=args.batch, seq=args.seq, seed=seed))
     val = text_data.fixed_batches(corpus.val, count=args.eval_batches, batch=args.batch, seq=args.seq)
@@ -445,7 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "time_to_quality.json").write_text(json.dumps(head, indent=1) + "\n")
     details = {
         "command": "python tools/time_to_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "settings": vars(args),
+        "settings": {
+            **vars(args),
+            "recipe_steps": [{**dataclasses.asdict(r), "steps": n} for r, n in args.recipe_steps],
+        },
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),

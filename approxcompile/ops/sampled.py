@@ -56,6 +56,20 @@ def _check_scores(scores: str) -> bool:
     return scores == "weights"
 
 
+def select(t: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``t.index_select(dim, index)``; the last dim of a contiguous N-D tensor goes through a 2-D view.
+
+    On a CPU, ``index_select`` along the last dim of a 4-D tensor is 3-4x slower than the
+    same selection on its ``(rows, n)`` view, forward and backward (measured on attention
+    probabilities, (16, 6, 128, 128) -> 48 keys: 7.6 against 2.0 ms), and that gather is
+    what the sampled ``P @ V`` of an attention block spends most of its time on.
+    """
+    n = t.shape[dim]
+    if t.dim() <= 2 or dim % t.dim() != t.dim() - 1 or not t.is_contiguous():
+        return t.index_select(dim, index)
+    return t.reshape(-1, n).index_select(1, index).view(*t.shape[:-1], index.numel())
+
+
 def _sample_slices(
     a: Tensor,
     a_dim: int,
@@ -78,8 +92,8 @@ def _sample_slices(
     with torch.no_grad():
         scores = slice_norms(b, b_dim) if by_b else slice_norms(a, a_dim) * slice_norms(b, b_dim)
     index, scale = draw_pairs(scores, b, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
-    a_s = a.index_select(a_dim, index)
-    b_s = b.index_select(b_dim, index)
+    a_s = select(a, a_dim, index)
+    b_s = select(b, b_dim, index)
     if a_s.numel() <= b_s.numel():
         return scale_along(a_s, scale, a_dim), b_s
     return a_s, scale_along(b_s, scale, b_dim)
