@@ -263,3 +263,18 @@ def test_pinned_model_pins_nodes_the_allocation_left_exact(bench: ModuleType) ->
     assert {name for name, n in nodes.items() if n.sampled} == {"convs.1", "convs.2", "convs.3"}
     assert all(nodes[f"convs.{i}"].keep == 0.4 and nodes[f"convs.{i}"].method == "topk" for i in (1, 2, 3))
     assert not nodes["convs.0"].sampled and not nodes["head"].sampled
+
+
+def test_byte_gpt_step_tool_compares_the_gather_and_the_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
+    import approxcompile.ops.sampled as sampled
+
+    gather = sampled.select
+    assert _tool("bench_byte_gpt").main(["--quick"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line[:36].strip() for line in lines]
+    assert names == [
+        "exact, AdamW default", "exact, AdamW fused", "0.6, index_select, AdamW default",
+        "0.6, 2-D gather, AdamW default", "0.6, 2-D gather, AdamW fused",
+    ]  # fmt: skip
+    assert lines[0].endswith("1.00x over exact, default AdamW")
+    assert sampled.select is gather  # the switched gather is put back
