@@ -8,6 +8,10 @@ CPU time per step, grouped by input shape, for the exact model and for
 
     .venv/bin/python tools/profile_step.py mlp --budget 0.4
     .venv/bin/python tools/profile_step.py cnn --budget 0.4 --steps 5 --rows 15
+    .venv/bin/python tools/profile_step.py gpt2 --budget 0.4 --threads 1 --by-op --rows 25
+
+``--by-op`` sums each operator over all its input shapes (what a comparison of two steps
+op by op needs: the sampled step has the same operator at many shapes).
 """
 
 from __future__ import annotations
@@ -23,20 +27,22 @@ from torch.profiler import ProfilerActivity, profile
 import approxcompile
 
 
-def profile_variant(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, rows: int) -> str:
+def profile_variant(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, rows: int, by_op: bool = False
+) -> str:
     opt = make_optimizer(model)
     for _ in range(3):
         train_step(model, opt, x, y)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             train_step(model, opt, x, y)
-    events = prof.key_averages(group_by_input_shape=True)
+    events = prof.key_averages(group_by_input_shape=not by_op)
     events = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
     total_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
     lines = [f"{total_ms:8.1f} ms per step in all operators (self time; profiler overhead included)"]
     lines.append(f"{'ms/step':>8}  {'calls':>5}  operator  input shapes")
     for e in events[:rows]:
-        shapes = str(e.input_shapes)[:90]
+        shapes = "" if by_op else str(e.input_shapes)[:90]
         lines.append(f"{e.self_cpu_time_total / 1e3 / steps:8.2f}  {e.count // steps:5d}  {e.key}  {shapes}")
     return "\n".join(lines)
 
@@ -48,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="profiled steps (after 3 warm-up steps)")
     p.add_argument("--rows", type=int, default=12, help="operators to show")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--by-op", action="store_true", help="one row per operator, all input shapes summed")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     fast = approxcompile.optimize(copy.deepcopy(w.model), args.budget, example_inputs=(w.x,))
     for name, model in (("exact", w.model), (f"approx@{args.budget}", fast)):
         print(f"== {args.model} {name}, {torch.get_num_threads()} threads")
-        print(profile_variant(model, w.x, w.y, args.steps, args.rows), flush=True)
+        print(profile_variant(model, w.x, w.y, args.steps, args.rows, args.by_op), flush=True)
 
 
 if __name__ == "__main__":

@@ -271,6 +271,8 @@ def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...])
     x, weight, bias, index, scale, unique, *_ = inputs
     _, xs = output
     ctx.mark_non_differentiable(xs)
+    # Else autograd zero-fills an (m, k) gradient for xs before every backward, unread.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(xs, weight, index, scale)
     ctx.x_shape, ctx.n, ctx.unique, ctx.has_bias = x.shape, weight.shape[1], unique, bias is not None
     ctx.x_dtype, ctx.b_dtype = x.dtype, None if bias is None else bias.dtype
