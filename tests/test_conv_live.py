@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from approxcompile.ops import kernels, sampled_conv
+from approxcompile.ops.live import live_channels
 from tests import reference
 
 
@@ -26,19 +27,19 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @contextmanager
 def _spy_live() -> Iterator[list[torch.Tensor | None]]:
-    """What every call of ``_live_channels`` returned, in order."""
+    """What every call of ``live_channels`` returned, in order."""
     seen: list[torch.Tensor | None] = []
-    real = kernels._live_channels
+    real = kernels.live_channels
 
     def spy(dy: torch.Tensor) -> torch.Tensor | None:
         seen.append(real(dy))
         return seen[-1]
 
-    kernels._live_channels = spy
+    kernels.live_channels = spy
     try:
         yield seen
     finally:
-        kernels._live_channels = real
+        kernels.live_channels = real
 
 
 def _two_layers(layout: torch.memory_format, sampled: bool, method: str = "topk") -> tuple[torch.Tensor, ...]:
@@ -97,15 +98,19 @@ def test_live_channels_are_exact() -> None:
     dy[:, 4] = -torch.rand(4, 5, 5) - 0.1
     dy[3, 6, 0, 0] = float("nan")
     for t in (dy, dy.contiguous(memory_format=torch.channels_last)):
-        live = kernels._live_channels(t)
+        live = live_channels(t)
         assert live is not None and live.tolist() == [1, 4, 6]
-    assert kernels._live_channels(torch.randn(4, 8, 5, 5)) is None  # dense: no slicing
+    assert live_channels(torch.randn(4, 8, 5, 5)) is None  # dense: no slicing
     dense = torch.zeros(4, 8, 5, 5)
     dense[1] = 1.0  # every channel live, but not in the first sample
-    assert kernels._live_channels(dense) is None
-    dy[:, :7] = 1.0  # 7 of 8 live: above _LIVE_MAX, not worth slicing
-    assert kernels._live_channels(dy) is None
-    assert kernels._live_channels(torch.zeros(4, 8, 5, 5)).numel() == 0  # type: ignore[union-attr]
+    assert live_channels(dense) is None
+    dy[:, :7] = 1.0  # 7 of 8 live: above LIVE_MAX, not worth slicing
+    assert live_channels(dy) is None
+    assert live_channels(torch.zeros(4, 8, 5, 5)).numel() == 0  # type: ignore[union-attr]
+    conv1d = torch.zeros(4, 8, 9)
+    conv1d[:, 2] = 1.0
+    assert live_channels(conv1d).tolist() == [2]  # type: ignore[union-attr]
+    assert live_channels(conv1d.transpose(0, 2).contiguous().transpose(0, 2)) is None  # odd layout: no copy
 
 
 def test_all_zero_output_gradient_gives_zero_gradients() -> None:

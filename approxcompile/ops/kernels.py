@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from approxcompile.ops import amp
+from approxcompile.ops.live import live_channels
 from approxcompile.ops.workspace import WORKSPACE
 
 _ACC_ROWS = 256  # rows per accumulator block: 256 x 4096 fp32 is 4 MB, read once per chunk
@@ -353,6 +354,22 @@ def _gather_channels(x: Tensor, index: Tensor) -> Tensor:
     return x.index_select(1, index)
 
 
+def _conv_grads(
+    dy: Tensor, xs: Tensor, ws: Tensor, conv: tuple[Any, ...], need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``aten.convolution_backward`` of ``conv(xs, ws)``; ``dy`` in ``xs``'s layout (no copy if it is)."""
+    if dy.shape[1] == 0:  # no live output channel: every gradient is zero
+        return torch.zeros_like(xs), torch.zeros_like(ws), dy.new_zeros(0)
+    return torch.ops.aten.convolution_backward(
+        dy.contiguous(memory_format=_memory_format(xs)),
+        xs,
+        ws,
+        [dy.shape[1]] if need_b else None,
+        *conv,
+        [need_x, need_w, need_b],
+    )
+
+
 @torch.library.custom_op(
     "approxcompile::sampled_conv_product_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,)
 )
@@ -380,7 +397,7 @@ def sampled_conv_product_backward(
     channels it kept get a gradient, so this backward shrinks by that keep ratio too.
     """
     conv = (stride, padding, dilation, False, [0] * len(stride), 1)
-    live = _live_channels(dy)
+    live = live_channels(dy)
     if live is None:
         dxs, dws, db = _conv_grads(dy, xs, ws, conv, need_x, need_w, need_b)
     else:  # the products over the live output channels, zeros elsewhere
@@ -460,58 +477,3 @@ sampled_conv_product.register_autograd(_conv_backward, setup_context=_conv_setup
 
 def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(t) else torch.contiguous_format
-
-
-def _conv_grads(
-    dy: Tensor, xs: Tensor, ws: Tensor, conv: tuple[Any, ...], need_x: bool, need_w: bool, need_b: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``aten.convolution_backward`` of ``conv(xs, ws)``; ``dy`` in ``xs``'s layout (no copy if it is)."""
-    if dy.shape[1] == 0:  # no live output channel: every gradient is zero
-        return torch.zeros_like(xs), torch.zeros_like(ws), dy.new_zeros(0)
-    return torch.ops.aten.convolution_backward(
-        dy.contiguous(memory_format=_memory_format(xs)),
-        xs,
-        ws,
-        [dy.shape[1]] if need_b else None,
-        *conv,
-        [need_x, need_w, need_b],
-    )
-
-
-_LIVE_MAX = 0.75  # slice the products only when at most this fraction of output channels is live
-
-
-def _live_channels(dy: Tensor) -> Tensor | None:
-    """Indices of the channels (dim 1) of ``dy`` with a nonzero entry; ``None`` when most are live.
-
-    Exact: a channel counts as dead only when its maximum and minimum are both zero (a norm
-    would underflow for tiny values; a NaN compares unequal to zero and stays live). The
-    first sample is checked alone first: when it has every channel live, so does the batch,
-    and a dense gradient costs a read of 1/N of it.
-    """
-    n, c = dy.shape[0], dy.shape[1]
-    if dy.dim() < 3 or n == 0 or c < 4:
-        return None
-    if _channels_last(dy):  # rows of c channels: reduce over the rows
-        rows = dy.permute(0, 2, 3, 1).reshape(n, -1, c)
-        if bool(_nonzero_cols(rows[0]).all()):
-            return None
-        live = _nonzero_cols(rows.reshape(-1, c))
-    elif dy.is_contiguous():  # runs of one channel: reduce each run
-        if bool(_nonzero_rows(dy[0].reshape(c, -1)).all()):
-            return None
-        live = _nonzero_rows(dy.reshape(n * c, -1)).view(n, c).any(0)
-    else:  # another layout: not worth a copy to find out
-        return None
-    index = live.nonzero().squeeze(1)
-    return index if index.numel() <= _LIVE_MAX * c else None
-
-
-def _nonzero_cols(t: Tensor) -> Tensor:
-    """``t[:, j]`` has a nonzero entry, for each column of a 2-D ``t``."""
-    return (t.amax(0) != 0) | (t.amin(0) != 0)
-
-
-def _nonzero_rows(t: Tensor) -> Tensor:
-    """``t[r]`` has a nonzero entry, for each row of a 2-D ``t`` (contiguous rows: vectorised reductions)."""
-    return (t.amax(1) != 0) | (t.amin(1) != 0)
