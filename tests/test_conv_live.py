@@ -133,3 +133,42 @@ def test_backward_allocates_no_gradient_for_the_saved_slices() -> None:
     ]
     assert [2, 12, 8, 8] not in [s[0] if s else None for s in shapes]
     assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("need_x", "need_w", "need_b"),
+    [(True, True, True), (True, False, False), (False, True, False), (False, False, True)],
+)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_live_backward_equals_the_full_backward_for_every_gradient_mask(
+    need_x: bool, need_w: bool, need_b: bool, layout: torch.memory_format
+) -> None:
+    g = torch.Generator().manual_seed(2)
+    dy = torch.zeros(3, 16, 6, 6)
+    dy[:, [1, 5, 6, 11]] = torch.randn(3, 4, 6, 6, generator=g)
+    dy = dy.contiguous(memory_format=layout)
+    xs = torch.randn(3, 5, 6, 6, generator=g).contiguous(memory_format=layout)
+    ws = torch.randn(16, 5, 3, 3, generator=g)
+    index, scale = torch.tensor([0, 2, 3, 7, 9]), torch.tensor([1.5, 2.0, 1.0, 3.0, 2.5])
+    args = (dy, xs, ws, index, scale, [3, 10, 6, 6], [16, 10, 3, 3], True, [1, 1], [1, 1], [1, 1])
+    with _spy_live() as seen:
+        got = [t.clone() for t in kernels.sampled_conv_product_backward(*args, need_x, need_w, need_b)]
+    assert seen[0] is not None and seen[0].tolist() == [1, 5, 6, 11]
+    real = kernels.live_channels
+    kernels.live_channels = lambda dy: None  # the products over every output channel
+    try:
+        want = kernels.sampled_conv_product_backward(*args, need_x, need_w, need_b)
+    finally:
+        kernels.live_channels = real
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        if a.numel():
+            _close(a, b)
+
+
+def test_bias_only_training_gets_the_exact_bias_gradient() -> None:
+    """Frozen input and weight, trainable bias (as in bias-only fine-tuning)."""
+    x, w = torch.randn(2, 20, 5, 5), torch.randn(3, 20, 3, 3)
+    b = torch.randn(3, requires_grad=True)
+    sampled_conv(x, w, b, 1, 1, 1, keep=0.5).sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((3,), 2.0 * 5 * 5))

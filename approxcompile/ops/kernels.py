@@ -406,7 +406,7 @@ def sampled_conv_product_backward(
         )
         dws = ws.new_zeros(ws.shape).index_copy_(0, live, dws_live) if need_w else dws_live
         db = dy.new_zeros(dy.shape[1]).index_copy_(0, live, db_live) if need_b else db_live
-    dx = dw = dy.new_empty(0)
+    dx, dw = dy.new_empty(0), dy.new_empty(0)  # two tensors: a custom op's outputs may not alias
     if need_x and _channels_last(xs):  # dx channels-last too: scatter along the innermost dim
         n, c, h, w = x_shape
         full = WORKSPACE.get("dx", (n, h, w, c), dxs.dtype, dy.device)
