@@ -172,3 +172,16 @@ def test_bias_only_training_gets_the_exact_bias_gradient() -> None:
     b = torch.randn(3, requires_grad=True)
     sampled_conv(x, w, b, 1, 1, 1, keep=0.5).sum().backward()
     torch.testing.assert_close(b.grad, torch.full((3,), 2.0 * 5 * 5))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kept", [[0, 3, 4, 9], []])
+def test_channel_gather_matches_indexing_and_keeps_the_layout(
+    layout: torch.memory_format, kept: list[int]
+) -> None:
+    x = torch.randn(3, 10, 5, 6).contiguous(memory_format=layout)
+    index = torch.tensor(kept, dtype=torch.long)
+    got = kernels._gather_channels(x, index)
+    assert torch.equal(got, x[:, index])
+    if kept and layout == torch.channels_last:
+        assert got.is_contiguous(memory_format=layout) and not got.is_contiguous()

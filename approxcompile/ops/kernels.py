@@ -348,9 +348,16 @@ def _channels_last(t: Tensor) -> bool:
 
 
 def _gather_channels(x: Tensor, index: Tensor) -> Tensor:
-    """``x[:, index]``, channels-last when ``x`` is (a gather along its innermost dimension)."""
+    """``x[:, index]``, channels-last when ``x`` is (a gather along its innermost dimension).
+
+    The channels-last gather runs on the 2-D ``(N*H*W, C)`` view: ``index_select`` along the
+    last dim of the 4-D view took 30 ms for 32x128x32x32 -> 51 channels, the 2-D one 2.5 ms
+    (1 thread; under ``torch.compile`` Inductor hands the op channels-last activations).
+    """
     if _channels_last(x):
-        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels-last memory is (n, h, w, c)
+        return rows.index_select(1, index).view(n, h, w, index.numel()).permute(0, 3, 1, 2)
     return x.index_select(1, index)
 
 
