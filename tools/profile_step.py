@@ -4,11 +4,13 @@ The companion of tools/bench.py for docs/performance.md: it trains the same benc
 model (tools/bench_models.py) with the same step (SGD with momentum, set_to_none
 zero_grad), warms up, profiles a few steps and prints the operators with the most self
 CPU time per step, grouped by input shape, for the exact model and for
-``approxcompile.optimize(model, budget)``.
+``approxcompile.optimize(model, budget)``, or for the variants ``--variants`` names (any
+of tools/bench.py's, e.g. ``pinned@0.4`` and ``paper-pinned@0.4``).
 
     .venv/bin/python tools/profile_step.py mlp --budget 0.4
     .venv/bin/python tools/profile_step.py cnn --budget 0.4 --steps 5 --rows 15
     .venv/bin/python tools/profile_step.py gpt2 --budget 0.4 --threads 1 --by-op --rows 25
+    .venv/bin/python tools/profile_step.py cnn --variants exact,pinned@0.4,paper-pinned@0.4 --threads 1
 
 ``--by-op`` sums each operator over all its input shapes (what a comparison of two steps
 op by op needs: the sampled step has the same operator at many shapes).
@@ -20,7 +22,7 @@ import argparse
 import copy
 
 import torch
-from bench import make_optimizer, train_step
+from bench import make_optimizer, make_variant, train_step
 from bench_models import FACTORIES, build
 from torch.profiler import ProfilerActivity, profile
 
@@ -55,12 +57,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", type=int, default=12, help="operators to show")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--by-op", action="store_true", help="one row per operator, all input shapes summed")
+    p.add_argument("--variants", type=lambda s: s.split(","), help="tools/bench.py variant names")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     w = build(args.model, "full", seed=0)
-    fast = approxcompile.optimize(copy.deepcopy(w.model), args.budget, example_inputs=(w.x,))
-    for name, model in (("exact", w.model), (f"approx@{args.budget}", fast)):
+    if args.variants:
+        cache: dict[float, torch.fx.GraphModule] = {}
+        models = [(name, make_variant(w, name, cache).model) for name in args.variants]
+    else:
+        fast = approxcompile.optimize(copy.deepcopy(w.model), args.budget, example_inputs=(w.x,))
+        models = [("exact", w.model), (f"approx@{args.budget}", fast)]
+    for name, model in models:
         print(f"== {args.model} {name}, {torch.get_num_threads()} threads")
         print(profile_variant(model, w.x, w.y, args.steps, args.rows, args.by_op), flush=True)
 

@@ -1,0 +1,187 @@
+"""A sampled conv's backward leaves out the output channels whose gradient is all zero, exactly.
+
+Behind a sampled convolution (and channel-wise ops: ReLU, pooling) only the channels that
+convolution kept receive a gradient; the previous sampled conv's backward then runs its
+products over those channels alone. These tests check that the shortcut is taken, and that
+values and gradients are those of the dense reference in NCHW and channels-last layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from approxcompile.ops import kernels, sampled_conv
+from approxcompile.ops.live import live_channels
+from tests import reference
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+@contextmanager
+def _spy_live() -> Iterator[list[torch.Tensor | None]]:
+    """What every call of ``live_channels`` returned, in order."""
+    seen: list[torch.Tensor | None] = []
+    real = kernels.live_channels
+
+    def spy(dy: torch.Tensor) -> torch.Tensor | None:
+        seen.append(real(dy))
+        return seen[-1]
+
+    kernels.live_channels = spy
+    try:
+        yield seen
+    finally:
+        kernels.live_channels = real
+
+
+def _two_layers(layout: torch.memory_format, sampled: bool, method: str = "topk") -> tuple[torch.Tensor, ...]:
+    """conv(40->24) -> ReLU -> max pool -> conv(24->6), both sampled (or both dense references)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 40, 10, 10, generator=g) * torch.linspace(0.2, 2, 40).view(1, -1, 1, 1)).clone(
+        memory_format=layout
+    )
+    x.requires_grad_(True)
+    w1 = torch.randn(24, 40, 3, 3, generator=g).requires_grad_(True)
+    b1 = torch.randn(24, generator=g).requires_grad_(True)
+    w2 = torch.randn(6, 24, 3, 3, generator=g).requires_grad_(True)
+    b2 = torch.randn(6, generator=g).requires_grad_(True)
+    if sampled:
+        h = sampled_conv(
+            x, w1, b1, 1, 1, 1, keep=0.4, method=method, generator=torch.Generator().manual_seed(3)
+        )
+        h = F.max_pool2d(F.relu(h), 2)
+        y = sampled_conv(
+            h, w2, b2, 1, 1, 1, keep=0.25, method=method, generator=torch.Generator().manual_seed(4)
+        )
+    else:
+        h = reference.conv(x, w1, b1, 16, method, 3, 1, 1, 1)  # keep 0.4 of 40
+        h = F.max_pool2d(F.relu(h), 2)
+        y = reference.conv(h, w2, b2, 6, method, 4, 1, 1, 1)  # keep 0.25 of 24
+    y.pow(2).sum().backward()
+    assert x.grad is not None and w1.grad is not None and b1.grad is not None and w2.grad is not None
+    return y.detach(), x.grad, w1.grad, b1.grad, w2.grad
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("method", ["topk", "crs"])
+def test_backward_over_live_channels_matches_the_dense_reference(
+    layout: torch.memory_format, method: str
+) -> None:
+    with _spy_live() as seen:
+        got = _two_layers(layout, sampled=True, method=method)
+    # backward runs the second conv first: its dy is dense; the first conv's dy is live only
+    # on the (at most) 6 channels of 24 the second conv kept
+    assert len(seen) == 2 and seen[0] is None
+    live = seen[1]
+    assert live is not None and 0 < live.numel() <= 6
+    assert got[1].is_contiguous(memory_format=layout)
+    want = _two_layers(torch.contiguous_format, sampled=False, method=method)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w)
+    dead = torch.ones(24, dtype=torch.bool)
+    dead[live] = False
+    assert (got[2][dead] == 0).all() and (got[3][dead] == 0).all()  # dW rows and db of dead channels
+
+
+def test_live_channels_are_exact() -> None:
+    """Tiny values (whose squares underflow), negative-only channels and NaN all count as live."""
+    dy = torch.zeros(4, 8, 5, 5)
+    dy[2, 1, 3, 3] = 1e-30
+    dy[:, 4] = -torch.rand(4, 5, 5) - 0.1
+    dy[3, 6, 0, 0] = float("nan")
+    for t in (dy, dy.contiguous(memory_format=torch.channels_last)):
+        live = live_channels(t)
+        assert live is not None and live.tolist() == [1, 4, 6]
+    assert live_channels(torch.randn(4, 8, 5, 5)) is None  # dense: no slicing
+    dense = torch.zeros(4, 8, 5, 5)
+    dense[1] = 1.0  # every channel live, but not in the first sample
+    assert live_channels(dense) is None
+    dy[:, :7] = 1.0  # 7 of 8 live: above LIVE_MAX, not worth slicing
+    assert live_channels(dy) is None
+    assert live_channels(torch.zeros(4, 8, 5, 5)).numel() == 0  # type: ignore[union-attr]
+    conv1d = torch.zeros(4, 8, 9)
+    conv1d[:, 2] = 1.0
+    assert live_channels(conv1d).tolist() == [2]  # type: ignore[union-attr]
+    assert live_channels(conv1d.transpose(0, 2).contiguous().transpose(0, 2)) is None  # odd layout: no copy
+
+
+def test_all_zero_output_gradient_gives_zero_gradients() -> None:
+    x = torch.randn(2, 20, 6, 6, requires_grad=True)
+    w, b = torch.randn(5, 20, 3, 3, requires_grad=True), torch.randn(5, requires_grad=True)
+    (sampled_conv(x, w, b, 1, 1, 1, keep=0.5) * 0).sum().backward()
+    for g in (x.grad, w.grad, b.grad):
+        assert g is not None and (g == 0).all()
+
+
+def test_backward_allocates_no_gradient_for_the_saved_slices() -> None:
+    """The op's extra outputs (the gathered slices) get no zero-filled gradient in backward."""
+    x = torch.randn(2, 40, 8, 8, requires_grad=True)
+    w = torch.randn(6, 40, 3, 3, requires_grad=True)
+    y = sampled_conv(x, w, None, 1, 1, 1, keep=0.3)  # 12 of 40 channels: xs is (2, 12, 8, 8)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        y.sum().backward()
+    shapes = [
+        e.input_shapes for e in prof.events() if e.name in ("aten::zeros", "aten::zero_", "aten::fill_")
+    ]
+    assert [2, 12, 8, 8] not in [s[0] if s else None for s in shapes]
+    assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("need_x", "need_w", "need_b"),
+    [(True, True, True), (True, False, False), (False, True, False), (False, False, True)],
+)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_live_backward_equals_the_full_backward_for_every_gradient_mask(
+    need_x: bool, need_w: bool, need_b: bool, layout: torch.memory_format
+) -> None:
+    g = torch.Generator().manual_seed(2)
+    dy = torch.zeros(3, 16, 6, 6)
+    dy[:, [1, 5, 6, 11]] = torch.randn(3, 4, 6, 6, generator=g)
+    dy = dy.contiguous(memory_format=layout)
+    xs = torch.randn(3, 5, 6, 6, generator=g).contiguous(memory_format=layout)
+    ws = torch.randn(16, 5, 3, 3, generator=g)
+    index, scale = torch.tensor([0, 2, 3, 7, 9]), torch.tensor([1.5, 2.0, 1.0, 3.0, 2.5])
+    args = (dy, xs, ws, index, scale, [3, 10, 6, 6], [16, 10, 3, 3], True, [1, 1], [1, 1], [1, 1])
+    with _spy_live() as seen:
+        got = [t.clone() for t in kernels.sampled_conv_product_backward(*args, need_x, need_w, need_b)]
+    assert seen[0] is not None and seen[0].tolist() == [1, 5, 6, 11]
+    real = kernels.live_channels
+    kernels.live_channels = lambda dy: None  # the products over every output channel
+    try:
+        want = kernels.sampled_conv_product_backward(*args, need_x, need_w, need_b)
+    finally:
+        kernels.live_channels = real
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        if a.numel():
+            _close(a, b)
+
+
+def test_bias_only_training_gets_the_exact_bias_gradient() -> None:
+    """Frozen input and weight, trainable bias (as in bias-only fine-tuning)."""
+    x, w = torch.randn(2, 20, 5, 5), torch.randn(3, 20, 3, 3)
+    b = torch.randn(3, requires_grad=True)
+    sampled_conv(x, w, b, 1, 1, 1, keep=0.5).sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((3,), 2.0 * 5 * 5))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("kept", [[0, 3, 4, 9], []])
+def test_channel_gather_matches_indexing_and_keeps_the_layout(
+    layout: torch.memory_format, kept: list[int]
+) -> None:
+    x = torch.randn(3, 10, 5, 6).contiguous(memory_format=layout)
+    index = torch.tensor(kept, dtype=torch.long)
+    got = kernels._gather_channels(x, index)
+    assert torch.equal(got, x[:, index])
+    if kept and layout == torch.channels_last:
+        assert got.is_contiguous(memory_format=layout) and not got.is_contiguous()
