@@ -22,6 +22,12 @@ from approxcompile.ops.live import HEAD_ROWS, live_columns
 from tests import reference
 
 
+@pytest.fixture(autouse=True)
+def _test_every_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These small products are below the size where the op looks for live columns at all."""
+    monkeypatch.setattr(kernels, "LIVE_MIN_PRODUCT", 0)
+
+
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(
         got, want, rtol=1e-5, atol=1e-6 * float(want.nan_to_num().abs().max()), equal_nan=True
@@ -164,3 +170,18 @@ def test_bias_only_training_gets_the_exact_bias_gradient() -> None:
     b = torch.randn(5, requires_grad=True)
     sampled_linear(x, w, b, keep=0.5).sum().backward()
     torch.testing.assert_close(b.grad, torch.full((5,), 12.0))
+
+
+def test_thin_products_skip_the_live_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below LIVE_MIN_PRODUCT (kept columns times products) dy is not read for live columns."""
+    monkeypatch.setattr(kernels, "LIVE_MIN_PRODUCT", 11)  # 5 kept columns: 10 with dx and dW, 5 alone
+    dy = torch.zeros(60, 16)
+    dy[:, 3] = 1.0
+    for need_x, need_w, tested in ((True, True, False), (True, False, False)):
+        with _spy_live() as seen:
+            kernels.sampled_linear_product_backward(*_backward_args(dy, True), need_x, need_w)  # type: ignore[arg-type]
+        assert bool(seen) == tested
+    monkeypatch.setattr(kernels, "LIVE_MIN_PRODUCT", 10)
+    with _spy_live() as seen:
+        kernels.sampled_linear_product_backward(*_backward_args(dy, True), True, True)  # type: ignore[arg-type]
+    assert seen[0] is not None and seen[0].tolist() == [3]

@@ -168,6 +168,9 @@ def _linear_fake(
     return x.new_empty((*x.shape[:-1], p), dtype=dtype), x.new_empty((x.numel() // n, k), dtype=dtype)
 
 
+LIVE_MIN_PRODUCT = 128  # kept columns times products computed, below which dy is not tested
+
+
 @torch.library.custom_op("approxcompile::sampled_linear_product_backward", mutates_args=())
 def sampled_linear_product_backward(
     dy: Tensor,
@@ -202,7 +205,10 @@ def sampled_linear_product_backward(
     p = weight.shape[0]
     k = index.numel()
     dy2 = _to(dy.reshape(-1, p), xs.dtype)
-    live = live_columns(dy2) if need_x or need_w else None
+    # The full live test reads dy twice (amax, amin): about what one product with k = 32
+    # costs (1 thread, 2048 x 1536), so it is skipped where the products are too thin to pay
+    # for it (byte_gpt's fc1 keeps 16 of 384 input columns).
+    live = live_columns(dy2) if k * (need_x + need_w) >= LIVE_MIN_PRODUCT else None
     dx, dw = dy.new_empty(0), dy.new_empty(0)  # two tensors: a custom op's outputs may not alias
     full = WORKSPACE.get("grad", (p, n), weight.dtype, dy.device)
     dy_live = dy2 if live is None else dy2.index_select(1, live)
