@@ -267,14 +267,16 @@ def test_pinned_model_pins_nodes_the_allocation_left_exact(bench: ModuleType) ->
 
 def test_byte_gpt_step_tool_compares_the_gather_and_the_optimizer(capsys: pytest.CaptureFixture[str]) -> None:
     import approxcompile.ops.sampled as sampled
+    from approxcompile.ops import kernels
 
-    gather = sampled.select
+    gather, live = sampled.select, kernels.live_columns
     assert _tool("bench_byte_gpt").main(["--quick"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    names = [line[:36].strip() for line in lines]
+    names = [line[:40].strip() for line in lines]
     assert names == [
         "exact, AdamW default", "exact, AdamW fused", "0.6, index_select, AdamW default",
         "0.6, 2-D gather, AdamW default", "0.6, 2-D gather, AdamW fused",
+        "0.6, 2-D gather, fused, dense backward",
     ]  # fmt: skip
     assert lines[0].endswith("1.00x over exact, default AdamW")
-    assert sampled.select is gather  # the switched gather is put back
+    assert sampled.select is gather and kernels.live_columns is live  # the switches are put back

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from approxcompile.ops import amp
-from approxcompile.ops.live import live_channels
+from approxcompile.ops.live import live_channels, live_columns
 from approxcompile.ops.workspace import WORKSPACE
 
 _ACC_ROWS = 256  # rows per accumulator block: 256 x 4096 fp32 is 4 MB, read once per chunk
@@ -168,6 +168,9 @@ def _linear_fake(
     return x.new_empty((*x.shape[:-1], p), dtype=dtype), x.new_empty((x.numel() // n, k), dtype=dtype)
 
 
+LIVE_MIN_PRODUCT = 128  # kept columns times products computed, below which dy is not tested
+
+
 @torch.library.custom_op("approxcompile::sampled_linear_product_backward", mutates_args=())
 def sampled_linear_product_backward(
     dy: Tensor,
@@ -193,23 +196,42 @@ def sampled_linear_product_backward(
     (:func:`_weight_grad_in_place`). So a sampled layer's backward needs no memory beyond
     the gradients exact training allocates (a kept ``(p, k)`` copy of the columns would be
     23 MB per 4096 x 4096 weight at keep 0.35, alive from forward to backward).
+
+    Output columns whose gradient is zero in every row are left out of both products (their
+    ``dW`` rows are zero, they add nothing to ``dx``): behind a forward-sampled linear and an
+    elementwise activation only the columns that linear kept get a gradient
+    (:func:`~approxcompile.ops.live.live_columns`).
     """
     p = weight.shape[0]
     k = index.numel()
     dy2 = _to(dy.reshape(-1, p), xs.dtype)
-    dx = dw = dy.new_empty(0)
+    # The full live test reads dy twice (amax, amin): about what one product with k = 32
+    # costs (1 thread, 2048 x 1536), so it is skipped where the products are too thin to pay
+    # for it (byte_gpt's fc1 keeps 16 of 384 input columns).
+    live = live_columns(dy2) if k * (need_x + need_w) >= LIVE_MIN_PRODUCT else None
+    dx, dw = dy.new_empty(0), dy.new_empty(0)  # two tensors: a custom op's outputs may not alias
     full = WORKSPACE.get("grad", (p, n), weight.dtype, dy.device)
+    dy_live = dy2 if live is None else dy2.index_select(1, live)
     if need_x:
         ws = full.view(-1)[p * n - p * k :].view(p, k)
         torch.index_select(weight, 1, index, out=ws)
-        dxs = dy2 @ _to(ws, xs.dtype)
+        if live is not None:  # a small (live, k) copy: the rows that meet a nonzero gradient
+            ws = ws.index_select(0, live)
+        dxs = dy_live @ _to(ws, xs.dtype)
         if scale is not None:
             dxs.mul_(scale.to(dxs.dtype))
         dxs = _to(dxs, x_dtype)
         dx = _scatter(dxs, 1, index, WORKSPACE.get("dx", (dy2.shape[0], n), dxs.dtype, dy.device), unique)
         dx = dx.view(x_shape)
-    if need_w:
+    if need_w and live is None:
         dw = _weight_grad_in_place(dy2, xs, index, full, unique)
+    elif need_w:  # the (live, k) product into the rows and columns it belongs to, zeros elsewhere
+        assert live is not None
+        product = torch.mm(dy_live.t(), xs, out=WORKSPACE.get("dwl", (live.numel(), k), xs.dtype, xs.device))
+        # accumulate only for repeated indices: the unique case copies, in parallel, on CPU
+        dw = full.zero_().index_put_(
+            (live.unsqueeze(1), index.unsqueeze(0)), _to(product, full.dtype), accumulate=not unique
+        )
     return dx, dw
 
 

@@ -1,4 +1,4 @@
-"""Which output channels of a convolution's gradient are not all zero ("live").
+"""Which output channels of a gradient are not all zero ("live"): of a convolution's or a linear's.
 
 Behind a sampled convolution (through ReLU and pooling, which act channel by channel) only
 the channels it kept receive a gradient, so the layer before it sees an output gradient
@@ -6,6 +6,10 @@ that is exactly zero on most channels. That layer's backward can then run its pr
 over the live channels alone (``kernels.sampled_conv_product_backward``): the weight
 gradient rows and bias entries of a dead channel are zero, and it adds nothing to the
 input gradient.
+
+Linears alike: behind a forward-sampled linear (through an elementwise activation) only
+the input columns it kept receive a gradient, so the linear before it sees an output
+gradient that is zero on most columns (``kernels.sampled_linear_product_backward``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from torch import Tensor
 
 LIVE_MAX = 0.75  # slice the products only when at most this fraction of output channels is live
+HEAD_ROWS = 32  # rows of a linear's gradient looked at first, to give up early on a dense one
 
 
 def live_channels(dy: Tensor) -> Tensor | None:
@@ -41,6 +46,28 @@ def live_channels(dy: Tensor) -> Tensor | None:
         return None
     index = live.nonzero().squeeze(1)
     return index if index.numel() <= LIVE_MAX * c else None
+
+
+def live_columns(dy: Tensor) -> Tensor | None:
+    """Indices of the columns of a 2-D ``dy`` with a nonzero entry; ``None`` when most are live.
+
+    Exact like :func:`live_channels` (NaN and values whose squares underflow stay live). A
+    row of a linear's gradient is often sparse even when every column is live somewhere
+    (behind a dense ReLU layer about half its entries are zero), so the first rows are
+    checked first: once more than ``LIVE_MAX`` of the columns are live in them, the whole
+    gradient has them too, and a dense gradient costs a read of ``HEAD_ROWS`` rows.
+    """
+    if dy.dim() != 2 or dy.shape[0] == 0 or dy.shape[1] < 4:
+        return None
+    m, p = dy.shape
+    head = min(m, HEAD_ROWS)
+    live = _nonzero_cols(dy[:head])
+    if int(live.sum()) > LIVE_MAX * p:
+        return None
+    if head < m:
+        live |= _nonzero_cols(dy[head:])
+    index = live.nonzero().squeeze(1)
+    return index if index.numel() <= LIVE_MAX * p else None
 
 
 def _nonzero_cols(t: Tensor) -> Tensor:
