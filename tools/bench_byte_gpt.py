@@ -2,7 +2,7 @@
 
 Trains ``tools/byte_gpt.py``'s GPT (``docs/time-to-quality.md``'s model) exactly and at a
 budget, in one process, interleaved round by round, and quotes each variant's median step
-time and its median paired speedup over exact with PyTorch's default AdamW. Two switches
+time and its median paired speedup over exact with PyTorch's default AdamW. Three switches
 are compared, each against the rest held fixed:
 
 - ``index_select``: the sampled matmul's gather as plain ``index_select`` along the last

@@ -371,6 +371,20 @@ def _channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def select(t: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``t.index_select(dim, index)``; the last dim of a contiguous N-D tensor goes through a 2-D view.
+
+    On a CPU, ``index_select`` along the last dim of a 4-D tensor is 3-4x slower than the
+    same selection on its ``(rows, n)`` view, forward and backward (measured on attention
+    probabilities, (16, 6, 128, 128) -> 48 keys: 7.6 against 2.0 ms), and that gather is
+    what the sampled ``P @ V`` of an attention block spends most of its time on.
+    """
+    n = t.shape[dim]
+    if t.dim() <= 2 or dim % t.dim() != t.dim() - 1 or not t.is_contiguous():
+        return t.index_select(dim, index)
+    return t.reshape(-1, n).index_select(1, index).view(*t.shape[:-1], index.numel())
+
+
 def _gather_channels(x: Tensor, index: Tensor) -> Tensor:
     """``x[:, index]``, channels-last when ``x`` is (a gather along its innermost dimension).
 
@@ -378,10 +392,8 @@ def _gather_channels(x: Tensor, index: Tensor) -> Tensor:
     last dim of the 4-D view took 30 ms for 32x128x32x32 -> 51 channels, the 2-D one 2.5 ms
     (1 thread; under ``torch.compile`` Inductor hands the op channels-last activations).
     """
-    if _channels_last(x):
-        n, c, h, w = x.shape
-        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: channels-last memory is (n, h, w, c)
-        return rows.index_select(1, index).view(n, h, w, index.numel()).permute(0, 3, 1, 2)
+    if _channels_last(x):  # the (n, h, w, c) permutation is a contiguous view of its memory
+        return select(x.permute(0, 2, 3, 1), 3, index).permute(0, 3, 1, 2)
     return x.index_select(1, index)
 
 

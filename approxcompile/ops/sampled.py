@@ -44,6 +44,7 @@ from approxcompile.ops.kernels import (
     column_norms,
     sampled_conv_product,
     sampled_linear_product,
+    select,
     slice_norms,
 )
 from approxcompile.plan import kept_count
@@ -54,20 +55,6 @@ def _check_scores(scores: str) -> bool:
     if scores not in ("activations", "weights"):
         raise ValueError(f"scores must be 'activations' or 'weights', got {scores!r}")
     return scores == "weights"
-
-
-def select(t: Tensor, dim: int, index: Tensor) -> Tensor:
-    """``t.index_select(dim, index)``; the last dim of a contiguous N-D tensor goes through a 2-D view.
-
-    On a CPU, ``index_select`` along the last dim of a 4-D tensor is 3-4x slower than the
-    same selection on its ``(rows, n)`` view, forward and backward (measured on attention
-    probabilities, (16, 6, 128, 128) -> 48 keys: 7.6 against 2.0 ms), and that gather is
-    what the sampled ``P @ V`` of an attention block spends most of its time on.
-    """
-    n = t.shape[dim]
-    if t.dim() <= 2 or dim % t.dim() != t.dim() - 1 or not t.is_contiguous():
-        return t.index_select(dim, index)
-    return t.reshape(-1, n).index_select(1, index).view(*t.shape[:-1], index.numel())
 
 
 def _sample_slices(
