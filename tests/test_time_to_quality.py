@@ -50,6 +50,14 @@ def test_recipes_take_a_budget_a_fraction_and_a_step_multiplier() -> None:
             ttq.parse_recipes(bad)
 
 
+def test_min_keep_floors_the_keep_grid() -> None:
+    grid = ttq.make_config(ttq.parse(["--min-keep", "0.1"])).keep_grid
+    assert min(grid) == 0.1 and set(grid) < set(ttq.approxcompile.ApproxConfig().keep_grid)
+    assert ttq.make_config(ttq.parse([])).keep_grid == ttq.approxcompile.ApproxConfig().keep_grid
+    with pytest.raises(SystemExit, match="leaves no keep ratio"):
+        ttq.make_config(ttq.parse(["--min-keep", "0.95"]))
+
+
 def test_equal_steps_compares_at_exacts_last_step_not_the_recipes() -> None:
     exact = {"wall_s": 20.0, "curve": CURVE}
     longer = {

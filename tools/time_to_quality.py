@@ -106,6 +106,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "schedules stretched to them), e.g. anneal,cooldown@0.3/0.2:1.1",
     )
     p.add_argument("--measure-time", action="store_true", help="ApproxConfig(measure_time=True)")
+    p.add_argument(
+        "--min-keep", type=float, default=None,
+        help="a floor on every node's keep ratio: ApproxConfig.keep_grid without the ratios below it",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--optimizer", choices=("adamw-fused", "adamw"), default="adamw-fused",
@@ -205,6 +209,14 @@ def parse_recipes(text: str) -> list[Recipe]:
 RECIPES = ("constant", "anneal", "cooldown", "adaptive")
 
 
+def make_config(args: argparse.Namespace) -> approxcompile.ApproxConfig:
+    default = approxcompile.ApproxConfig().keep_grid
+    grid = default if args.min_keep is None else tuple(k for k in default if k >= args.min_keep)
+    if not grid:
+        raise SystemExit(f"--min-keep {args.min_keep} leaves no keep ratio in {default}")
+    return approxcompile.ApproxConfig(measure_time=args.measure_time, keep_grid=grid)
+
+
 def make_optimizer(module: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     # Fused AdamW by default: the single-tensor and foreach kernels take ``sqrt`` of the
     # second-moment state, which on this CPU is ~15x slower on exact zeros, and a sampled
@@ -258,7 +270,7 @@ def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) ->
     # one batch order for every recipe; a recipe with more steps reads on past exact's last batch
     data = list(text_data.batches(corpus.train, steps=longest, batch=args.batch, seq=args.seq, seed=seed))
     val = text_data.fixed_batches(corpus.val, count=args.eval_batches, batch=args.batch, seq=args.seq)
-    config = approxcompile.ApproxConfig(measure_time=args.measure_time)
+    config = make_config(args)
     start = time.perf_counter()
     example = (data[0][0],)
     fast = approxcompile.optimize(copy.deepcopy(model), args.budget, example_inputs=example, config=config)
