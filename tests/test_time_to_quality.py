@@ -115,3 +115,22 @@ def test_mnist_cells_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert 2 < run["replans"] <= 17  # 0.2, then up to exact in steps of at least 1/20
     assert set(run["test_accuracy"]) == {"exact", "scheduled"} and run["test_accuracy"]["exact"] > 0.5
     assert "mlp: accuracy scheduled - exact" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_probe_trains_the_recipes_only_and_compares_with_the_given_exact_losses(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import ttq_probe
+
+    argv = ["--quick", "--recipes", "anneal:1.5", "--seed-list", "0", "--exact", "99.0"]
+    assert ttq_probe.main(argv) == 0
+    rows = [
+        json.loads(line[6:]) for line in capsys.readouterr().out.splitlines() if line.startswith("PROBE ")
+    ]
+    assert len(rows) == 1 and rows[0]["seed"] == 0  # the recipe only, no exact run
+    assert rows[0]["recipe"].startswith("anneal@") and rows[0]["recipe"].endswith("x1.5 steps")
+    assert rows[0]["reaches_exact_final"] is True and rows[0]["vs_exact_equal_steps_pct"] < 0
+    assert ttq.make_runs.__name__ == "make_runs"  # put back after the probe
+    with pytest.raises(SystemExit, match="seed 1 needs one"):
+        ttq_probe.main(["--quick", "--seed-list", "1", "--exact", "2.0"])
