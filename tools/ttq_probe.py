@@ -1,11 +1,14 @@
 """Loss-only probes of time-to-quality recipes: ``tools/time_to_quality.py`` without its exact recipe.
 
 Choosing a recipe costs runs; exact's runs are the dearest part of them and, given the seed,
-bit-identical every time (same initial weights, batches and arithmetic; only the wall-clock
-changes). This trains only the recipes, with the same arguments and the same per-seed training
-loop as ``time_to_quality.py``, and prints each recipe's validation loss at ``--steps`` (exact's
-step count) and at its own end, against exact's final loss given by ``--exact``. No wall-clock
-is compared here: without exact in the same process there is nothing to compare it with.
+bit-identical every time on one machine (same initial weights, batches and arithmetic; only
+the wall-clock changes). Another machine can round differently (exact's seed-0 loss was 2.1936 on
+one session's machine and 2.199 on the next one's), so take ``--exact`` from a run on the
+machine the probe runs on. This trains only the recipes, with the same arguments and the same
+per-seed training loop as ``time_to_quality.py``, and prints each recipe's validation loss at
+``--steps`` (exact's step count) and at its own end, against exact's final loss given by
+``--exact``. No wall-clock is compared here: without exact in the same process there is
+nothing to compare it with.
 
     .venv/bin/python tools/ttq_probe.py --d 384 --layers 4 --heads 6 --steps 300 --eval-every 50 \\
         --recipes anneal@0.2/0.5 --seed-list 0,2 --exact 2.1936,2.2221,2.2096
