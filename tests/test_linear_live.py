@@ -22,10 +22,13 @@ from approxcompile.ops.live import HEAD_ROWS, live_columns
 from tests import reference
 
 
-@pytest.fixture(autouse=True)
-def _test_every_product(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These small products are below the size where the op looks for live columns at all."""
+@pytest.fixture(autouse=True, params=["small", "large"])
+def _test_every_product(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """These small products are below the size where the op looks for live columns at all;
+    "large": their weight gradients take the path of products above ``SMALL_PRODUCT``."""
     monkeypatch.setattr(kernels, "LIVE_MIN_PRODUCT", 0)
+    if request.param == "large":
+        monkeypatch.setattr(kernels, "SMALL_PRODUCT", 0)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:

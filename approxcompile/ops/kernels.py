@@ -227,12 +227,17 @@ def sampled_linear_product_backward(
         dw = _weight_grad_in_place(dy2, xs, index, full, unique)
     elif need_w:  # the (live, k) product into the rows and columns it belongs to, zeros elsewhere
         assert live is not None
-        # Columns spread in a (live, n) workspace block, then whole rows copied into place: a
+        # Columns spread in a (live, n) workspace block, then whole rows moved into place: a
         # 2-D index_put_ took 6.9 ms for product and spread, this 4.0 (1024 x 3136, 700
         # live, k 1880, 1 thread). The block replaces the (live, k) product buffer.
         rows = WORKSPACE.get("dwl", (live.numel(), n), full.dtype, full.device)
-        dw = full.zero_().index_copy_(0, live, _weight_grad_in_place(dy_live, xs, index, rows, unique))
+        dw = _scatter(_weight_grad_in_place(dy_live, xs, index, rows, unique), 0, live, full, True)
     return dx, dw
+
+
+# (p, k) products up to this many elements (4 MB in fp32) go through a buffer of their own:
+# a few blocks each cost a scatter call, which at MLP sizes outweighs the copy they save.
+SMALL_PRODUCT = 1 << 20
 
 
 def _weight_grad_in_place(dy2: Tensor, xs: Tensor, index: Tensor, full: Tensor, unique: bool) -> Tensor:
@@ -253,6 +258,9 @@ def _weight_grad_in_place(dy2: Tensor, xs: Tensor, index: Tensor, full: Tensor, 
     """
     p, n = full.shape
     k = index.numel()
+    if p * k <= SMALL_PRODUCT and xs.dtype == full.dtype:  # one scatter from a small buffer
+        product = torch.mm(dy2.t(), xs, out=WORKSPACE.get("dws", (p, k), xs.dtype, xs.device))
+        return _scatter(product, 1, index, full, unique)
     base = p * n - p * k
     product = full.view(-1)[base:].view(p, k)
     if xs.dtype == full.dtype:
