@@ -132,3 +132,15 @@ def test_mnist_cells_fused_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyP
     record = json.loads(out.read_text())
     assert record["settings"]["optimizer"] == "fused"
     assert record["runs"][0]["test_accuracy"]["scheduled"] > 0.5
+
+
+@pytest.mark.slow
+def test_mnist_step_times(capsys: pytest.CaptureFixture[str]) -> None:
+    import step_mnist
+
+    assert (
+        step_mnist.main(["mlp", "--budgets", "0.3", "--steps", "4", "--warmup", "1", "--optimizer", "fused"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["exact", "budget"] and "exact/this 1.00x" in lines[0]

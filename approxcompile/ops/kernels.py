@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from approxcompile.ops import amp
+from approxcompile.ops.eager import direct
 from approxcompile.ops.live import live_channels, live_columns
 from approxcompile.ops.workspace import WORKSPACE
 
@@ -185,6 +186,23 @@ def sampled_linear_product_backward(
     need_w: bool,
     x_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
+    """The op of :func:`linear_backward_kernel` (which plain eager backwards take directly)."""
+    return linear_backward_kernel(dy, xs, weight, index, scale, x_shape, n, unique, need_x, need_w, x_dtype)
+
+
+def linear_backward_kernel(
+    dy: Tensor,
+    xs: Tensor,
+    weight: Tensor,
+    index: Tensor,
+    scale: Tensor | None,
+    x_shape: Sequence[int],
+    n: int,
+    unique: bool,
+    need_x: bool,
+    need_w: bool,
+    x_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
     """``(dx, dW)`` of :func:`sampled_linear_product`; an empty tensor for one not needed.
 
     ``dx`` comes in ``x_dtype`` (default: ``xs``'s), ``dW`` in the weight's dtype: under
@@ -313,9 +331,12 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
     amp.refuse_double_backward("sampled_linear")
     xs, weight, index, scale = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dx, dw = torch.ops.approxcompile.sampled_linear_product_backward(
-        dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype
+    op = (
+        linear_backward_kernel
+        if direct(dy, xs, weight, index, scale)
+        else torch.ops.approxcompile.sampled_linear_product_backward
     )
+    dx, dw = op(dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype)
     db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=ctx.b_dtype) if ctx.has_bias and need_b else None
     return dx if need_x else None, dw if need_w else None, db, None, None, None, None
 
