@@ -213,7 +213,9 @@ def linear_backward_kernel(
     columns for ``dx``, then the ``dW`` product, which is spread out in place
     (:func:`_weight_grad_in_place`). So a sampled layer's backward needs no memory beyond
     the gradients exact training allocates (a kept ``(p, k)`` copy of the columns would be
-    23 MB per 4096 x 4096 weight at keep 0.35, alive from forward to backward).
+    23 MB per 4096 x 4096 weight at keep 0.35, alive from forward to backward). Two
+    exceptions, both workspace: products of at most ``SMALL_PRODUCT`` elements use a
+    ``(p, k)`` buffer, and the live-columns path below a ``(live, n)`` block.
 
     Output columns whose gradient is zero in every row are left out of both products (their
     ``dW`` rows are zero, they add nothing to ``dx``): behind a forward-sampled linear and an
