@@ -8,6 +8,7 @@ per layer at transformer sizes). These tests log the aten calls of one backward.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -69,3 +70,34 @@ def test_linear_backward_without_materialised_grads_matches_the_reference() -> N
     reference.linear(x, w, b, 14, "topk", seed=0).pow(2).sum().backward()
     for g, want in zip(got, (x.grad, w.grad, b.grad), strict=True):
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_eager_calls_skip_the_dispatcher_with_the_same_results() -> None:
+    """Only a plain eager call takes the kernels directly; under a mode the ops run, same values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from approxcompile.ops.eager import direct
+
+    t = torch.randn(3)
+    assert direct(t, torch.nn.Parameter(t), None)
+    with FakeTensorMode():
+        assert not direct(t)
+    with FlopCounterMode(display=False):
+        assert not direct(t)
+
+    def grads(mode: bool) -> tuple[torch.Tensor, ...]:
+        x = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        w = torch.randn(12, 40, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        g = torch.Generator().manual_seed(3)
+        with _ZeroFills() if mode else contextlib.nullcontext() as log:
+            y = sampled_linear(x, w, None, keep=0.25, method="crs", generator=g)
+            y.pow(2).sum().backward()
+        if mode:
+            assert log is not None and torch.ops.approxcompile.draw.default in log.ops
+            assert torch.ops.approxcompile.sampled_linear_product_backward.default in log.ops
+        assert x.grad is not None and w.grad is not None
+        return y.detach(), x.grad, w.grad
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

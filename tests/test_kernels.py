@@ -189,10 +189,16 @@ def test_column_norms_of_half_precision_are_computed_in_float32(dtype: torch.dty
 
 @pytest.mark.parametrize("p, n, k", [(600, 300, 90), (64, 40, 36), (33, 50, 49), (20, 8, 8), (300, 1000, 5)])
 @pytest.mark.parametrize("repeats", [False, True])
-def test_weight_gradient_spread_in_place_equals_a_scatter(p: int, n: int, k: int, repeats: bool) -> None:
-    """The dW product computed in the tail of the gradient's storage and moved out in place."""
+@pytest.mark.parametrize("small", [False, True])
+def test_weight_gradient_spread_in_place_equals_a_scatter(
+    p: int, n: int, k: int, repeats: bool, small: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dW product computed in the tail of the gradient's storage and moved out in place
+    (``small``: a product small enough for a buffer of its own, scattered once)."""
+    import approxcompile.ops.kernels as kernels
     from approxcompile.ops.kernels import _weight_grad_in_place
 
+    monkeypatch.setattr(kernels, "SMALL_PRODUCT", p * k if small else 0)
     g = torch.Generator().manual_seed(p + k)
     if repeats:
         index = torch.sort(torch.randint(0, n, (k,), generator=g)).values
@@ -206,12 +212,16 @@ def test_weight_gradient_spread_in_place_equals_a_scatter(p: int, n: int, k: int
     torch.testing.assert_close(got, want)
 
 
-def test_sampled_linear_keeps_no_weight_sized_buffer_besides_the_gradient() -> None:
-    """After a step the workspace holds the gradient and input-gradient buffers and nothing p x k."""
+def test_sampled_linear_keeps_no_weight_sized_buffer_besides_the_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a step the workspace holds the gradient and input-gradient buffers and nothing p x k
+    (products above ``SMALL_PRODUCT``: this one stands for a large weight)."""
     ws = Workspace()
     x, w = torch.randn(8, 64, requires_grad=True), torch.randn(32, 64, requires_grad=True)
     import approxcompile.ops.kernels as kernels
 
+    monkeypatch.setattr(kernels, "SMALL_PRODUCT", 0)
     saved, kernels.WORKSPACE = kernels.WORKSPACE, ws
     try:
         for _ in range(3):

@@ -22,10 +22,13 @@ from approxcompile.ops.live import HEAD_ROWS, live_columns
 from tests import reference
 
 
-@pytest.fixture(autouse=True)
-def _test_every_product(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These small products are below the size where the op looks for live columns at all."""
+@pytest.fixture(autouse=True, params=["small", "large"])
+def _test_every_product(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """These small products are below the size where the op looks for live columns at all;
+    "large": their weight gradients take the path of products above ``SMALL_PRODUCT``."""
     monkeypatch.setattr(kernels, "LIVE_MIN_PRODUCT", 0)
+    if request.param == "large":
+        monkeypatch.setattr(kernels, "SMALL_PRODUCT", 0)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -143,6 +146,19 @@ def test_live_backward_equals_the_full_backward_for_every_gradient_mask(
         dead = torch.ones(16, dtype=torch.bool)
         dead[[1, 5, 6, 11]] = False
         assert (got[1][dead] == 0).all() and got[1][~dead].abs().sum() > 0
+
+
+def test_live_weight_gradient_widens_a_lower_precision_product() -> None:
+    """Under autocast ``dy`` and ``xs`` are bfloat16, the weight and its gradient float32."""
+    dy = torch.zeros(60, 16, dtype=torch.bfloat16)
+    dy[:, [0, 7, 15]] = torch.randn(60, 3, generator=torch.Generator().manual_seed(6)).bfloat16()
+    dy_, xs, *rest = _backward_args(dy, unique=False)
+    assert isinstance(xs, torch.Tensor)
+    args = (dy_, xs.bfloat16(), *rest)
+    got, want, seen = _both(args, False, True)
+    assert seen[0] is not None and seen[0].tolist() == [0, 7, 15]
+    assert got[1].dtype == torch.float32
+    _close(got[1], want[1])
 
 
 @pytest.mark.parametrize("case", ["dense", "zero", "nan"])

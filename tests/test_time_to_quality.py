@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import time_to_quality as ttq
+import torch
 
 CURVE = [
     {"step": 0, "wall_s": 0.0, "flops": 0.0, "val_loss": 5.0},
@@ -134,3 +136,38 @@ def test_probe_trains_the_recipes_only_and_compares_with_the_given_exact_losses(
     assert ttq.make_runs.__name__ == "make_runs"  # put back after the probe
     with pytest.raises(SystemExit, match="seed 1 needs one"):
         ttq_probe.main(["--quick", "--seed-list", "1", "--exact", "2.0"])
+
+
+@pytest.mark.slow
+def test_mnist_cells_fused_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--optimizer fused`` gives both models the cell's optimizer with PyTorch's fused kernels."""
+    import replicate
+    import ttq_mnist
+
+    made: list[torch.optim.Optimizer] = []
+    setup = replicate.SETUPS["mlp"]
+
+    def spy(params: list[torch.nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
+        made.append(setup.optimizer(params, fused=fused))
+        return made[-1]
+
+    monkeypatch.setitem(replicate.SETUPS, "mlp", dataclasses.replace(setup, optimizer=spy))
+    out = tmp_path / "mnist.json"
+    argv = ["--quick", "--models", "mlp", "--optimizer", "fused", "--schedule", "constant", "--budget", "0.6"]
+    assert ttq_mnist.main([*argv, "--out", str(out)]) == 0
+    assert len(made) == 2 and all(isinstance(o, torch.optim.Adam) and o.defaults["fused"] for o in made)
+    record = json.loads(out.read_text())
+    assert record["settings"]["optimizer"] == "fused"
+    assert record["runs"][0]["test_accuracy"]["scheduled"] > 0.5
+
+
+@pytest.mark.slow
+def test_mnist_step_times(capsys: pytest.CaptureFixture[str]) -> None:
+    import step_mnist
+
+    assert (
+        step_mnist.main(["mlp", "--budgets", "0.3", "--steps", "4", "--warmup", "1", "--optimizer", "fused"])
+        == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines] == ["exact", "budget"] and "exact/this 1.00x" in lines[0]

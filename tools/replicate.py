@@ -87,7 +87,8 @@ class Setup:
 
     name: str
     make: Callable[[], nn.Module]
-    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    # optimizer(params, fused=False); fused=True: PyTorch's fused kernels, the same algorithm
+    optimizer: Callable[..., torch.optim.Optimizer]
     batch: int
     config: ApproxConfig
     epochs: int  # what the shared 2-core machine fits for a 126-run grid (docs/results.md)
@@ -97,7 +98,7 @@ SETUPS = {
     "mlp": Setup(
         name="mlp",
         make=MLP,
-        optimizer=lambda params: torch.optim.Adam(params),
+        optimizer=lambda params, fused=False: torch.optim.Adam(params, fused=fused or None),
         batch=50,
         config=ApproxConfig(exclude_first_last=False).set_module_name("fc3", NodeOverride(exact=True)),
         epochs=3,
@@ -105,7 +106,9 @@ SETUPS = {
     "cnn": Setup(
         name="cnn",
         make=CNN,
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.5),
+        optimizer=lambda params, fused=False: torch.optim.SGD(
+            params, lr=0.01, momentum=0.5, fused=fused or None
+        ),
         batch=64,
         config=ApproxConfig(),
         epochs=1,

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from approxcompile.ops import shared
+from approxcompile.ops.eager import direct
 from approxcompile.ops.sampling import sample_pairs
 
 _GENERATORS: OrderedDict[int, torch.Generator] = OrderedDict()
@@ -58,6 +59,21 @@ def lookup(handle: int | None) -> torch.Generator | None:
 
 @torch.library.custom_op("approxcompile::draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def draw(
+    scores: Tensor,
+    weight: Tensor,
+    k: int,
+    method: str,
+    eps: float,
+    seed: int | None,
+    generator: int | None,
+    record: bool,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The op of :func:`draw_kernel` (which plain eager calls take directly)."""
+    return draw_kernel(scores, weight, k, method, eps, seed, generator, record, noise)
+
+
+def draw_kernel(
     scores: Tensor,
     weight: Tensor,
     k: int,
@@ -119,8 +135,9 @@ def draw_pairs(
     without autograd draws from torch's generator and records nothing (``shared``).
     """
     grad = torch.is_grad_enabled()
+    fn = draw_kernel if direct(scores, weight, noise) else draw
     with torch.no_grad():
-        index, scale = draw(
+        index, scale = fn(
             scores.detach(),
             weight,
             k,
