@@ -57,22 +57,6 @@ def lookup(handle: int | None) -> torch.Generator | None:
         ) from e
 
 
-@torch.library.custom_op("approxcompile::draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def draw(
-    scores: Tensor,
-    weight: Tensor,
-    k: int,
-    method: str,
-    eps: float,
-    seed: int | None,
-    generator: int | None,
-    record: bool,
-    noise: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The op of :func:`draw_kernel` (which plain eager calls take directly)."""
-    return draw_kernel(scores, weight, k, method, eps, seed, generator, record, noise)
-
-
 def draw_kernel(
     scores: Tensor,
     weight: Tensor,
@@ -97,6 +81,13 @@ def draw_kernel(
     if record:
         shared.record(weight, index, enabled=True)
     return index, scores.new_empty(0, dtype=torch.float32) if scale is None else scale
+
+
+# The op is the kernel itself: compiled graphs, fake tensors and flop counters see one opaque
+# op; plain eager calls take ``draw_kernel`` directly (:func:`draw_pairs`).
+draw = torch.library.custom_op(
+    "approxcompile::draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)(draw_kernel)
 
 
 @draw.register_fake

@@ -172,24 +172,6 @@ def _linear_fake(
 LIVE_MIN_PRODUCT = 128  # kept columns times products computed, below which dy is not tested
 
 
-@torch.library.custom_op("approxcompile::sampled_linear_product_backward", mutates_args=())
-def sampled_linear_product_backward(
-    dy: Tensor,
-    xs: Tensor,
-    weight: Tensor,
-    index: Tensor,
-    scale: Tensor | None,
-    x_shape: Sequence[int],
-    n: int,
-    unique: bool,
-    need_x: bool,
-    need_w: bool,
-    x_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The op of :func:`linear_backward_kernel` (which plain eager backwards take directly)."""
-    return linear_backward_kernel(dy, xs, weight, index, scale, x_shape, n, unique, need_x, need_w, x_dtype)
-
-
 def linear_backward_kernel(
     dy: Tensor,
     xs: Tensor,
@@ -298,6 +280,13 @@ def _weight_grad_in_place(dy2: Tensor, xs: Tensor, index: Tensor, full: Tensor, 
         rest = WORKSPACE.get("dws", (p - r0, k), product.dtype, product.device)
         _scatter(rest.copy_(product[r0:]), 1, index, full[r0:], unique)
     return full
+
+
+# The op is the kernel itself: compiled graphs, fake tensors and flop counters see one opaque
+# op; plain eager backwards take ``linear_backward_kernel`` directly (:func:`_linear_backward`).
+sampled_linear_product_backward = torch.library.custom_op(
+    "approxcompile::sampled_linear_product_backward", mutates_args=()
+)(linear_backward_kernel)
 
 
 @sampled_linear_product_backward.register_fake
