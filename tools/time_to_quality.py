@@ -225,7 +225,8 @@ def make_optimizer(module: nn.Module, args: argparse.Namespace) -> torch.optim.O
     return torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=0.01, fused=fused)
 
 
-def make_runs(model: nn.Module, fast: nn.Module, args: argparse.Namespace) -> list[Run]:
+def make_runs(model: nn.Module, fast: nn.Module, args: argparse.Namespace, exact: bool = True) -> list[Run]:
+    """The recipes of ``args``, after exact unless ``exact=False`` (``tools/ttq_probe.py``)."""
     dense = fast.meta["approxcompile"].dense_flops
 
     def run(name: str, module: nn.Module, control: Callable[[torch.Tensor], float], steps: int) -> Run:
@@ -239,7 +240,7 @@ def make_runs(model: nn.Module, fast: nn.Module, args: argparse.Namespace) -> li
         "cooldown": (args.anneal_budget, args.anneal_fraction),
         "adaptive": (args.adaptive_budget, None),
     }
-    runs = [run("exact", copy.deepcopy(model), lambda x: 1.0, args.steps)]
+    runs = [run("exact", copy.deepcopy(model), lambda x: 1.0, args.steps)] if exact else []
     for recipe, steps in args.recipe_steps:
         default_budget, default_fraction = defaults[recipe.kind]
         b = feasible(fast, recipe.budget if recipe.budget is not None else default_budget)
@@ -263,7 +264,9 @@ def make_runs(model: nn.Module, fast: nn.Module, args: argparse.Namespace) -> li
     return runs
 
 
-def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) -> dict[str, Any]:
+def train_seed(
+    seed: int, corpus: text_data.Corpus, args: argparse.Namespace, exact: bool = True
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     model = ByteGPT(d=args.d, layers=args.layers, heads=args.heads, seq=args.seq)
     longest = max([args.steps, *(steps for _, steps in args.recipe_steps)])
@@ -275,7 +278,7 @@ def train_seed(seed: int, corpus: text_data.Corpus, args: argparse.Namespace) ->
     example = (data[0][0],)
     fast = approxcompile.optimize(copy.deepcopy(model), args.budget, example_inputs=example, config=config)
     optimize_s = time.perf_counter() - start
-    runs = make_runs(model, fast, args)
+    runs = make_runs(model, fast, args, exact)
     for r in runs:
         r.curve.append({"step": 0, "wall_s": 0.0, "flops": 0.0, "val_loss": val_loss(r.model, val)})
     for step, (x, y) in enumerate(data):

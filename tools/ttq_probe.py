@@ -11,7 +11,7 @@ per-seed training loop as ``time_to_quality.py``, and prints each recipe's valid
 nothing to compare it with.
 
     .venv/bin/python tools/ttq_probe.py --d 384 --layers 4 --heads 6 --steps 300 --eval-every 50 \\
-        --recipes anneal@0.2/0.5 --seed-list 0,2 --exact 2.1936,2.2221,2.2096
+        --recipes anneal@0.2/0.5 --seed-list 0,2 --exact 2.1985,2.2186,2.2129
 """
 
 from __future__ import annotations
@@ -36,21 +36,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--exact gives {len(exact)} losses; seed {max(seeds)} needs one")
     torch.set_num_threads(args.threads)
     corpus = ttq.text_data.load_stdlib(limit=args.corpus_limit)
-    make_runs = ttq.make_runs
-    ttq.make_runs = lambda *a: [r for r in make_runs(*a) if r.name != "exact"]  # type: ignore[assignment]
-    try:
-        for seed in seeds:
-            for name, run in ttq.train_seed(seed, corpus, args)["runs"].items():
-                at_steps = ttq.loss_at_step(run["curve"], args.steps)
-                final = run["curve"][-1]["val_loss"]
-                row = {
-                    "seed": seed, "recipe": name, "loss_at_exact_steps": round(at_steps, 4),
-                    "vs_exact_equal_steps_pct": round(100 * (at_steps / exact[seed] - 1), 2),
-                    "final_loss": round(final, 4), "reaches_exact_final": final <= exact[seed],
-                }  # fmt: skip
-                print("PROBE", json.dumps(row), flush=True)
-    finally:
-        ttq.make_runs = make_runs
+    for seed in seeds:
+        for name, run in ttq.train_seed(seed, corpus, args, exact=False)["runs"].items():
+            at_steps = ttq.loss_at_step(run["curve"], args.steps)
+            final = run["curve"][-1]["val_loss"]
+            row = {
+                "seed": seed, "recipe": name, "loss_at_exact_steps": round(at_steps, 4),
+                "vs_exact_equal_steps_pct": round(100 * (at_steps / exact[seed] - 1), 2),
+                "final_loss": round(final, 4), "reaches_exact_final": final <= exact[seed],
+            }  # fmt: skip
+            print("PROBE", json.dumps(row), flush=True)
     return 0
 
 

@@ -256,7 +256,9 @@ def _weight_grad_in_place(dy2: Tensor, xs: Tensor, index: Tensor, full: Tensor, 
     Few blocks because each is a parallel region, which costs on a busy machine.
 
     Under autocast (``xs`` in a lower dtype than ``full``) the product is computed in ``xs``'s
-    dtype into a ``(p, k)`` workspace buffer of that dtype and widened into the tail.
+    dtype into a ``(p, k)`` workspace buffer of that dtype and widened into the tail. Products
+    of at most ``SMALL_PRODUCT`` elements skip the blocks: one scatter from a ``(p, k)``
+    workspace buffer (at such sizes each block's call costs more than the buffer).
     """
     p, n = full.shape
     k = index.numel()
