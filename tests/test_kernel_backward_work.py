@@ -72,11 +72,17 @@ def test_linear_backward_without_materialised_grads_matches_the_reference() -> N
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
 
 
-def test_plain_eager_calls_skip_the_dispatcher_with_the_same_results() -> None:
-    """Only a plain eager call takes the kernels directly; under a mode the ops run, same values."""
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_plain_eager_calls_skip_the_dispatcher_with_the_same_results(kind: str) -> None:
+    """Only a plain eager call takes the kernels directly; under a mode the ops run, same values.
+
+    Direct: the draw and the backward kernels, and the forward product through a plain
+    ``autograd.Function`` (its node names the Function, not the op's generated wrapper).
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
+    from approxcompile.ops import sampled_conv
     from approxcompile.ops.eager import direct
 
     t = torch.randn(3)
@@ -85,17 +91,30 @@ def test_plain_eager_calls_skip_the_dispatcher_with_the_same_results() -> None:
         assert not direct(t)
     with FlopCounterMode(display=False):
         assert not direct(t)
+    ops = torch.ops.approxcompile
+    product, backward = (
+        (ops.sampled_linear_product, ops.sampled_linear_product_backward)
+        if kind == "linear"
+        else (ops.sampled_conv_product, ops.sampled_conv_product_backward)
+    )
 
     def grads(mode: bool) -> tuple[torch.Tensor, ...]:
-        x = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        w = torch.randn(12, 40, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        shape, w_shape = ((6, 40), (12, 40)) if kind == "linear" else ((2, 8, 5, 5), (4, 8, 3, 3))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        w = torch.randn(w_shape, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
         g = torch.Generator().manual_seed(3)
         with _ZeroFills() if mode else contextlib.nullcontext() as log:
-            y = sampled_linear(x, w, None, keep=0.25, method="crs", generator=g)
+            if kind == "linear":
+                y = sampled_linear(x, w, None, keep=0.25, method="crs", generator=g)
+            else:
+                y = sampled_conv(x, w, None, 1, 1, keep=0.25, method="crs", generator=g)
+            node = type(y.grad_fn).__name__
             y.pow(2).sum().backward()
         if mode:
             assert log is not None and torch.ops.approxcompile.draw.default in log.ops
-            assert torch.ops.approxcompile.sampled_linear_product_backward.default in log.ops
+            assert product.default in log.ops and backward.default in log.ops
+        else:
+            assert node.startswith("_Eager"), node  # not the custom op's generated autograd node
         assert x.grad is not None and w.grad is not None
         return y.detach(), x.grad, w.grad
 

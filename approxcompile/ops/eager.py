@@ -1,11 +1,13 @@
 """When a custom op's kernel may be called directly instead of through the dispatcher.
 
-Why: the ``torch.library`` custom ops (the draw, the sampled linear's backward) exist so
-that compiled graphs, fake tensors and flop counters see one opaque op. A plain eager call
-pays for that too: on the development CPU (1 thread) the dispatcher's Python custom-op path
-costs about 45 us per draw and 90 us per linear backward, against a 3.4 ms step of the
-MNIST MLP (batch 50, 500-wide layers), whose sampled step is no faster than exact because of
-such fixed costs. A direct call runs the same kernel, so the results are the same.
+Why: the ``torch.library`` custom ops (the draw, the sampled linear and conv products and
+their backward ops) exist so that compiled graphs, fake tensors and flop counters see one
+opaque op. A plain eager call pays for that too: on the development CPU (1 thread) the
+dispatcher's Python custom-op path costs about 45 us per draw and 90 us per linear backward,
+and the products' generated autograd wrappers more, against a 3.4 ms step of the MNIST MLP
+(batch 50, 500-wide layers), whose sampled step is no faster than exact because of such
+fixed costs. A direct call runs the same kernel (the forward products through a plain
+``autograd.Function``, ``kernels.linear_product``), so the results are the same.
 """
 
 from __future__ import annotations

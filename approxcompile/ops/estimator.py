@@ -77,8 +77,12 @@ def topk_index(scores: Tensor, k: int, *, ordered: bool = False) -> Tensor:
     runtime leaves it off, which is faster and, among tied scores, picks as it always did.
     """
     s = _float32(scores)
-    s = torch.where(torch.isnan(s), torch.zeros_like(s), s)
-    s = torch.where(s == float("inf"), torch.full_like(s, torch.finfo(torch.float32).max), s)
+    big = torch.finfo(torch.float32).max
+    if ordered:  # the exporter's path: ONNX has these ops (IsNaN, Where), not nan_to_num
+        s = torch.where(torch.isnan(s), torch.zeros_like(s), s)
+        s = torch.where(s == float("inf"), torch.full_like(s, big), s)
+    else:  # the same values in one op instead of six (a draw is on every sampled layer's step)
+        s = torch.nan_to_num(s, nan=0.0, posinf=big, neginf=float("-inf"))
     return torch.sort(torch.topk(s, k, sorted=ordered).indices).values
 
 

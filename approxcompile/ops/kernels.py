@@ -14,7 +14,9 @@ Where the time goes on a CPU (measured in docs/performance.md):
 The products are ``torch.library`` custom ops (``torch.ops.approxcompile.*``) with a fake
 kernel and a registered autograd formula, so ``torch.compile`` keeps them in one graph
 (AOTAutograd sees the backward op too) and Inductor compiles the code around them; their
-kernels run the same eager code, workspace included, inside the compiled graph.
+kernels run the same eager code, workspace included, inside the compiled graph. Plain eager
+calls (:func:`linear_product`, :func:`conv_product`) run the same kernels through a plain
+``autograd.Function`` instead of the op and its generated autograd wrapper (less Python per call).
 
 Both products compute exactly what autograd through ``index_select`` computes (the
 tests compare them), for every method: sorted indices, a per-index scale or none, and
@@ -23,7 +25,7 @@ repeated indices (``crs``) accumulated.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -119,8 +121,7 @@ def _to(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
-@torch.library.custom_op("approxcompile::sampled_linear_product", mutates_args=())
-def sampled_linear_product(
+def linear_forward_kernel(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -152,6 +153,13 @@ def sampled_linear_product(
     ws = _to(ws, compute)
     y = torch.addmm(_to(bias, compute), xs, ws.t()) if bias is not None else xs @ ws.t()
     return y.view(*x.shape[:-1], p), xs
+
+
+# The op is the kernel itself, as for the backward below; plain eager calls take
+# :class:`_EagerLinearProduct` (:func:`linear_product`).
+sampled_linear_product = torch.library.custom_op("approxcompile::sampled_linear_product", mutates_args=())(
+    linear_forward_kernel
+)
 
 
 @sampled_linear_product.register_fake
@@ -339,10 +347,7 @@ sampled_linear_product.register_autograd(_linear_backward, setup_context=_linear
 
 # flexible_layout: Inductor hands the conv ops its own layout (channels-last around its convs)
 # instead of converting every activation to the layout eager tracing saw; the ops follow it.
-@torch.library.custom_op(
-    "approxcompile::sampled_conv_product", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-)
-def sampled_conv_product(
+def conv_forward_kernel(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -369,6 +374,11 @@ def sampled_conv_product(
         ws.mul_(scale.to(ws.dtype).view(1, -1, *([1] * (ws.dim() - 2))))
     y = torch.ops.aten.convolution(xs, ws, bias, stride, padding, dilation, False, [0] * len(stride), 1)
     return y, xs, ws
+
+
+sampled_conv_product = torch.library.custom_op(
+    "approxcompile::sampled_conv_product", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+)(conv_forward_kernel)
 
 
 @sampled_conv_product.register_fake
@@ -435,10 +445,7 @@ def _conv_grads(
     )
 
 
-@torch.library.custom_op(
-    "approxcompile::sampled_conv_product_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-)
-def sampled_conv_product_backward(
+def conv_backward_kernel(
     dy: Tensor,
     xs: Tensor,
     ws: Tensor,
@@ -483,6 +490,11 @@ def sampled_conv_product_backward(
             dws.mul_(scale.to(dws.dtype).view(1, -1, *([1] * (dws.dim() - 2))))
         dw = _scatter(dws, 1, index, WORKSPACE.get("grad", w_shape, dws.dtype, dy.device), unique)
     return dx, dw, db if need_b else dy.new_empty(0)
+
+
+sampled_conv_product_backward = torch.library.custom_op(
+    "approxcompile::sampled_conv_product_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+)(conv_backward_kernel)
 
 
 @sampled_conv_product_backward.register_fake
@@ -530,9 +542,12 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
     xs, ws, index, scale = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dw, db = torch.ops.approxcompile.sampled_conv_product_backward(
-        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b
+    op: Callable[..., tuple[Tensor, Tensor, Tensor]] = (
+        conv_backward_kernel
+        if direct(dy, xs, ws, index, scale)
+        else torch.ops.approxcompile.sampled_conv_product_backward
     )
+    dx, dw, db = op(dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b)
     grads = (dx if need_x else None, dw if need_w else None, db if need_b else None)
     return (*grads, None, None, None, None, None, None)
 
@@ -542,3 +557,99 @@ sampled_conv_product.register_autograd(_conv_backward, setup_context=_conv_setup
 
 def _memory_format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(t) else torch.contiguous_format
+
+
+class _EagerLinearProduct(torch.autograd.Function):
+    """:func:`sampled_linear_product` for plain eager calls: the same kernel, setup and backward.
+
+    Why: the custom op's generated autograd wrapper costs Python time on every call. So
+    does a ``setup_context`` Function, whose ``apply`` binds the forward's signature with
+    ``inspect`` each time; this one sets its context up inside ``forward``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        index: Tensor,
+        scale: Tensor | None,
+        unique: bool,
+        compute: torch.dtype | None,
+    ) -> tuple[Tensor, Tensor]:
+        inputs = (x, weight, bias, index, scale, unique, compute)
+        out = linear_forward_kernel(*inputs)
+        _linear_setup(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(_linear_backward)
+
+
+class _EagerConvProduct(torch.autograd.Function):
+    """:func:`sampled_conv_product` for plain eager calls (as :class:`_EagerLinearProduct`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        index: Tensor,
+        scale: Tensor | None,
+        unique: bool,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        inputs = (x, weight, bias, index, scale, unique, stride, padding, dilation)
+        out = conv_forward_kernel(*inputs)
+        _conv_setup(ctx, inputs, out)
+        return out
+
+    backward = staticmethod(_conv_backward)
+
+
+def _plain(*tensors: Tensor | None) -> bool:
+    """A plain eager call with autocast off: the kernels may run without the op around them.
+
+    Autocast is left to the op: it does not cast a custom op's inputs, but it would cast
+    the operations inside an ``autograd.Function``'s forward.
+    """
+    first = tensors[0]
+    return first is not None and amp.autocast_dtype(first) is None and direct(*tensors)
+
+
+def linear_product(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    index: Tensor,
+    scale: Tensor | None,
+    unique: bool,
+    compute: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sampled_linear_product`, through :class:`_EagerLinearProduct` for a plain eager call."""
+    if _plain(x, weight, bias, index, scale):
+        out: tuple[Tensor, Tensor] = _EagerLinearProduct.apply(x, weight, bias, index, scale, unique, compute)
+        return out
+    return sampled_linear_product(x, weight, bias, index, scale, unique, compute)
+
+
+def conv_product(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    index: Tensor,
+    scale: Tensor | None,
+    unique: bool,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`sampled_conv_product`, through :class:`_EagerConvProduct` for a plain eager call."""
+    args = (x, weight, bias, index, scale, unique, stride, padding, dilation)
+    if _plain(x, weight, bias, index, scale):
+        out: tuple[Tensor, Tensor, Tensor] = _EagerConvProduct.apply(*args)
+        return out
+    return sampled_conv_product(*args)

@@ -42,8 +42,8 @@ from approxcompile.ops.kernels import (
     autocast_compute,
     autocast_inputs,
     column_norms,
-    sampled_conv_product,
-    sampled_linear_product,
+    conv_product,
+    linear_product,
     select,
     slice_norms,
 )
@@ -123,7 +123,7 @@ def sampled_linear(
     if compute is None:  # autocast off, or float64 operands: the inputs as autocast would pass them
         x, weight, bias = autocast_inputs(x, weight, bias)
     # Otherwise the op casts only the gathered slices to ``compute``, never the whole weight.
-    return sampled_linear_product(x, weight, bias, index, scale, not repeats(method), compute)[0]
+    return linear_product(x, weight, bias, index, scale, not repeats(method), compute)[0]
 
 
 def sampled_matmul(
@@ -234,7 +234,7 @@ def sampled_conv(
     d = weight.dim() - 2
     x, w, b = autocast_inputs(x, weight, bias)
     unique = not repeats(method)
-    return sampled_conv_product(
+    return conv_product(
         x, w, b, index, scale, unique, _ints(stride, d), _ints(padding, d), _ints(dilation, d)
     )[0]
 

@@ -50,7 +50,7 @@ class Workspace:
 
     def get(self, slot: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised tensor of ``shape``; its memory is reused across calls when free."""
-        if not self.enabled or torch.device(device).type != "cpu":
+        if not self.enabled or _device_type(device) != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         nbytes = math.prod(shape) * dtype.itemsize
         pool = self._slots.setdefault(slot, [])
@@ -76,7 +76,7 @@ class Workspace:
         For scratch that is dead before the slot's own next use (the gathered weight columns
         of a sampled forward live in a free weight-gradient buffer): it never grows the pool.
         """
-        if not self.enabled or torch.device(device).type != "cpu":
+        if not self.enabled or _device_type(device) != "cpu":
             return None
         nbytes = math.prod(shape) * dtype.itemsize
         fits = [s for s in self._slots.get(slot, []) if _use_count(s) == 1 and s.nbytes() >= nbytes]
@@ -96,6 +96,10 @@ class Workspace:
     def clear(self) -> None:
         """Drop every pooled storage (they are freed once no tensor uses them)."""
         self._slots = {}
+
+
+def _device_type(device: torch.device | str) -> str:
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
