@@ -27,6 +27,7 @@ def _test_every_product(monkeypatch: pytest.MonkeyPatch, request: pytest.Fixture
     """These small products are below the size where the op looks for live columns at all;
     "large": their weight gradients take the path of products above ``SMALL_PRODUCT``."""
     monkeypatch.setattr(kernels, "LIVE_MIN_PRODUCT", 0)
+    monkeypatch.setattr(kernels, "LIVE_MIN_MACS", 0)
     if request.param == "large":
         monkeypatch.setattr(kernels, "SMALL_PRODUCT", 0)
 
@@ -201,3 +202,15 @@ def test_thin_products_skip_the_live_test(monkeypatch: pytest.MonkeyPatch) -> No
     with _spy_live() as seen:
         kernels.sampled_linear_product_backward(*_backward_args(dy, True), True, True)  # type: ignore[arg-type]
     assert seen[0] is not None and seen[0].tolist() == [3]
+
+
+def test_small_products_skip_the_live_test(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below LIVE_MIN_MACS (rows x outputs x kept columns x products) dy is not tested either."""
+    dy = torch.zeros(60, 16)
+    dy[:, 3] = 1.0
+    macs = 60 * 16 * 5 * 2  # 60 rows, 16 outputs, 5 kept columns, dx and dW
+    for limit, tested in ((macs + 1, False), (macs, True)):
+        monkeypatch.setattr(kernels, "LIVE_MIN_MACS", limit)
+        with _spy_live() as seen:
+            kernels.sampled_linear_product_backward(*_backward_args(dy, True), True, True)  # type: ignore[arg-type]
+        assert bool(seen) == tested
