@@ -176,7 +176,7 @@ def _plan(
         passes.allocate(gm, budget=budget, other_flops=other_flops)
     del captured
     # rewrite: sampled nodes become calls to approxcompile.ops
-    passes.rewrite(gm, config)
+    passes.rewrite(gm, config, hooked=checks.hooked_modules(model))
     checks.warn_hooks_on_sampled(model, (n.meta[META_KEY] for n in gm.graph.nodes if META_KEY in n.meta))
     # verify: well-formed graph, eval outputs equal the original's
     original = planning_view(model)

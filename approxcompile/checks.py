@@ -181,6 +181,19 @@ def warn_unmatched_overrides(config: ApproxConfig, names: set[str], modules: Ite
             )
 
 
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def module_hooks(module: nn.Module) -> list[str]:
+    """The kinds of module hooks ``module`` has (``_forward_hooks``, ...)."""
+    return [k for k in _HOOKS if getattr(module, k, None)]
+
+
+def hooked_modules(model: nn.Module) -> frozenset[str]:
+    """Names of the submodules of ``model`` with module hooks: the rewrite leaves exact ones as modules."""
+    return frozenset(name for name, m in model.named_modules() if module_hooks(m))
+
+
 def warn_hooks_on_sampled(model: nn.Module, nodes: Iterable[Any]) -> None:
     """A sampled layer runs as a function call in the rewritten graph: its module hooks cannot fire."""
     modules = dict(model.named_modules())
@@ -188,11 +201,7 @@ def warn_hooks_on_sampled(model: nn.Module, nodes: Iterable[Any]) -> None:
         m = modules.get(plan.name)
         if not plan.sampled or m is None:
             continue
-        kinds = [
-            k
-            for k in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-            if getattr(m, k, None)
-        ]
+        kinds = module_hooks(m)
         if kinds:
             names = ", ".join(k.strip("_") for k in kinds)
             warnings.warn(

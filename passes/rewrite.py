@@ -16,6 +16,10 @@ attention nodes: ``backward_sampled_matmul`` / ``backward_sampled_attention``); 
 ``scores="weights"`` linear / conv calls get ``scores='weights'`` (and, for random methods,
 the ``seed=`` of the node's own stream).
 
+An exact conv whose output reaches a sampled conv becomes ``sampled_conv(..., keep=1.0)``: the
+exact convolution, whose backward skips the output channels the sampled conv left without
+gradient (``approxcompile.ops.kernels.live_conv``).
+
 ``training`` is one ``get_attr`` of the module's own ``self.training``, so ``.eval()`` on
 the rewritten module makes every sampled op exact. Parameters are read from the
 original submodules (which stay in place), so ``state_dict()`` is unchanged. The pass
@@ -98,12 +102,63 @@ def _replace(
     replaced[node] = new
 
 
-def rewrite(gm: fx.GraphModule, config: ApproxConfig, *, measured: bool = False) -> RewriteResult:
+def _exact_live(node: fx.Node, plan: NodePlan, hooked: frozenset[str]) -> bool:
+    """An exact forward-mode conv the op can run: it becomes a ``keep=1.0`` call of ``sampled_conv``.
+
+    Why: that call is the exact convolution, but its backward skips output channels whose
+    gradient is zero everywhere, which is what a sampled conv after it leaves. On the CNN
+    benchmark's budget-0.4 plan, ``convs.0`` (kept exact as the first layer) sits in front
+    of ``convs.1`` keeping 16 of 128 channels, and ``convs.2`` (left exact by the
+    allocation) in front of ``convs.3`` keeping 96. Nodes the matcher could not run sampled
+    (``site.unsupported``: grouped, a weight that is no plain parameter) stay as they are,
+    and so do modules with hooks, which a function call would not fire.
+    """
+    site = plan.site
+    if not (
+        plan.kind == "conv"
+        and plan.mode == "forward"
+        and site is not None
+        and site.unsupported is None
+        and plan.flops.total > 0
+    ):
+        return False
+    if node.op == "call_module" and str(node.target) in hooked:
+        return False
+    return _feeds_sampled_conv(node)
+
+
+def _feeds_sampled_conv(node: fx.Node) -> bool:
+    """Whether ``node``'s output reaches a sampled conv before any other product node.
+
+    Only there can its gradient have dead channels; elsewhere the graph stays as it was.
+    """
+    seen: set[fx.Node] = set()
+    todo = list(node.users)
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        plan = user.meta.get(META_KEY)
+        if plan is not None:  # a product node: the gradient's channels are its business
+            if plan.sampled and plan.kind == "conv" and plan.mode == "forward":
+                return True
+            continue
+        todo.extend(user.users)
+    return False
+
+
+def rewrite(
+    gm: fx.GraphModule, config: ApproxConfig, *, measured: bool = False, hooked: frozenset[str] = frozenset()
+) -> RewriteResult:
     """Replace every node whose plan samples (``k < inner``) by its sampled op, in place.
 
     ``measured``: also the exact nodes that have a sensitivity curve, as ``keep=1.0`` calls
     (exact at run time), so ``approxcompile.set_budget`` can later change any node's keep
-    ratio by editing one keyword argument instead of the graph's structure.
+    ratio by editing one keyword argument instead of the graph's structure. Exact
+    forward-mode convs in front of a sampled conv always become such calls (:func:`_exact_live`),
+    except the modules named in ``hooked`` (the user's model's modules with hooks, which a
+    function call would not fire).
 
     Afterwards no plan keeps its ``site``: the Site refers to nodes of the graph as it was, and
     the plans outlive this pass (``optimize`` collects them into the module's ``Plan``).
@@ -113,7 +168,7 @@ def rewrite(gm: fx.GraphModule, config: ApproxConfig, *, measured: bool = False)
         plan = node.meta.get(META_KEY)
         if plan is None or node.target in ops.SAMPLED_OPS:
             continue
-        if not (plan.sampled or (measured and plan.sensitivity)):
+        if not (plan.sampled or (measured and plan.sensitivity) or _exact_live(node, plan, hooked)):
             continue
         _replace(gm, node, site_of(gm, node, plan), plan, config, replaced)
     for node in gm.graph.nodes:

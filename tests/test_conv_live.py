@@ -185,3 +185,87 @@ def test_channel_gather_matches_indexing_and_keeps_the_layout(
     assert torch.equal(got, x[:, index])
     if kept and layout == torch.channels_last:
         assert got.is_contiguous(memory_format=layout) and not got.is_contiguous()
+
+
+# -- exact convs in front of a sampled conv ----------------------------------------------------
+
+
+def _dead_channel_grad(c: int, live: list[int]) -> torch.Tensor:
+    dy = torch.zeros(3, c, 6, 6)
+    dy[:, live] = torch.randn(3, len(live), 6, 6, generator=torch.Generator().manual_seed(5))
+    return dy
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_exact_conv_in_training_skips_dead_channels_with_the_same_gradients(dense: bool) -> None:
+    """``sampled_conv(keep=1.0)`` in training is F.conv2d, and its backward F.conv2d's gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 6, 6, generator=g, requires_grad=True)
+    w = torch.randn(8, 5, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(8, generator=g, requires_grad=True)
+    dy = torch.randn(3, 8, 6, 6, generator=g) if dense else _dead_channel_grad(8, [1, 6])
+    with _spy_live() as seen:
+        y = sampled_conv(x, w, b, 1, 1, keep=1.0)
+        assert type(y.grad_fn).__name__ == "_LiveConvBackward"
+        got = torch.autograd.grad(y, (x, w, b), dy)
+    assert len(seen) == 1 and (seen[0] is None) == dense
+    if not dense:
+        assert seen[0] is not None and seen[0].tolist() == [1, 6]
+    want_y = F.conv2d(x, w, b, 1, 1)
+    torch.testing.assert_close(y, want_y, rtol=0, atol=0)
+    for a, e in zip(got, torch.autograd.grad(want_y, (x, w, b), dy), strict=True):
+        _close(a, e)
+
+
+def test_exact_conv_double_backward_takes_the_differentiable_path() -> None:
+    """create_graph=True: gradients of gradients equal F.conv2d's (a gradient penalty trains)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 5, 5, generator=g, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, generator=g, requires_grad=True)
+    dy = _dead_channel_grad(6, [0, 2])[:2, :, :5, :5]
+
+    def penalty(conv: object) -> tuple[torch.Tensor, ...]:
+        y = conv(x, w, None, 1, 1)  # type: ignore[operator]
+        (gx,) = torch.autograd.grad(y, x, dy, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), w)  # dx does not depend on x
+
+    live = penalty(lambda *a: sampled_conv(*a, keep=1.0))
+    for a, e in zip(live, penalty(F.conv2d), strict=True):
+        _close(a, e)
+
+
+def test_exact_convs_before_a_sampled_conv_are_rewritten_and_hooked_ones_are_not() -> None:
+    import approxcompile
+    from approxcompile.ops import SAMPLED_OPS
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 32, 3, padding=1)  # first: exact, feeds the sampled b
+            self.b = torch.nn.Conv2d(32, 32, 3, padding=1)
+            self.c = torch.nn.Conv2d(32, 32, 3, padding=1)  # last conv: exact, feeds no product
+            self.head = torch.nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.max_pool2d(F.relu(self.a(x)), 2)
+            x = F.relu(self.c(F.relu(self.b(x))))
+            return self.head(x.mean(dim=(2, 3)))
+
+    x = torch.randn(4, 3, 8, 8)
+    config = approxcompile.ApproxConfig().set_module_name("b", approxcompile.NodeOverride(keep=0.5))
+    config = config.set_module_name("c", approxcompile.NodeOverride(exact=True))
+
+    def calls(model: torch.nn.Module) -> dict[str, float]:
+        fast = approxcompile.optimize(model, 0.9, example_inputs=(x,), config=config)
+        return {
+            str(n.args[1].target).split(".")[0]: n.kwargs["keep"]
+            for n in fast.graph.nodes
+            if n.op == "call_function" and n.target in SAMPLED_OPS
+        }
+
+    torch.manual_seed(0)
+    assert calls(Net()) == {"a": 1.0, "b": 0.5}
+    hooked = Net()
+    hooked.a.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning):  # the plan's own warnings; no hook warning for the exact a
+        assert calls(hooked) == {"b": 0.5}

@@ -25,8 +25,13 @@ X_ATT = torch.randn(4, 12, 32, generator=torch.Generator().manual_seed(0))
 MODELS = {"mlp": (mlp, X_MLP), "cnn": (cnn, X_CNN), "attention": (attention, X_ATT)}
 
 
+def _op_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ops.SAMPLED_OPS]
+
+
 def _sampled_calls(gm: torch.fx.GraphModule) -> list[str]:
-    return [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target in ops.SAMPLED_OPS]
+    """The sampled-op calls that sample (``keep=1.0`` calls run the exact op)."""
+    return [n.name for n in _op_calls(gm) if n.kwargs["keep"] < 1.0]
 
 
 def _code(gm: torch.fx.GraphModule) -> str:
@@ -36,16 +41,18 @@ def _code(gm: torch.fx.GraphModule) -> str:
 GOLDEN_CNN = """
 def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
     training = self.training
-    conv1 = self.conv1(x);  x = None
-    relu = torch.nn.functional.relu(conv1, inplace = False);  conv1 = None
+    conv1_weight = self.conv1.weight
+    conv1_bias = self.conv1.bias
+    sampled_conv = approxcompile_ops_sampled_conv(x, conv1_weight, conv1_bias, (1, 1), (1, 1), (1, 1), keep = 1.0, method = 'topk', training = training);  x = conv1_weight = conv1_bias = None
+    relu = torch.nn.functional.relu(sampled_conv, inplace = False);  sampled_conv = None
     conv2_weight = self.conv2.weight
     conv2_bias = self.conv2.bias
-    sampled_conv = approxcompile_ops_sampled_conv(relu, conv2_weight, conv2_bias, (1, 1), (1, 1), (1, 1), keep = 0.5, method = 'topk', training = training);  relu = conv2_weight = conv2_bias = None
-    relu_1 = torch.nn.functional.relu(sampled_conv, inplace = False);  sampled_conv = None
+    sampled_conv_1 = approxcompile_ops_sampled_conv(relu, conv2_weight, conv2_bias, (1, 1), (1, 1), (1, 1), keep = 0.5, method = 'topk', training = training);  relu = conv2_weight = conv2_bias = None
+    relu_1 = torch.nn.functional.relu(sampled_conv_1, inplace = False);  sampled_conv_1 = None
     conv3_weight = self.conv3.weight
     conv3_bias = self.conv3.bias
-    sampled_conv_1 = approxcompile_ops_sampled_conv(relu_1, conv3_weight, conv3_bias, (1, 1), (1, 1), (1, 1), keep = 0.5, method = 'topk', training = training);  relu_1 = conv3_weight = conv3_bias = None
-    bn = self.bn(sampled_conv_1);  sampled_conv_1 = None
+    sampled_conv_2 = approxcompile_ops_sampled_conv(relu_1, conv3_weight, conv3_bias, (1, 1), (1, 1), (1, 1), keep = 0.5, method = 'topk', training = training);  relu_1 = conv3_weight = conv3_bias = None
+    bn = self.bn(sampled_conv_2);  sampled_conv_2 = None
     relu_2 = torch.nn.functional.relu(bn, inplace = False);  bn = None
     mean = relu_2.mean(dim = (2, 3));  relu_2 = None
     head_weight = self.head.weight
@@ -63,8 +70,10 @@ GOLDEN_MLP_LAYER = (
 def test_golden_code_cnn() -> None:
     fast = approxcompile.optimize(cnn(), 0.9, example_inputs=(X_CNN,), config=HALF)
     assert _code(fast) == GOLDEN_CNN.strip()
-    # conv1 has one input channel: too small to sample, so it is the one exact call
-    assert _sampled_calls(fast) == ["sampled_conv", "sampled_conv_1", "sampled_linear"]
+    # conv1 has one input channel: too small to sample. It feeds the sampled conv2, so it is
+    # an exact keep=1.0 call (its backward skips the channels conv2 left without gradient).
+    assert _sampled_calls(fast) == ["sampled_conv_1", "sampled_conv_2", "sampled_linear"]
+    assert [n.name for n in _op_calls(fast) if n.kwargs["keep"] == 1.0] == ["sampled_conv"]
 
 
 def test_golden_code_mlp() -> None:

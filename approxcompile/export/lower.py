@@ -96,7 +96,9 @@ def _noise_size(node: fx.Node) -> int:
         )
     keep, method = node.kwargs["keep"], node.kwargs.get("method", "topk")
     assert isinstance(keep, (int, float)) and isinstance(method, str), node.format_node()
-    return estimators.noise_size(method, plan.inner, kept_count(keep, plan.inner))
+    k = kept_count(keep, plan.inner)
+    # keep=1.0 calls (exact convs, measured exact nodes) run the exact op and draw nothing.
+    return 0 if k >= plan.inner else estimators.noise_size(method, plan.inner, k)
 
 
 def _check_exportable(node: fx.Node) -> None:

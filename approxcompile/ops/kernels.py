@@ -452,6 +452,25 @@ def _conv_grads(
     )
 
 
+def _live_conv_grads(
+    dy: Tensor, xs: Tensor, ws: Tensor, conv: tuple[Any, ...], need_x: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_conv_grads` over the output channels of ``dy`` that are not all zero; zeros in the rest.
+
+    The same gradients: a dead channel's ``dW`` rows and bias entry are zero and it adds
+    nothing to ``dx`` (:func:`~approxcompile.ops.live.live_channels`).
+    """
+    live = live_channels(dy)
+    if live is None:
+        return _conv_grads(dy, xs, ws, conv, need_x, need_w, need_b)
+    dxs, dws_live, db_live = _conv_grads(
+        _gather_channels(dy, live), xs, ws.index_select(0, live), conv, need_x, need_w, need_b
+    )
+    dws = ws.new_zeros(ws.shape).index_copy_(0, live, dws_live) if need_w else dws_live
+    db = dy.new_zeros(dy.shape[1]).index_copy_(0, live, db_live) if need_b else db_live
+    return dxs, dws, db
+
+
 def conv_backward_kernel(
     dy: Tensor,
     xs: Tensor,
@@ -476,15 +495,7 @@ def conv_backward_kernel(
     channels it kept get a gradient, so this backward shrinks by that keep ratio too.
     """
     conv = (stride, padding, dilation, False, [0] * len(stride), 1)
-    live = live_channels(dy)
-    if live is None:
-        dxs, dws, db = _conv_grads(dy, xs, ws, conv, need_x, need_w, need_b)
-    else:  # the products over the live output channels, zeros elsewhere
-        dxs, dws_live, db_live = _conv_grads(
-            _gather_channels(dy, live), xs, ws.index_select(0, live), conv, need_x, need_w, need_b
-        )
-        dws = ws.new_zeros(ws.shape).index_copy_(0, live, dws_live) if need_w else dws_live
-        db = dy.new_zeros(dy.shape[1]).index_copy_(0, live, db_live) if need_b else db_live
+    dxs, dws, db = _live_conv_grads(dy, xs, ws, conv, need_x, need_w, need_b)
     dx, dw = dy.new_empty(0), dy.new_empty(0)  # two tensors: a custom op's outputs may not alias
     if need_x and _channels_last(xs):  # dx channels-last too: scatter along the innermost dim
         n, c, h, w = x_shape
@@ -660,3 +671,59 @@ def conv_product(
         out: tuple[Tensor, Tensor, Tensor] = _EagerConvProduct.apply(*args)
         return out
     return sampled_conv_product(*args)
+
+
+class _LiveConv(torch.autograd.Function):
+    """An exact convolution whose backward leaves out output channels with a zero gradient.
+
+    Why: in front of a sampled convolution (through ReLU and pooling, which act channel by
+    channel) only the channels that convolution kept get a gradient, so the exact layer
+    before it can run its backward over those alone, as a sampled one does
+    (:func:`_live_conv_grads`): the same gradients, up to the order of float sums. A
+    dense gradient costs a read of one sample to find out. ``create_graph=True`` takes the
+    plain differentiable backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, False, [0] * len(stride), 1)
+        ctx.has_bias = bias is not None
+        return torch.ops.aten.convolution(x, weight, bias, *ctx.conv)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        grads = _conv_grads if torch.is_grad_enabled() else _live_conv_grads  # double backward: plain
+        dx, dw, db = grads(dy, x, weight, ctx.conv, need_x, need_w, need_b)
+        return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None
+
+
+def live_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """``conv(x, weight, bias)`` (groups = 1), exact; its backward skips dead output channels.
+
+    Only plain eager calls that autograd records take :class:`_LiveConv`; everything else
+    (no gradient, autocast, compilation, fake tensors) the plain convolution.
+    """
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if grad and _plain(x, weight, bias):
+        out: Tensor = _LiveConv.apply(x, weight, bias, stride, padding, dilation)
+        return out
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)

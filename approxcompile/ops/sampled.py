@@ -44,6 +44,7 @@ from approxcompile.ops.kernels import (
     column_norms,
     conv_product,
     linear_product,
+    live_conv,
     select,
     slice_norms,
 )
@@ -220,6 +221,11 @@ def sampled_conv(
     conv = CONV[weight.dim() - 2]
     n = weight.shape[1]
     k = kept_count(keep, n)
+    d = weight.dim() - 2
+    if training and k >= n and x.dim() == weight.dim() and not isinstance(padding, str):
+        # Exact, in training: its backward skips the output channels a sampled conv after
+        # it left without gradient.
+        return live_conv(x, weight, bias, _ints(stride, d), _ints(padding, d), _ints(dilation, d))
     if not training or k >= n or x.dim() != weight.dim() or x.numel() == 0:
         return conv(x, weight, bias, stride, padding, dilation)
     by_weights = _check_scores(scores)
@@ -231,7 +237,6 @@ def sampled_conv(
         w_norms = slice_norms(weight, 1)
         a = w_norms if by_weights else slice_norms(x, 1) * w_norms
     index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
-    d = weight.dim() - 2
     x, w, b = autocast_inputs(x, weight, bias)
     unique = not repeats(method)
     return conv_product(
