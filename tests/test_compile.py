@@ -117,3 +117,54 @@ def test_flop_counter_sees_the_products_inside_the_custom_ops() -> None:
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         ops.sampled_linear_product(x, w, b, index, scale, unique)[0].sum().backward()
     assert counter.get_total_flops() == 3 * 2 * 6 * 3 * 5  # forward, dx and dW over k = 3 of 16
+
+
+def _saved_dtypes(model: torch.nn.Module, x: torch.Tensor) -> list[torch.dtype]:
+    """Dtypes of the tensors the compiled forward saves for backward (Inductor's partitioner)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    saved: list[torch.dtype] = []
+
+    def forward(gm: torch.fx.GraphModule, _: object) -> torch.fx.GraphModule:
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.extend(o.meta["val"].dtype for o in outputs[1:] if isinstance(o, torch.fx.Node))
+        return gm
+
+    backend = aot_autograd(
+        fw_compiler=forward,
+        bw_compiler=lambda gm, _: gm,
+        partition_fn=min_cut_rematerialization_partition,  # Inductor's partitioner and decompositions
+        decompositions=select_decomp_table(),
+    )
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    return saved
+
+
+def test_compiled_relu_before_sampled_linear_saves_no_bool_mask() -> None:
+    # The sampled linear saves its whole input when traced, so a ReLU before it keeps a float
+    # tensor for backward; a saved bool mask costs Inductor a slow vectorised bool store.
+    torch.manual_seed(0)
+    x = torch.randn(16, 64)
+    fast = _optimized(MLP(), x)
+    assert fast.code.count("sampled_linear(") >= 2
+    dtypes = _saved_dtypes(fast, x)
+    assert dtypes and torch.bool not in dtypes, dtypes
+
+
+@pytest.mark.parametrize("compute", [None, torch.bfloat16])
+def test_backward_op_given_the_whole_input_gathers_what_the_forward_used(compute: torch.dtype | None) -> None:
+    """``whole=True`` (traced backward): the op gathers, scales and casts ``x`` as the forward did."""
+    x, w, b, index, scale, unique = (t.detach() if isinstance(t, torch.Tensor) else t for t in _linear_args())
+    y, xs = ops.sampled_linear_product(x, w, b, index, scale, unique, compute)
+    dy = torch.randn_like(y)
+    common = (w, index, scale, list(x.shape), x.shape[-1], unique, True, True, x.dtype)
+    want = ops.sampled_linear_product_backward(dy, xs, *common)
+    args = (dy, x, *common, True, compute)
+    torch.library.opcheck(ops.sampled_linear_product_backward, args)
+    got = ops.sampled_linear_product_backward(*args)
+    for g, e in zip(got, want, strict=True):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

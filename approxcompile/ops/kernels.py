@@ -144,9 +144,7 @@ def sampled_linear_product(
     gradient in its input's own dtype.
     """
     n, p = weight.shape[1], weight.shape[0]
-    xs = _to(x.reshape(-1, n).index_select(1, index), compute)
-    if scale is not None:
-        xs.mul_(scale.to(xs.dtype))
+    xs = input_slice(x, index, scale, n, compute)
     ws = WORKSPACE.borrow("grad", (p, index.numel()), weight.dtype, weight.device)
     ws = torch.index_select(weight, 1, index, out=ws) if ws is not None else weight.index_select(1, index)
     ws = _to(ws, compute)
@@ -169,6 +167,14 @@ def _linear_fake(
     return x.new_empty((*x.shape[:-1], p), dtype=dtype), x.new_empty((x.numel() // n, k), dtype=dtype)
 
 
+def input_slice(
+    x: Tensor, index: Tensor, scale: Tensor | None, n: int, compute: torch.dtype | None
+) -> Tensor:
+    """``xs`` of :func:`sampled_linear_product`: ``x``'s columns ``index``, scaled, in ``compute``."""
+    xs = _to(x.reshape(-1, n).index_select(1, index), compute)
+    return xs if scale is None else xs.mul_(scale.to(xs.dtype))
+
+
 LIVE_MIN_PRODUCT = 128  # kept columns times products computed, below which dy is not tested
 
 
@@ -184,6 +190,8 @@ def linear_backward_kernel(
     need_x: bool,
     need_w: bool,
     x_dtype: torch.dtype | None = None,
+    whole: bool = False,
+    compute: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(dx, dW)`` of :func:`sampled_linear_product`; an empty tensor for one not needed.
 
@@ -203,7 +211,13 @@ def linear_backward_kernel(
     ``dW`` rows are zero, they add nothing to ``dx``): behind a forward-sampled linear and an
     elementwise activation only the columns that linear kept get a gradient
     (:func:`~approxcompile.ops.live.live_columns`).
+
+    ``whole``: ``xs`` is the whole input ``x``, gathered here as the forward did (in
+    ``compute``); what a traced backward gets (:func:`_linear_setup` says why).
     """
+    if whole:
+        x_dtype = x_dtype or xs.dtype
+        xs = input_slice(xs, index, scale, n, compute)
     p = weight.shape[0]
     k = index.numel()
     dy2 = _to(dy.reshape(-1, p), xs.dtype)
@@ -304,20 +318,30 @@ def _linear_backward_fake(
     need_x: bool,
     need_w: bool,
     x_dtype: torch.dtype | None = None,
+    whole: bool = False,
+    compute: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     dx = dy.new_empty(x_shape, dtype=x_dtype or xs.dtype) if need_x else dy.new_empty(0)
     return dx, dy.new_empty((weight.shape[0], n), dtype=weight.dtype) if need_w else dy.new_empty(0)
 
 
 def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, weight, bias, index, scale, unique, *_ = inputs
+    x, weight, bias, index, scale, unique, compute = inputs
     _, xs = output
     ctx.mark_non_differentiable(xs)
     # Else autograd zero-fills an (m, k) gradient for xs before every backward, unread.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(xs, weight, index, scale)
+    # Traced (torch.compile): the whole input goes to the backward op, which gathers xs again.
+    # With xs alone saved, a ReLU before the op has no float tensor left for its backward, so
+    # the partitioner saves the ReLU's bool mask, and Inductor's vectorised bool store is slow
+    # on some CPUs (ReLU + mask of 256 x 4096: 12 ms against 0.6 ms for eager ReLU, 1 thread,
+    # AMD EPYC; docs/performance.md). With x saved the mask is recomputed from it in backward.
+    # The gather is inside the op so that the partitioner cannot move it to the forward. Eager
+    # autograd saves a ReLU's output itself: there the small xs is the better choice.
+    ctx.whole = not direct(x, weight)
+    ctx.save_for_backward(x if ctx.whole else xs, weight, index, scale)
     ctx.x_shape, ctx.n, ctx.unique, ctx.has_bias = x.shape, weight.shape[1], unique, bias is not None
-    ctx.x_dtype, ctx.b_dtype = x.dtype, None if bias is None else bias.dtype
+    ctx.x_dtype, ctx.b_dtype, ctx.compute = x.dtype, None if bias is None else bias.dtype, compute
 
 
 def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
@@ -329,7 +353,10 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
         if direct(dy, xs, weight, index, scale)
         else torch.ops.approxcompile.sampled_linear_product_backward
     )
-    dx, dw = op(dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype)
+    dx, dw = op(
+        dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype,
+        ctx.whole, ctx.compute,
+    )  # fmt: skip
     db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=ctx.b_dtype) if ctx.has_bias and need_b else None
     return dx if need_x else None, dw if need_w else None, db, None, None, None, None
 
