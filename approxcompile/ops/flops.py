@@ -43,8 +43,9 @@ def _conv(*args: Any, out_val: tuple[Tensor, Tensor, Tensor], **kwargs: Any) -> 
 
 @register_flop_formula(ops.sampled_conv_product_backward, get_raw=True)
 def _conv_backward(dy: Tensor, xs: Tensor, ws: Tensor, *args: Any, **kwargs: Any) -> int:
-    need_x, need_w = args[-3], args[-2]
-    return conv_flop_count(list(xs.shape), list(ws.shape), list(dy.shape)) * (int(need_x) + int(need_w))
+    index, need_x, need_w = args[0], args[8], args[9]  # need_*: after scale, shapes, unique, conv
+    shape = [xs.shape[0], index.numel(), *xs.shape[2:]]  # xs, or the whole input (``whole``)
+    return conv_flop_count(shape, list(ws.shape), list(dy.shape)) * (int(need_x) + int(need_w))
 
 
 @register_flop_formula(ops.backward_sampled_linear_forward, get_raw=True)
