@@ -140,9 +140,13 @@ def _saved_dtypes(model: torch.nn.Module, x: torch.Tensor) -> list[torch.dtype]:
     )
     torch._dynamo.reset()
     torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    # Dynamo's cache keeps the model alive: free its workspace-backed gradients for later tests.
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
     return saved
 
 
+@pytest.mark.slow
 def test_compiled_relu_before_sampled_linear_saves_no_bool_mask() -> None:
     # The sampled linear saves its whole input when traced, so a ReLU before it keeps a float
     # tensor for backward; a saved bool mask costs Inductor a slow vectorised bool store.
