@@ -120,28 +120,23 @@ def test_flop_counter_sees_the_products_inside_the_custom_ops() -> None:
 
 
 def _saved_dtypes(model: torch.nn.Module, x: torch.Tensor) -> list[torch.dtype]:
-    """Dtypes of the tensors the compiled forward saves for backward (Inductor's partitioner)."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.decomposition import select_decomp_table
+    """Dtypes of the tensors a ``torch.compile``d forward saves for backward (Inductor's own choice).
 
-    saved: list[torch.dtype] = []
-
-    def forward(gm: torch.fx.GraphModule, _: object) -> torch.fx.GraphModule:
-        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        saved.extend(o.meta["val"].dtype for o in outputs[1:] if isinstance(o, torch.fx.Node))
-        return gm
-
-    backend = aot_autograd(
-        fw_compiler=forward,
-        bw_compiler=lambda gm, _: gm,
-        partition_fn=min_cut_rematerialization_partition,  # Inductor's partitioner and decompositions
-        decompositions=select_decomp_table(),
-    )
+    The caches are off: a cached graph from other code would answer for this one.
+    """
     torch._dynamo.reset()
-    torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
-    # Dynamo's cache keeps the model alive: free its workspace-backed gradients for later tests.
-    model.zero_grad(set_to_none=True)
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        out = torch.compile(model, fullgraph=True)(x)
+    node = out.grad_fn
+    while node is not None and "CompiledFunction" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    assert node is not None
+    saved = [t.dtype for t in node.saved_tensors]
+    del out, node
+    # Dynamo's cache keeps the model alive: drop it, so later tests see a free workspace.
     torch._dynamo.reset()
     return saved
 
@@ -172,3 +167,18 @@ def test_backward_op_given_the_whole_input_gathers_what_the_forward_used(compute
     for g, e in zip(got, want, strict=True):
         assert g.dtype == e.dtype
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_relus_around_sampled_convs_save_no_bool_mask() -> None:
+    # The benchmark CNN's shape: ReLU before a sampled conv, and ReLU + max pool behind one.
+    # The sampled conv keeps its whole input and its output when traced, so every ReLU mask
+    # is recomputed from a float tensor instead of stored as bool.
+    from bench_models import CNN as PoolCNN
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    fast = _optimized(PoolCNN(32), x)
+    assert fast.code.count("sampled_conv(") >= 1
+    dtypes = _saved_dtypes(fast, x)
+    assert dtypes and torch.bool not in dtypes, dtypes

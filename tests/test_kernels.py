@@ -280,9 +280,10 @@ def test_conv_backward_of_mixed_layouts_matches_nchw(x_layout: str, dy_layout: s
     ops = torch.ops.approxcompile
 
     def grads(xl: torch.Tensor, dyl: torch.Tensor, whole: bool) -> tuple[torch.Tensor, ...]:
-        _, xs, ws = ops.sampled_conv_product(xl, w, None, index, scale, True, *conv)
+        y, xs, ws = ops.sampled_conv_product(xl, w, None, index, scale, True, *conv)
         shapes = (list(x.shape), list(w.shape))
         args = (dyl, xl if whole else xs, ws, index, scale, *shapes, True, *conv, True, True, True, whole)
+        args = (*args, y if whole else None)  # a traced backward passes y too (unread)
         torch.library.opcheck(ops.sampled_conv_product_backward, args)  # the fake's strides too
         return ops.sampled_conv_product_backward(*args)
 

@@ -489,6 +489,7 @@ def sampled_conv_product_backward(
     need_w: bool,
     need_b: bool,
     whole: bool = False,
+    y: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dW, db)`` of :func:`sampled_conv_product`; an empty tensor for one not needed.
 
@@ -498,7 +499,8 @@ def sampled_conv_product_backward(
     channels it kept get a gradient, so this backward shrinks by that keep ratio too.
 
     ``whole``: ``xs`` is the whole input ``x``, gathered here (a traced backward, as the
-    linear's: :func:`_linear_setup`).
+    linear's: :func:`_linear_setup`). ``y``: the forward's output, unused here; a traced
+    backward passes it so that the compiled graph keeps it (:func:`_conv_setup`).
     """
     if whole:
         xs = _gather_channels(xs, index)
@@ -543,6 +545,7 @@ def _conv_backward_fake(
     need_w: bool,
     need_b: bool,
     whole: bool = False,
+    y: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx = dy.new_empty(0)
     if need_x and _channels_last(xs):
@@ -560,8 +563,15 @@ def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -
     # The gradients of xs and ws are never used: without this autograd would allocate and
     # zero-fill an xs-sized tensor for them every backward (measured: ~1 ms a step on the CNN).
     ctx.set_materialize_grads(False)
-    ctx.whole = not direct(x, weight)  # traced: the whole input, as the sampled linear's
-    ctx.save_for_backward(x if ctx.whole else xs, ws, index, scale)
+    # Traced: the whole input, as the sampled linear's (:func:`_linear_setup`), and the output y
+    # too, though the backward does not read it. With y kept, the partitioner recomputes the
+    # mask of a ReLU behind the conv from it instead of saving that mask as bool, which costs
+    # Inductor a slow store on some CPUs: ReLU + mask + 2x2 max pool on 32x128x32x32 took
+    # 44 ms in the compiled CNN step, 2.5 ms without the mask (docs/performance.md). The price
+    # is memory: y (16 MB there) instead of a bool mask a quarter its size.
+    ctx.whole = not direct(x, weight)
+    y = output[0] if ctx.whole else None
+    ctx.save_for_backward(x if ctx.whole else xs, ws, index, scale, y)
     ctx.conv = (stride, padding, dilation)
     ctx.shapes, ctx.unique, ctx.has_bias = (x.shape, weight.shape), unique, bias is not None
 
@@ -570,11 +580,11 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
     amp.refuse_double_backward("sampled_conv")
     if dy is None:  # y took no part in the loss (grads are not materialised)
         return (None,) * 9
-    xs, ws, index, scale = ctx.saved_tensors
+    xs, ws, index, scale, y = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
     dx, dw, db = torch.ops.approxcompile.sampled_conv_product_backward(
-        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b, ctx.whole
+        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b, ctx.whole, y
     )
     grads = (dx if need_x else None, dw if need_w else None, db if need_b else None)
     return (*grads, None, None, None, None, None, None)
