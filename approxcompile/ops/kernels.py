@@ -144,7 +144,7 @@ def sampled_linear_product(
     gradient in its input's own dtype.
     """
     n, p = weight.shape[1], weight.shape[0]
-    xs = input_slice(x, index, scale, n, compute)
+    xs = _input_slice(x, index, scale, n, compute)
     ws = WORKSPACE.borrow("grad", (p, index.numel()), weight.dtype, weight.device)
     ws = torch.index_select(weight, 1, index, out=ws) if ws is not None else weight.index_select(1, index)
     ws = _to(ws, compute)
@@ -167,7 +167,7 @@ def _linear_fake(
     return x.new_empty((*x.shape[:-1], p), dtype=dtype), x.new_empty((x.numel() // n, k), dtype=dtype)
 
 
-def input_slice(
+def _input_slice(
     x: Tensor, index: Tensor, scale: Tensor | None, n: int, compute: torch.dtype | None
 ) -> Tensor:
     """``xs`` of :func:`sampled_linear_product`: ``x``'s columns ``index``, scaled, in ``compute``."""
@@ -217,7 +217,7 @@ def linear_backward_kernel(
     """
     if whole:
         x_dtype = x_dtype or xs.dtype
-        xs = input_slice(xs, index, scale, n, compute)
+        xs = _input_slice(xs, index, scale, n, compute)
     p = weight.shape[0]
     k = index.numel()
     dy2 = _to(dy.reshape(-1, p), xs.dtype)
