@@ -117,3 +117,68 @@ def test_flop_counter_sees_the_products_inside_the_custom_ops() -> None:
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         ops.sampled_linear_product(x, w, b, index, scale, unique)[0].sum().backward()
     assert counter.get_total_flops() == 3 * 2 * 6 * 3 * 5  # forward, dx and dW over k = 3 of 16
+
+
+def _saved_dtypes(model: torch.nn.Module, x: torch.Tensor) -> list[torch.dtype]:
+    """Dtypes of the tensors a ``torch.compile``d forward saves for backward (Inductor's own choice).
+
+    The caches are off: a cached graph from other code would answer for this one.
+    """
+    torch._dynamo.reset()
+    with (
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch._functorch.config.patch(enable_autograd_cache=False),
+    ):
+        out = torch.compile(model, fullgraph=True)(x)
+    node = out.grad_fn
+    while node is not None and "CompiledFunction" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    assert node is not None
+    saved = [t.dtype for t in node.saved_tensors]
+    del out, node
+    # Dynamo's cache keeps the model alive: drop it, so later tests see a free workspace.
+    torch._dynamo.reset()
+    return saved
+
+
+@pytest.mark.slow
+def test_compiled_relu_before_sampled_linear_saves_no_bool_mask() -> None:
+    # The sampled linear saves its whole input when traced, so a ReLU before it keeps a float
+    # tensor for backward; a saved bool mask costs Inductor a slow vectorised bool store.
+    torch.manual_seed(0)
+    x = torch.randn(16, 64)
+    fast = _optimized(MLP(), x)
+    assert fast.code.count("sampled_linear(") >= 2
+    dtypes = _saved_dtypes(fast, x)
+    assert dtypes and torch.bool not in dtypes, dtypes
+
+
+@pytest.mark.parametrize("compute", [None, torch.bfloat16])
+def test_backward_op_given_the_whole_input_gathers_what_the_forward_used(compute: torch.dtype | None) -> None:
+    """``whole=True`` (traced backward): the op gathers, scales and casts ``x`` as the forward did."""
+    x, w, b, index, scale, unique = (t.detach() if isinstance(t, torch.Tensor) else t for t in _linear_args())
+    y, xs = ops.sampled_linear_product(x, w, b, index, scale, unique, compute)
+    dy = torch.randn_like(y)
+    common = (w, index, scale, list(x.shape), x.shape[-1], unique, True, True, x.dtype)
+    want = ops.sampled_linear_product_backward(dy, xs, *common)
+    args = (dy, x, *common, True, compute)
+    torch.library.opcheck(ops.sampled_linear_product_backward, args)
+    got = ops.sampled_linear_product_backward(*args)
+    for g, e in zip(got, want, strict=True):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_relus_around_sampled_convs_save_no_bool_mask() -> None:
+    # The benchmark CNN's shape: ReLU before a sampled conv, and ReLU + max pool behind one.
+    # The sampled conv keeps its whole input and its output when traced, so every ReLU mask
+    # is recomputed from a float tensor instead of stored as bool.
+    from bench_models import CNN as PoolCNN
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    fast = _optimized(PoolCNN(32), x)
+    assert fast.code.count("sampled_conv(") >= 1
+    dtypes = _saved_dtypes(fast, x)
+    assert dtypes and torch.bool not in dtypes, dtypes

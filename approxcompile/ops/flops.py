@@ -30,8 +30,9 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, *args
 
 @register_flop_formula(ops.sampled_linear_product_backward, get_raw=True)
 def _linear_backward(dy: Tensor, xs: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> int:
-    need_x, need_w = args[5], args[6]  # after index, scale, x_shape, n, unique (then x_dtype)
-    return 2 * xs.shape[0] * xs.shape[1] * weight.shape[0] * (int(need_x) + int(need_w))
+    index, need_x, need_w = args[0], args[5], args[6]  # need_*: after scale, x_shape, n, unique
+    rows = xs.numel() // xs.shape[-1]  # xs, or the whole input under tracing (``whole``)
+    return 2 * rows * index.numel() * weight.shape[0] * (int(need_x) + int(need_w))
 
 
 @register_flop_formula(ops.sampled_conv_product, get_raw=True)
@@ -42,8 +43,9 @@ def _conv(*args: Any, out_val: tuple[Tensor, Tensor, Tensor], **kwargs: Any) -> 
 
 @register_flop_formula(ops.sampled_conv_product_backward, get_raw=True)
 def _conv_backward(dy: Tensor, xs: Tensor, ws: Tensor, *args: Any, **kwargs: Any) -> int:
-    need_x, need_w = args[-3], args[-2]
-    return conv_flop_count(list(xs.shape), list(ws.shape), list(dy.shape)) * (int(need_x) + int(need_w))
+    index, need_x, need_w = args[0], args[8], args[9]  # need_*: after scale, shapes, unique, conv
+    shape = [xs.shape[0], index.numel(), *xs.shape[2:]]  # xs, or the whole input (``whole``)
+    return conv_flop_count(shape, list(ws.shape), list(dy.shape)) * (int(need_x) + int(need_w))
 
 
 @register_flop_formula(ops.backward_sampled_linear_forward, get_raw=True)

@@ -145,9 +145,7 @@ def linear_forward_kernel(
     gradient in its input's own dtype.
     """
     n, p = weight.shape[1], weight.shape[0]
-    xs = _to(x.reshape(-1, n).index_select(1, index), compute)
-    if scale is not None:
-        xs.mul_(scale.to(xs.dtype))
+    xs = _input_slice(x, index, scale, n, compute)
     ws = WORKSPACE.borrow("grad", (p, index.numel()), weight.dtype, weight.device)
     ws = torch.index_select(weight, 1, index, out=ws) if ws is not None else weight.index_select(1, index)
     ws = _to(ws, compute)
@@ -177,6 +175,14 @@ def _linear_fake(
     return x.new_empty((*x.shape[:-1], p), dtype=dtype), x.new_empty((x.numel() // n, k), dtype=dtype)
 
 
+def _input_slice(
+    x: Tensor, index: Tensor, scale: Tensor | None, n: int, compute: torch.dtype | None
+) -> Tensor:
+    """``xs`` of :func:`sampled_linear_product`: ``x``'s columns ``index``, scaled, in ``compute``."""
+    xs = _to(x.reshape(-1, n).index_select(1, index), compute)
+    return xs if scale is None else xs.mul_(scale.to(xs.dtype))
+
+
 LIVE_MIN_PRODUCT = 128  # kept columns times products computed, below which dy is not tested
 # Multiply-adds of the products (rows x outputs x kept columns x products) below which dy is
 # not tested either: the test and the live path's row scatter cost about 100 us of fixed work
@@ -197,6 +203,8 @@ def linear_backward_kernel(
     need_x: bool,
     need_w: bool,
     x_dtype: torch.dtype | None = None,
+    whole: bool = False,
+    compute: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(dx, dW)`` of :func:`sampled_linear_product`; an empty tensor for one not needed.
 
@@ -216,7 +224,13 @@ def linear_backward_kernel(
     ``dW`` rows are zero, they add nothing to ``dx``): behind a forward-sampled linear and an
     elementwise activation only the columns that linear kept get a gradient
     (:func:`~approxcompile.ops.live.live_columns`).
+
+    ``whole``: ``xs`` is the whole input ``x``, gathered here as the forward did (in
+    ``compute``); what a traced backward gets (:func:`_linear_setup` says why).
     """
+    if whole:
+        x_dtype = x_dtype or xs.dtype
+        xs = _input_slice(xs, index, scale, n, compute)
     p = weight.shape[0]
     k = index.numel()
     dy2 = _to(dy.reshape(-1, p), xs.dtype)
@@ -319,20 +333,30 @@ def _linear_backward_fake(
     need_x: bool,
     need_w: bool,
     x_dtype: torch.dtype | None = None,
+    whole: bool = False,
+    compute: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     dx = dy.new_empty(x_shape, dtype=x_dtype or xs.dtype) if need_x else dy.new_empty(0)
     return dx, dy.new_empty((weight.shape[0], n), dtype=weight.dtype) if need_w else dy.new_empty(0)
 
 
 def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, weight, bias, index, scale, unique, *_ = inputs
+    x, weight, bias, index, scale, unique, compute = inputs
     _, xs = output
     ctx.mark_non_differentiable(xs)
     # Else autograd zero-fills an (m, k) gradient for xs before every backward, unread.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(xs, weight, index, scale)
+    # Traced (torch.compile): the whole input goes to the backward op, which gathers xs again.
+    # With xs alone saved, a ReLU before the op has no float tensor left for its backward, so
+    # the partitioner saves the ReLU's bool mask, and Inductor's vectorised bool store is slow
+    # on some CPUs (ReLU + mask of 256 x 4096: 12 ms against 0.6 ms for eager ReLU, 1 thread,
+    # AMD EPYC; docs/performance.md). With x saved the mask is recomputed from it in backward.
+    # The gather is inside the op so that the partitioner cannot move it to the forward. Eager
+    # autograd saves a ReLU's output itself: there the small xs is the better choice.
+    ctx.whole = not direct(x, weight)
+    ctx.save_for_backward(x if ctx.whole else xs, weight, index, scale)
     ctx.x_shape, ctx.n, ctx.unique, ctx.has_bias = x.shape, weight.shape[1], unique, bias is not None
-    ctx.x_dtype, ctx.b_dtype = x.dtype, None if bias is None else bias.dtype
+    ctx.x_dtype, ctx.b_dtype, ctx.compute = x.dtype, None if bias is None else bias.dtype, compute
 
 
 def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
@@ -344,7 +368,10 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
         if direct(dy, xs, weight, index, scale)
         else torch.ops.approxcompile.sampled_linear_product_backward
     )
-    dx, dw = op(dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype)
+    dx, dw = op(
+        dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype,
+        ctx.whole, ctx.compute,
+    )  # fmt: skip
     db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=ctx.b_dtype) if ctx.has_bias and need_b else None
     return dx if need_x else None, dw if need_w else None, db, None, None, None, None
 
@@ -439,13 +466,21 @@ def _gather_channels(x: Tensor, index: Tensor) -> Tensor:
 def _conv_grads(
     dy: Tensor, xs: Tensor, ws: Tensor, conv: tuple[Any, ...], need_x: bool, need_w: bool, need_b: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``aten.convolution_backward`` of ``conv(xs, ws)``; ``dy`` in ``xs``'s layout (no copy if it is)."""
+    """``aten.convolution_backward`` of ``conv(xs, ws)`` in the layout of the larger of ``dy``, ``xs``.
+
+    Layouts differ under ``torch.compile``, where Inductor hands the op a channels-last ``xs``
+    and an NCHW ``dy`` (its pointwise kernels write NCHW): copying a 32x128x32x32 ``dy`` to
+    channels-last took 19 ms (1 thread), its 16-channel ``xs`` to NCHW 0.5 ms, and the NCHW
+    backward no longer than the channels-last one. The weight slice follows, else oneDNN
+    converts to channels-last itself.
+    """
     if dy.shape[1] == 0:  # no live output channel: every gradient is zero
         return torch.zeros_like(xs), torch.zeros_like(ws), dy.new_zeros(0)
+    layout = _memory_format(xs if xs.numel() >= dy.numel() else dy)
     return torch.ops.aten.convolution_backward(
-        dy.contiguous(memory_format=_memory_format(xs)),
-        xs,
-        ws,
+        dy.contiguous(memory_format=layout),
+        xs.contiguous(memory_format=layout),
+        ws.contiguous(memory_format=layout),
         [dy.shape[1]] if need_b else None,
         *conv,
         [need_x, need_w, need_b],
@@ -486,6 +521,8 @@ def conv_backward_kernel(
     need_x: bool,
     need_w: bool,
     need_b: bool,
+    whole: bool = False,
+    y: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dW, db)`` of :func:`sampled_conv_product`; an empty tensor for one not needed.
 
@@ -493,7 +530,13 @@ def conv_backward_kernel(
     ``dW`` rows and ``db`` entries are zero, and they add nothing to ``dx``): when the next
     layer is a sampled convolution behind channel-wise ops (ReLU, pooling), only the
     channels it kept get a gradient, so this backward shrinks by that keep ratio too.
+
+    ``whole``: ``xs`` is the whole input ``x``, gathered here (a traced backward, as the
+    linear's: :func:`_linear_setup`). ``y``: the forward's output, unused here; a traced
+    backward passes it so that the compiled graph keeps it (:func:`_conv_setup`).
     """
+    if whole:
+        xs = _gather_channels(xs, index)
     conv = (stride, padding, dilation, False, [0] * len(stride), 1)
     dxs, dws, db = _live_conv_grads(dy, xs, ws, conv, need_x, need_w, need_b)
     dx, dw = dy.new_empty(0), dy.new_empty(0)  # two tensors: a custom op's outputs may not alias
@@ -531,6 +574,8 @@ def _conv_backward_fake(
     need_x: bool,
     need_w: bool,
     need_b: bool,
+    whole: bool = False,
+    y: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx = dy.new_empty(0)
     if need_x and _channels_last(xs):
@@ -548,7 +593,15 @@ def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -
     # The gradients of xs and ws are never used: without this autograd would allocate and
     # zero-fill an xs-sized tensor for them every backward (measured: ~1 ms a step on the CNN).
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(xs, ws, index, scale)
+    # Traced: the whole input, as the sampled linear's (:func:`_linear_setup`), and the output y
+    # too, though the backward does not read it. With y kept, the partitioner recomputes the
+    # mask of a ReLU behind the conv from it instead of saving that mask as bool, which costs
+    # Inductor a slow store on some CPUs: ReLU + mask + 2x2 max pool on 32x128x32x32 took
+    # 44 ms in the compiled CNN step, 2.5 ms without the mask (docs/performance.md). The price
+    # is memory: y (16 MB there) instead of a bool mask a quarter its size.
+    ctx.whole = not direct(x, weight)
+    y = output[0] if ctx.whole else None
+    ctx.save_for_backward(x if ctx.whole else xs, ws, index, scale, y)
     ctx.conv = (stride, padding, dilation)
     ctx.shapes, ctx.unique, ctx.has_bias = (x.shape, weight.shape), unique, bias is not None
 
@@ -557,7 +610,7 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
     amp.refuse_double_backward("sampled_conv")
     if dy is None:  # y took no part in the loss (grads are not materialised)
         return (None,) * 9
-    xs, ws, index, scale = ctx.saved_tensors
+    xs, ws, index, scale, y = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
     op: Callable[..., tuple[Tensor, Tensor, Tensor]] = (
@@ -565,7 +618,9 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
         if direct(dy, xs, ws, index, scale)
         else torch.ops.approxcompile.sampled_conv_product_backward
     )
-    dx, dw, db = op(dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b)
+    dx, dw, db = op(
+        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b, ctx.whole, y
+    )
     grads = (dx if need_x else None, dw if need_w else None, db if need_b else None)
     return (*grads, None, None, None, None, None, None)
 
