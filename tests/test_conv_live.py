@@ -269,23 +269,3 @@ def test_exact_convs_before_a_sampled_conv_are_rewritten_and_hooked_ones_are_not
     hooked.a.register_forward_hook(lambda *args: None)
     with pytest.warns(UserWarning):  # the plan's own warnings; no hook warning for the exact a
         assert calls(hooked) == {"b": 0.5}
-
-
-def test_live_conv_ops_pass_opcheck_and_compile_to_the_same_gradients() -> None:
-    """Under torch.compile the exact conv is the ``approxcompile::live_conv`` op, same gradients."""
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, 6, 6, generator=g, requires_grad=True)
-    w = torch.randn(6, 4, 3, 3, generator=g, requires_grad=True)
-    b = torch.randn(6, generator=g, requires_grad=True)
-    dy = _dead_channel_grad(6, [1, 4])[:2]
-    conv = ([1, 1], [1, 1], [1, 1])
-    torch.library.opcheck(kernels.live_conv_op, (x, w, b, *conv))
-    for need in ((True, True, True), (False, True, False), (True, False, True)):
-        torch.library.opcheck(kernels.live_conv_backward, (dy, x.detach(), w.detach(), *conv, *need))
-    with _spy_live() as seen:
-        compiled = torch.compile(lambda *a: kernels.live_conv(*a).relu(), fullgraph=True, backend="aot_eager")
-        got = torch.autograd.grad(compiled(x, w, b, *conv), (x, w, b), dy)
-    assert seen and seen[-1] is not None and seen[-1].tolist() == [1, 4]  # the compiled backward skipped
-    want = torch.autograd.grad(F.conv2d(x, w, b, 1, 1).relu(), (x, w, b), dy)
-    for a, e in zip(got, want, strict=True):
-        _close(a, e)

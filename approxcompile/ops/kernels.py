@@ -710,94 +710,6 @@ class _LiveConv(torch.autograd.Function):
         return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None
 
 
-def _conv(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-) -> Tensor:
-    """The exact convolution (groups = 1): :data:`live_conv_op`'s kernel and fake."""
-    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)
-
-
-# Under torch.compile the same convolution as an opaque op with its own backward op, so the
-# compiled backward skips dead channels too (a traced autograd.Function would be inlined).
-live_conv_op = torch.library.custom_op(
-    "approxcompile::live_conv", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-)(_conv)
-live_conv_op.register_fake(_conv)
-
-
-@torch.library.custom_op(
-    "approxcompile::live_conv_backward", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-)
-def live_conv_backward(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    need_x: bool,
-    need_w: bool,
-    need_b: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dW, db)`` of :data:`live_conv_op` over the live output channels; empty when not needed.
-
-    ``dx`` comes in ``x``'s layout and ``dW`` in the weight's, whatever layout the products ran in.
-    """
-    conv = (stride, padding, dilation, False, [0] * len(stride), 1)
-    dx, dw, db = _live_conv_grads(dy, x, weight, conv, need_x, need_w, need_b)
-    empty = dy.new_empty(0)
-    return (
-        dx.contiguous(memory_format=_memory_format(x)) if need_x else empty,
-        dw.contiguous(memory_format=_memory_format(weight)) if need_w else empty.clone(),
-        db.contiguous() if need_b else empty.clone(),
-    )
-
-
-@live_conv_backward.register_fake
-def _live_conv_backward_fake(
-    dy: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    need_x: bool,
-    need_w: bool,
-    need_b: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    def like(t: Tensor) -> Tensor:
-        return torch.empty_like(t, memory_format=_memory_format(t))
-
-    return (
-        like(x) if need_x else dy.new_empty(0),
-        like(weight) if need_w else dy.new_empty(0),
-        dy.new_empty(dy.shape[1]) if need_b else dy.new_empty(0),
-    )
-
-
-def _live_conv_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, bias, *conv = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.conv, ctx.has_bias = conv, bias is not None
-
-
-def _live_conv_op_backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-    amp.refuse_double_backward("live_conv")
-    x, weight = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    need_b = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dw, db = torch.ops.approxcompile.live_conv_backward(dy, x, weight, *ctx.conv, need_x, need_w, need_b)
-    return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None
-
-
-live_conv_op.register_autograd(_live_conv_op_backward, setup_context=_live_conv_setup)
-
-
 def live_conv(
     x: Tensor,
     weight: Tensor,
@@ -808,16 +720,11 @@ def live_conv(
 ) -> Tensor:
     """``conv(x, weight, bias)`` (groups = 1), exact; its backward skips dead output channels.
 
-    Plain eager calls that autograd records take :class:`_LiveConv`, compiled ones
-    :data:`live_conv_op`; everything else (no gradient, autocast, fake tensors, export) the
-    plain convolution.
+    Only plain eager calls that autograd records take :class:`_LiveConv`; everything else
+    (no gradient, autocast, compilation, fake tensors) the plain convolution.
     """
-    args = (x, weight, bias, stride, padding, dilation)
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return _conv(*args)
-    if _plain(x, weight, bias):
-        out: Tensor = _LiveConv.apply(*args)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if grad and _plain(x, weight, bias):
+        out: Tensor = _LiveConv.apply(x, weight, bias, stride, padding, dilation)
         return out
-    if torch.compiler.is_compiling() and amp.autocast_dtype(x) is None:
-        return live_conv_op(*args)
-    return _conv(*args)
+    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)
