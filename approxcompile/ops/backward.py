@@ -49,7 +49,7 @@ from approxcompile.choices import ROW_SCORES, UNBIASED_METHODS
 from approxcompile.ops.amp import refuse_double_backward
 from approxcompile.ops.draw import generator_handle, lookup
 from approxcompile.ops.estimator import CONV, DEFAULT_EPS, scale_along
-from approxcompile.ops.kernels import autocast_inputs, column_norms, slice_norms
+from approxcompile.ops.kernels import autocast_inputs, column_norms, conv_args, plain_conv, slice_norms
 from approxcompile.ops.sampling import sample_pairs
 from approxcompile.plan import kept_count
 
@@ -213,10 +213,7 @@ _linear_forward.register_autograd(_linear_backward, setup_context=_linear_setup)
 def _conv_grads(
     dy: Tensor, x: Tensor, weight: Tensor, conv: tuple[Sequence[int], ...], mask: tuple[bool, bool]
 ) -> tuple[Tensor, Tensor]:
-    stride, padding, dilation = conv
-    out = torch.ops.aten.convolution_backward(
-        dy, x, weight, None, stride, padding, dilation, False, [0] * len(stride), 1, (*mask, False)
-    )
+    out = torch.ops.aten.convolution_backward(dy, x, weight, None, *conv_args(*conv), (*mask, False))
     return out[0], out[1]
 
 
@@ -238,7 +235,7 @@ def _conv_forward(
     generator: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact convolution -> ``(y, samples, sample_index)``; samples drawn by ``|X[b]|_F`` if ``draw_rows``."""
-    y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+    y = plain_conv(x, weight, bias, stride, padding, dilation)
     if not draw_rows:
         return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
     rows, index = _draw_rows(x, row_keep, method, eps, lookup(generator))
@@ -260,7 +257,7 @@ def _conv_forward_fake(
     draw_rows: bool,
     generator: int | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+    y = plain_conv(x, weight, bias, stride, padding, dilation)
     if not draw_rows:
         return y, x.new_empty(0), x.new_empty(0, dtype=torch.long)
     return (y, *_rows_fake(x, row_keep, method))

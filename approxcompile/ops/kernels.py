@@ -379,6 +379,23 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
 sampled_linear_product.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
+def conv_args(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple[Any, ...]:
+    """``aten.convolution``'s arguments after the bias, for a plain convolution (groups = 1)."""
+    return (stride, padding, dilation, False, [0] * len(stride), 1)
+
+
+def plain_conv(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> Tensor:
+    """``aten.convolution`` of a plain convolution (groups = 1): the exact op of every conv kernel here."""
+    return torch.ops.aten.convolution(x, weight, bias, *conv_args(stride, padding, dilation))
+
+
 # flexible_layout: Inductor hands the conv ops its own layout (channels-last around its convs)
 # instead of converting every activation to the layout eager tracing saw; the ops follow it.
 def conv_forward_kernel(
@@ -406,7 +423,7 @@ def conv_forward_kernel(
     ws = weight.index_select(1, index)
     if scale is not None:
         ws.mul_(scale.to(ws.dtype).view(1, -1, *([1] * (ws.dim() - 2))))
-    y = torch.ops.aten.convolution(xs, ws, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+    y = plain_conv(xs, ws, bias, stride, padding, dilation)
     return y, xs, ws
 
 
@@ -428,7 +445,7 @@ def _conv_fake(
     dilation: Sequence[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     xs, ws = _gather_channels(x, index), weight.index_select(1, index)
-    y = torch.ops.aten.convolution(xs, ws, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+    y = plain_conv(xs, ws, bias, stride, padding, dilation)
     return y, xs, ws
 
 
@@ -537,7 +554,7 @@ def conv_backward_kernel(
     """
     if whole:
         xs = _gather_channels(xs, index)
-    conv = (stride, padding, dilation, False, [0] * len(stride), 1)
+    conv = conv_args(stride, padding, dilation)
     dxs, dws, db = _live_conv_grads(dy, xs, ws, conv, need_x, need_w, need_b)
     dx, dw = dy.new_empty(0), dy.new_empty(0)  # two tensors: a custom op's outputs may not alias
     if need_x and _channels_last(xs):  # dx channels-last too: scatter along the innermost dim
@@ -696,9 +713,9 @@ class _LiveConv(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, *conv: Sequence[int]) -> Tensor:
         """``conv``: stride, padding, dilation."""
         ctx.save_for_backward(x, weight)
-        ctx.conv = (*conv, False, [0] * len(conv[0]), 1)
+        ctx.conv = conv_args(*conv)
         ctx.has_bias = bias is not None
-        return torch.ops.aten.convolution(x, weight, bias, *ctx.conv)
+        return plain_conv(x, weight, bias, *conv)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -727,4 +744,4 @@ def live_conv(
     if grad and _plain(x, weight, bias):
         out: Tensor = _LiveConv.apply(x, weight, bias, stride, padding, dilation)
         return out
-    return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), 1)
+    return plain_conv(x, weight, bias, stride, padding, dilation)
