@@ -42,6 +42,7 @@ class _ZeroFills(TorchDispatchMode):
         return out
 
 
+@pytest.mark.usefixtures("general_linear")
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_backward_fills_no_zero_gradient_for_the_sampled_slice(bias: bool) -> None:
     torch.manual_seed(0)
@@ -72,13 +73,20 @@ def test_linear_backward_without_materialised_grads_matches_the_reference() -> N
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_plain_eager_calls_skip_the_dispatcher_with_the_same_results(kind: str) -> None:
+@pytest.mark.parametrize("kind", ["linear", "small linear", "conv"])
+def test_plain_eager_calls_skip_the_dispatcher_with_the_same_results(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Only a plain eager call takes the kernels directly; under a mode the ops run, same values.
 
     Direct: the draw and the backward kernels, and the forward product through a plain
-    ``autograd.Function`` (its node names the Function, not the op's generated wrapper).
+    ``autograd.Function`` (its node names the Function, not the op's generated wrapper):
+    ``ops.small``'s for a small linear, the general kernel's for a linear of any size.
     """
+    from approxcompile.ops import small
+
+    if kind == "linear":
+        monkeypatch.setattr(small, "SMALL_GRADIENT", 0)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -94,17 +102,17 @@ def test_plain_eager_calls_skip_the_dispatcher_with_the_same_results(kind: str) 
     ops = torch.ops.approxcompile
     product, backward = (
         (ops.sampled_linear_product, ops.sampled_linear_product_backward)
-        if kind == "linear"
+        if kind != "conv"
         else (ops.sampled_conv_product, ops.sampled_conv_product_backward)
     )
 
     def grads(mode: bool) -> tuple[torch.Tensor, ...]:
-        shape, w_shape = ((6, 40), (12, 40)) if kind == "linear" else ((2, 8, 5, 5), (4, 8, 3, 3))
+        shape, w_shape = ((6, 40), (12, 40)) if kind != "conv" else ((2, 8, 5, 5), (4, 8, 3, 3))
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
         w = torch.randn(w_shape, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
         g = torch.Generator().manual_seed(3)
         with _ZeroFills() if mode else contextlib.nullcontext() as log:
-            if kind == "linear":
+            if kind != "conv":
                 y = sampled_linear(x, w, None, keep=0.25, method="crs", generator=g)
             else:
                 y = sampled_conv(x, w, None, 1, 1, keep=0.25, method="crs", generator=g)
@@ -114,7 +122,8 @@ def test_plain_eager_calls_skip_the_dispatcher_with_the_same_results(kind: str) 
             assert log is not None and torch.ops.approxcompile.draw.default in log.ops
             assert product.default in log.ops and backward.default in log.ops
         else:
-            assert node.startswith("_Eager"), node  # not the custom op's generated autograd node
+            want = "_Small" if kind == "small linear" else "_Eager"
+            assert node.startswith(want), node  # not the custom op's generated autograd node
         assert x.grad is not None and w.grad is not None
         return y.detach(), x.grad, w.grad
 

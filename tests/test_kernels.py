@@ -84,6 +84,7 @@ def _reference_grad(w: torch.Tensor, x: torch.Tensor, seed: int) -> torch.Tensor
     return w2.grad
 
 
+@pytest.mark.usefixtures("general_linear")
 def test_workspace_reuses_gradient_memory_once_it_is_free() -> None:
     w = torch.randn(8, 64, requires_grad=True)
     x = torch.randn(5, 64)
@@ -95,6 +96,7 @@ def test_workspace_reuses_gradient_memory_once_it_is_free() -> None:
     torch.testing.assert_close(w.grad, _reference_grad(w, x, seed=2))  # and was re-zeroed
 
 
+@pytest.mark.usefixtures("general_linear")
 def test_workspace_never_overwrites_a_gradient_someone_holds() -> None:
     w = torch.randn(8, 64, requires_grad=True)
     x = torch.randn(5, 64)
@@ -136,6 +138,7 @@ def test_workspace_pools_one_storage_per_buffer_alive_at_once() -> None:
     assert ws.nbytes() == 0
 
 
+@pytest.mark.usefixtures("general_linear")
 def test_disabled_workspace_allocates_fresh() -> None:
     w = torch.randn(8, 64, requires_grad=True)
     x = torch.randn(5, 64)
@@ -212,6 +215,7 @@ def test_weight_gradient_spread_in_place_equals_a_scatter(
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.usefixtures("general_linear")
 def test_sampled_linear_keeps_no_weight_sized_buffer_besides_the_gradient(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

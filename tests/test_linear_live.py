@@ -23,9 +23,12 @@ from tests import reference
 
 
 @pytest.fixture(autouse=True, params=["small", "large"])
-def _test_every_product(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+def _test_every_product(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, general_linear: None
+) -> None:
     """These small products are below the size where the op looks for live columns at all;
-    "large": their weight gradients take the path of products above ``SMALL_PRODUCT``."""
+    "large": their weight gradients take the path of products above ``SMALL_PRODUCT``.
+    ``general_linear``: the general kernel, where the live columns are."""
     monkeypatch.setattr(kernels, "LIVE_MIN_PRODUCT", 0)
     monkeypatch.setattr(kernels, "LIVE_MIN_MACS", 0)
     if request.param == "large":

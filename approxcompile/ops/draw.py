@@ -27,6 +27,7 @@ from torch import Tensor
 
 from approxcompile.ops import shared
 from approxcompile.ops.eager import direct
+from approxcompile.ops.estimator import topk_index
 from approxcompile.ops.sampling import sample_pairs
 
 _GENERATORS: OrderedDict[int, torch.Generator] = OrderedDict()
@@ -119,13 +120,20 @@ def draw_pairs(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
+    plain: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """What the sampled ops call: the draw, with ``scale=None`` for ``topk``.
 
     The stream and the record follow autograd as they did before compilation: a forward
     without autograd draws from torch's generator and records nothing (``shared``).
+    ``plain``: the caller has found this a plain eager call (``ops.eager.direct``) already, which
+    saves checking again.
     """
     grad = torch.is_grad_enabled()
+    if plain and method == "topk" and noise is None:  # no randomness: only the record to keep
+        index = topk_index(scores.detach(), k)
+        shared.record(weight, index, enabled=grad)
+        return index, None
     fn = draw_kernel if direct(scores, weight, noise) else draw
     with torch.no_grad():
         index, scale = fn(

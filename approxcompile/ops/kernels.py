@@ -40,18 +40,24 @@ _ACC_ROWS = 256  # rows per accumulator block: 256 x 4096 fp32 is 4 MB, read onc
 
 
 def column_norms(t: Tensor) -> Tensor:
-    """``|t[:, j]|`` for a 2-D ``t``, reading rows in cache-sized chunks.
+    """``|t[:, j]|`` for a 2-D ``t``, reading rows in cache-sized chunks (:func:`column_squares`)."""
+    return column_squares(t).sqrt_()
+
+
+def column_squares(t: Tensor) -> Tensor:
+    """``|t[:, j]|^2`` for a 2-D ``t`` (as float32 or float64), reading rows in cache-sized chunks.
 
     Accumulates ``block * block`` of successive row blocks into one block-sized
     accumulator (``addcmul_``: contiguous, vectorised, no temporaries) and reduces it
-    once, instead of a strided reduction over the whole matrix.
+    once, instead of a strided reduction over the whole matrix. Squares rank columns as
+    norms do, so ``topk`` scores take them without a square root.
     """
     t = t.detach()
     if t.dtype != torch.float32 and t.dtype != torch.float64:
         t = t.float()
     rows = t.shape[0]
     if rows <= 2 * _ACC_ROWS:
-        return t.square().sum(0).sqrt_()
+        return t.square().sum(0)
     full = rows - rows % _ACC_ROWS
     blocks = t[:full].split(_ACC_ROWS)
     acc = blocks[0].square()
@@ -60,7 +66,7 @@ def column_norms(t: Tensor) -> Tensor:
     out = acc.sum(0)
     if full < rows:
         out.add_(t[full:].square().sum(0))
-    return out.sqrt_()
+    return out
 
 
 def slice_norms(t: Tensor, dim: int) -> Tensor:
@@ -674,7 +680,7 @@ _EAGER_LINEAR = _eager("_EagerLinearProduct", linear_forward_kernel, _linear_set
 _EAGER_CONV = _eager("_EagerConvProduct", conv_forward_kernel, _conv_setup, _conv_backward)
 
 
-def _plain(*tensors: Tensor | None) -> bool:
+def plain_call(*tensors: Tensor | None) -> bool:
     """A plain eager call with autocast off: the kernels may run without the op around them.
 
     Autocast is left to the op: it does not cast a custom op's inputs, but it would cast
@@ -686,14 +692,22 @@ def _plain(*tensors: Tensor | None) -> bool:
 
 def linear_product(*args: Any) -> tuple[Tensor, Tensor]:
     """:func:`sampled_linear_product` (same arguments); a plain eager call runs its kernel directly."""
-    op = _EAGER_LINEAR.apply if _plain(*args[:5]) else sampled_linear_product
+    op = _EAGER_LINEAR.apply if plain_call(*args[:5]) else sampled_linear_product
     out: tuple[Tensor, Tensor] = op(*args)
     return out
 
 
+def eager_linear_product(
+    x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor | None, unique: bool
+) -> Tensor:
+    """``y`` of :func:`sampled_linear_product` for a call that :func:`plain_call` accepted."""
+    y: Tensor = _EAGER_LINEAR.apply(x, weight, bias, index, scale, unique, None)[0]
+    return y
+
+
 def conv_product(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`sampled_conv_product` (same arguments); a plain eager call runs its kernel directly."""
-    op = _EAGER_CONV.apply if _plain(*args[:5]) else sampled_conv_product
+    op = _EAGER_CONV.apply if plain_call(*args[:5]) else sampled_conv_product
     out: tuple[Tensor, Tensor, Tensor] = op(*args)
     return out
 
@@ -741,7 +755,7 @@ def live_conv(
     (no gradient, autocast, compilation, fake tensors) the plain convolution.
     """
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if grad and _plain(x, weight, bias):
+    if grad and plain_call(x, weight, bias):
         out: Tensor = _LiveConv.apply(x, weight, bias, stride, padding, dilation)
         return out
     return plain_conv(x, weight, bias, stride, padding, dilation)

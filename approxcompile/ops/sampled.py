@@ -42,12 +42,16 @@ from approxcompile.ops.kernels import (
     autocast_compute,
     autocast_inputs,
     column_norms,
+    column_squares,
     conv_product,
+    eager_linear_product,
     linear_product,
     live_conv,
+    plain_call,
     select,
     slice_norms,
 )
+from approxcompile.ops.small import small, small_linear
 from approxcompile.plan import kept_count
 
 
@@ -116,10 +120,20 @@ def sampled_linear(
         return F.linear(x, weight, bias)
     by_weights = _check_scores(scores)
     with torch.no_grad():
-        w_norms = column_norms(weight)
-        a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
+        if method == "topk":  # squared norms rank the columns alike: no square roots
+            a = column_squares(weight)
+            a = a if by_weights else a.mul_(column_squares(x.reshape(-1, n)))
+        else:
+            w_norms = column_norms(weight)
+            a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
     seed = seed if by_weights else None
-    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
+    plain = plain_call(x, weight, bias)
+    index, scale = draw_pairs(
+        a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise, plain=plain
+    )
+    if plain:  # a plain eager call: the product's kernels without the op around them
+        product = small_linear if small(x, weight, index.numel()) else eager_linear_product
+        return product(x, weight, bias, index, scale, not repeats(method))
     compute = autocast_compute(x, weight, bias)
     if compute is None:  # autocast off, or float64 operands: the inputs as autocast would pass them
         x, weight, bias = autocast_inputs(x, weight, bias)

@@ -69,6 +69,8 @@ def record(weight: Tensor, index: Tensor, enabled: bool | None = None) -> None:
 
     ``enabled`` as for :func:`stream` (default: whether autograd is on).
     """
+    if not _WATCHED:
+        return  # no hook watches any weight (single-process training): nothing to look up
     if enabled is None:
         enabled = torch.is_grad_enabled()
     if not enabled:
