@@ -187,6 +187,13 @@ class ApproxConfig:
     row_scores: backward mode's score of batch row b for the weight gradient: ``x_dy``
         (``|X[b]|·|dY[b]|``, saves all of X) or ``x`` (``|X[b]|``, drawn in the forward pass,
         saves only the sampled rows).
+    weight_norms_every: forward-sampled linear and conv nodes score pair i with their weight's
+        column (channel) norm ``|W[:, i]|``; 1 recomputes it every step, N > 1 reuses it until
+        the weight has been updated N times in place (its version counter: an optimizer step
+        is one update or a few), eager only (compiled graphs recompute). The estimators stay
+        what they are: the probabilities are computed from, and scaled by, the norms used.
+        The weight-sized pass this skips costs about as much as a small layer's sampling
+        saves (batch 50, 500-wide: docs/performance.md).
     attention: ``exact`` leaves ``scaled_dot_product_attention`` as the fused kernel (the
         report says why); ``decomposed`` makes it a candidate whose two products (Q·Kᵀ over
         the head dimension, P·V over the key positions) are sampled per (batch, head) when
@@ -210,6 +217,7 @@ class ApproxConfig:
     scores: Scores = "activations"
     row_scores: RowScores = "x_dy"
     attention: Attention = "exact"
+    weight_norms_every: int = 1
     op_type_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_regex_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
     module_name_overrides: tuple[tuple[str, NodeOverride], ...] = field(default=(), repr=False)
@@ -228,7 +236,8 @@ class ApproxConfig:
             check_keep(k, "every keep_grid entry")
         if isinstance(self.eps, bool) or not isinstance(self.eps, numbers.Real) or not 0.0 <= self.eps < 1.0:
             raise ValueError(f"eps must be a number in [0, 1), got {self.eps!r}")
-        for name in ("min_k", "min_inner", "align", "sensitivity_draws", "time_repeats"):
+        ints = ("min_k", "min_inner", "align", "sensitivity_draws", "time_repeats", "weight_norms_every")
+        for name in ints:
             _check_int(name, getattr(self, name))
         _check_int("seed", self.seed, low=-(2**63))
         if self.seed >= 2**64:  # torch.Generator.manual_seed takes any 64-bit value, signed or not

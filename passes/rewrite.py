@@ -59,15 +59,19 @@ def _operand(graph: fx.Graph, operand: Any) -> Any:
 
 
 def _mode_kwargs(site: Site, plan: NodePlan, config: ApproxConfig) -> dict[str, Any]:
-    """Keyword arguments of backward mode and of weight-only scores (none by default)."""
+    """Keyword arguments of backward mode, weight-only scores and reused weight norms (none by default)."""
     if plan.mode == "backward":
         return {"row_scores": config.row_scores} if config.row_scores != "x_dy" else {}
-    if config.scores != "weights" or not kinds.KINDS[site.kind].weight_scores:
+    if not kinds.KINDS[site.kind].weight_scores:
         return {}
+    every = {"weight_norms_every": config.weight_norms_every} if config.weight_norms_every != 1 else {}
+    if config.scores != "weights":
+        return every
     if plan.method == "topk":
-        return {"scores": "weights"}
+        return {"scores": "weights", **every}
     # The node's own stream: the same on every rank, independent of the other nodes'.
-    return {"scores": "weights", "seed": (config.seed * 1_000_003 + zlib.crc32(plan.name.encode())) % 2**63}
+    seed = (config.seed * 1_000_003 + zlib.crc32(plan.name.encode())) % 2**63
+    return {"scores": "weights", "seed": seed, **every}
 
 
 def _replace(

@@ -8,6 +8,7 @@ model per budget (``replicate.build``, the cell's optimizer, ``--optimizer`` as 
 reported: the median step of each after ``--warmup`` steps, and exact's median over it.
 
     .venv/bin/python tools/step_mnist.py mlp --budgets 0.2 0.3 0.6 --optimizer fused
+    .venv/bin/python tools/step_mnist.py mlp --budgets 0.4 --optimizer fused --weight-norms-every 1 10
 """
 
 from __future__ import annotations
@@ -32,14 +33,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--optimizer", choices=("paper", "fused"), default="paper")
+    p.add_argument(
+        "--weight-norms-every", type=int, nargs="+", default=[1], metavar="N",
+        help="ApproxConfig.weight_norms_every; several values: one sampled model per budget and value",
+    )  # fmt: skip
+    p.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        p.error("--flush-denormal: this CPU cannot flush denormals (no SSE3)")
     setup, split = replicate.SETUPS[args.model], load_mnist()
     x0 = split.x_train[: setup.batch]
     job = replicate.Job(model=args.model, variant="topk", budget=1.0, seed=0, epochs=1)
     models = {"exact": replicate.build(dataclasses.replace(job, variant=replicate.EXACT), setup, x0)[0]}
     for b in args.budgets:
-        models[f"budget {b}"] = replicate.build(dataclasses.replace(job, budget=b), setup, x0)[0]
+        for every in args.weight_norms_every:
+            config = dataclasses.replace(setup.config, weight_norms_every=every)
+            name = f"budget {b}" + (f" every {every}" if len(args.weight_norms_every) > 1 else "")
+            job_b = dataclasses.replace(job, budget=b)
+            models[name] = replicate.build(job_b, dataclasses.replace(setup, config=config), x0)[0]
     fused = args.optimizer == "fused"
     opts = {k: setup.optimizer(list(m.parameters()), fused=fused) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -60,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = statistics.median(times["exact"])
     for k, v in times.items():
         med = statistics.median(v)
-        print(f"{args.model} {k:<12} {med * 1e3:7.2f} ms/step   exact/this {exact / med:.2f}x")
+        print(f"{args.model} {k:<20} {med * 1e3:7.2f} ms/step   exact/this {exact / med:.2f}x")
     return 0
 
 

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from approxcompile.ops import shared
 from approxcompile.ops.eager import direct
-from approxcompile.ops.estimator import topk_index
 from approxcompile.ops.sampling import sample_pairs
 
 _GENERATORS: OrderedDict[int, torch.Generator] = OrderedDict()
@@ -130,10 +129,12 @@ def draw_pairs(
     saves checking again.
     """
     grad = torch.is_grad_enabled()
-    if plain and method == "topk" and noise is None:  # no randomness: only the record to keep
-        index = topk_index(scores.detach(), k)
+    if plain and direct(noise):  # the kernel's work, without the op's argument encoding
+        with torch.no_grad():
+            gen = generator if generator is not None else shared.stream(weight, seed, enabled=grad)
+            index, scale = sample_pairs(scores.detach(), k, method, eps=eps, generator=gen, noise=noise)
         shared.record(weight, index, enabled=grad)
-        return index, None
+        return index, scale
     fn = draw_kernel if direct(scores, weight, noise) else draw
     with torch.no_grad():
         index, scale = fn(

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from approxcompile.ops import amp
 from approxcompile.ops.eager import direct
@@ -67,6 +68,38 @@ def column_squares(t: Tensor) -> Tensor:
     if full < rows:
         out.add_(t[full:].square().sum(0))
     return out
+
+
+_WEIGHT_NORMS = WeakIdKeyDictionary()  # weight -> {norms function: (weight version, value)}
+
+
+def weight_norms(weight: Tensor, every: int, norms: Callable[[Tensor], Tensor]) -> Tensor:
+    """``norms(weight)``, reused until ``weight`` has been updated ``every`` times in place.
+
+    Why: the weight half of a sampled layer's scores is a pass over the whole weight every
+    step, which on small layers costs about what sampling saves (``weight_norms_every`` of
+    ``ApproxConfig``). Updates are counted by the tensor's version counter, which every
+    in-place write bumps (an optimizer step, ``load_state_dict``; not a ``.data`` swap).
+    Traced, fake and subclass tensors recompute on every call. The value returned may be
+    the cached tensor itself: callers must not modify it.
+    """
+    if every <= 1 or not direct(weight):
+        return norms(weight)
+    version = weight._version
+    cached = _WEIGHT_NORMS.get(weight)
+    entry = None if cached is None else cached.get(norms)
+    if entry is not None and version - entry[0] < every:
+        return entry[1]
+    value = norms(weight)
+    if cached is None:
+        cached = _WEIGHT_NORMS[weight] = {}
+    cached[norms] = (version, value)
+    return value
+
+
+def channel_norms(weight: Tensor) -> Tensor:
+    """``|W[:, c]|`` of a convolution weight, for :func:`weight_norms`."""
+    return slice_norms(weight, 1)
 
 
 def slice_norms(t: Tensor, dim: int) -> Tensor:

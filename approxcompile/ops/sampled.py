@@ -41,6 +41,7 @@ from approxcompile.ops.estimator import CONV, DEFAULT_EPS, repeats, scale_along
 from approxcompile.ops.kernels import (
     autocast_compute,
     autocast_inputs,
+    channel_norms,
     column_norms,
     column_squares,
     conv_product,
@@ -50,6 +51,7 @@ from approxcompile.ops.kernels import (
     plain_call,
     select,
     slice_norms,
+    weight_norms,
 )
 from approxcompile.ops.small import small, small_linear
 from approxcompile.plan import kept_count
@@ -104,6 +106,7 @@ def sampled_linear(
     scores: str = "activations",
     seed: int | None = None,
     noise: Tensor | None = None,
+    weight_norms_every: int = 1,
 ) -> Tensor:
     """``F.linear(x, weight, bias)`` over a sample of the input features.
 
@@ -111,6 +114,8 @@ def sampled_linear(
     own stream seeded with ``seed`` (``approxcompile.ops.shared``), so data-parallel ranks agree.
     ``noise`` (every op here): uniform draws to use instead of drawing (``estimator.noise_size``
     of them); the export twin fed the same draws keeps the same pairs.
+    ``weight_norms_every``: reuse ``|W[:, i]|`` until the weight has been updated that many
+    times (``kernels.weight_norms``; ``ApproxConfig.weight_norms_every``).
 
     >>> y = sampled_linear(torch.randn(8, 64), torch.randn(32, 64), keep=0.25)  # k = 16 of 64
     """
@@ -121,11 +126,11 @@ def sampled_linear(
     by_weights = _check_scores(scores)
     with torch.no_grad():
         if method == "topk":  # squared norms rank the columns alike: no square roots
-            a = column_squares(weight)
-            a = a if by_weights else a.mul_(column_squares(x.reshape(-1, n)))
+            w_norms = weight_norms(weight, weight_norms_every, column_squares)
+            a = w_norms if by_weights else column_squares(x.reshape(-1, n)).mul_(w_norms)
         else:
-            w_norms = column_norms(weight)
-            a = w_norms if by_weights else column_norms(x.reshape(-1, n)) * w_norms
+            w_norms = weight_norms(weight, weight_norms_every, column_norms)
+            a = w_norms if by_weights else column_norms(x.reshape(-1, n)).mul_(w_norms)
     seed = seed if by_weights else None
     plain = plain_call(x, weight, bias)
     index, scale = draw_pairs(
@@ -225,12 +230,13 @@ def sampled_conv(
     scores: str = "activations",
     seed: int | None = None,
     noise: Tensor | None = None,
+    weight_norms_every: int = 1,
 ) -> Tensor:
     """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation)`` over a sample of input channels.
 
     Only ``groups=1`` convolutions of batched inputs are sampled; channel ``c`` scores
     ``|x[:, c]|_F * |W[:, c]|_F`` (``|W[:, c]|_F`` alone with ``scores="weights"``, as
-    :func:`sampled_linear`).
+    :func:`sampled_linear`, and reused as there with ``weight_norms_every``).
     """
     conv = CONV[weight.dim() - 2]
     n = weight.shape[1]
@@ -248,8 +254,8 @@ def sampled_conv(
         xs, ws = _sample_slices(x, 1, weight, 1, k, method, eps, generator, by_weights, noise, seed)
         return conv(xs, ws, bias, stride, padding, dilation)
     with torch.no_grad():
-        w_norms = slice_norms(weight, 1)
-        a = w_norms if by_weights else slice_norms(x, 1) * w_norms
+        w_norms = weight_norms(weight, weight_norms_every, channel_norms)
+        a = w_norms if by_weights else slice_norms(x, 1).mul_(w_norms)
     index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
     x, w, b = autocast_inputs(x, weight, bias)
     unique = not repeats(method)
