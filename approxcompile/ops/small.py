@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from approxcompile.ops import amp
-from approxcompile.ops.kernels import LIVE_MIN_MACS, _scatter
+from approxcompile.ops.kernels import LIVE_MIN_MACS, _input_slice, _scatter
 
 # Full-size gradients (p x n weight, rows x n input) up to this many elements (4 MB in
 # fp32) take this product; larger ones the general kernel and its workspace.
@@ -56,9 +56,7 @@ class _SmallLinear(torch.autograd.Function):
         unique: bool,
     ) -> Tensor:
         p, n = weight.shape
-        xs = x.reshape(-1, n).index_select(1, index)
-        if scale is not None:
-            xs.mul_(scale.to(xs.dtype))
+        xs = _input_slice(x, index, scale, n, None)
         ws = weight.index_select(1, index)
         y = torch.addmm(bias, xs, ws.t()) if bias is not None else xs @ ws.t()
         ctx.save_for_backward(xs, ws, index, scale)
