@@ -234,6 +234,8 @@ def lower_for_export(
         if twin is None:
             continue
         node.target = twin
+        # live= only steers the runtime conv's compiled backward; the twins have no backward.
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "live"}
         swapped += 1
         size = _noise_size(node) if noise == "input" else 0
         if size:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from approxcompile.ops import amp
 from approxcompile.ops.eager import direct
-from approxcompile.ops.live import live_channels, live_columns
+from approxcompile.ops.live import LIVE_MAX, live_channels, live_columns
 from approxcompile.ops.workspace import WORKSPACE
 
 _ACC_ROWS = 256  # rows per accumulator block: 256 x 4096 fp32 is 4 MB, read once per chunk
@@ -727,6 +727,67 @@ class _LiveConv(torch.autograd.Function):
         return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None
 
 
+# The compiled live backward pays when the products it leaves out cost this many multiply-adds
+# per element of dy: it reads dy twice (the channel maxima, then the gather of the live
+# channels), and Inductor's loops over a channels-last dy are slow. Measured on the CNN
+# benchmark (1 thread): its 128 -> 128 conv in front of a conv keeping 96 (576 saved per
+# element) went from 48 to 36 ms with about 2 ms of test and gather; its 3 -> 128 first conv
+# in front of one keeping 16 (24 per element) saved 6 ms and spent 9.
+LIVE_MIN_MACS_PER_ELEMENT = 64
+
+
+class _TracedLiveConv(torch.autograd.Function):
+    """Under ``torch.compile``: an exact convolution whose backward runs over ``live`` output channels.
+
+    Why: :class:`_LiveConv` finds the live channels by value, a size Dynamo cannot trace, and an
+    opaque custom op around the exact conv measured slower (Inductor lost its own conv lowering
+    and layouts: compiled CNN step 263 against 226 ms). Here Dynamo traces forward and backward
+    as aten ops at static shapes: the backward keeps the ``live`` channels with the largest
+    ``max |dy|``, runs ``convolution_backward`` over those and puts the ``dW`` rows and ``db``
+    entries back among zeros. ``live`` comes from the rewrite (``passes.rewrite.live_bound``):
+    at most that many channels have a nonzero gradient, so the ``live`` largest include all of
+    them and the gradients are exact (a NaN ranks highest in ``topk``, so it stays in).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int],
+        padding: Sequence[int], dilation: Sequence[int], live: int,
+    ) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.has_bias, ctx.live = conv_args(stride, padding, dilation), bias is not None, live
+        return plain_conv(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        peak = dy.detach().abs().amax(dim=tuple(range(2, dy.dim()))).amax(0)
+        live = peak.topk(ctx.live, sorted=False).indices.sort().values  # in order: gathers read forward
+        dx, dw_live, db_live = torch.ops.aten.convolution_backward(
+            dy.index_select(1, live),
+            x,
+            weight.index_select(0, live),
+            [ctx.live] if need_b else None,
+            *ctx.conv,
+            [need_x, need_w, need_b],
+        )
+        dw = weight.new_zeros(weight.shape).index_copy(0, live, dw_live) if need_w else None
+        db = dy.new_zeros(dy.shape[1]).index_copy(0, live, db_live) if need_b else None
+        return dx if need_x else None, dw, db, None, None, None, None
+
+
+def _traced_live_pays(x: Tensor, weight: Tensor, live: int) -> bool:
+    """Whether :class:`_TracedLiveConv` saves more than it costs (:data:`LIVE_MIN_MACS_PER_ELEMENT`)."""
+    c = weight.shape[0]
+    if live > LIVE_MAX * c:
+        return False
+    products = int(x.requires_grad) + int(weight.requires_grad)
+    macs = weight[0].numel() * products  # per element of dy, for each product left out
+    return (c - live) / c * macs >= LIVE_MIN_MACS_PER_ELEMENT
+
+
 def live_conv(
     x: Tensor,
     weight: Tensor,
@@ -734,14 +795,26 @@ def live_conv(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    live: int | None = None,
 ) -> Tensor:
     """``conv(x, weight, bias)`` (groups = 1), exact; its backward skips dead output channels.
 
-    Only plain eager calls that autograd records take :class:`_LiveConv`; everything else
-    (no gradient, autocast, compilation, fake tensors) the plain convolution.
+    Plain eager calls that autograd records take :class:`_LiveConv`; compiled ones with a
+    ``live`` bound (at most that many output channels get a nonzero gradient) take
+    :class:`_TracedLiveConv` where it pays; everything else (no gradient, autocast, fake
+    tensors, export) the plain convolution.
     """
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if grad and _plain(x, weight, bias):
         out: Tensor = _LiveConv.apply(x, weight, bias, stride, padding, dilation)
         return out
+    if (
+        grad
+        and live is not None
+        and torch.compiler.is_compiling()
+        and amp.autocast_dtype(x) is None
+        and _traced_live_pays(x, weight, live)
+    ):
+        traced: Tensor = _TracedLiveConv.apply(x, weight, bias, stride, padding, dilation, live)
+        return traced
     return plain_conv(x, weight, bias, stride, padding, dilation)
