@@ -205,6 +205,7 @@ def linear_backward_kernel(
     x_dtype: torch.dtype | None = None,
     whole: bool = False,
     compute: torch.dtype | None = None,
+    x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(dx, dW)`` of :func:`sampled_linear_product`; an empty tensor for one not needed.
 
@@ -226,7 +227,8 @@ def linear_backward_kernel(
     (:func:`~approxcompile.ops.live.live_columns`).
 
     ``whole``: ``xs`` is the whole input ``x``, gathered here as the forward did (in
-    ``compute``); what a traced backward gets (:func:`_linear_setup` says why).
+    ``compute``). ``x``: the whole input, unused here; a traced backward passes it next to
+    ``xs`` so that the compiled graph keeps it (:func:`_linear_setup` says why).
     """
     if whole:
         x_dtype = x_dtype or xs.dtype
@@ -335,6 +337,7 @@ def _linear_backward_fake(
     x_dtype: torch.dtype | None = None,
     whole: bool = False,
     compute: torch.dtype | None = None,
+    x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     dx = dy.new_empty(x_shape, dtype=x_dtype or xs.dtype) if need_x else dy.new_empty(0)
     return dx, dy.new_empty((weight.shape[0], n), dtype=weight.dtype) if need_w else dy.new_empty(0)
@@ -346,22 +349,22 @@ def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...])
     ctx.mark_non_differentiable(xs)
     # Else autograd zero-fills an (m, k) gradient for xs before every backward, unread.
     ctx.set_materialize_grads(False)
-    # Traced (torch.compile): the whole input goes to the backward op, which gathers xs again.
+    # Traced (torch.compile): the whole input goes to the backward op too, next to xs, unread.
     # With xs alone saved, a ReLU before the op has no float tensor left for its backward, so
     # the partitioner saves the ReLU's bool mask, and Inductor's vectorised bool store is slow
     # on some CPUs (ReLU + mask of 256 x 4096: 12 ms against 0.6 ms for eager ReLU, 1 thread,
     # AMD EPYC; docs/performance.md). With x saved the mask is recomputed from it in backward.
-    # The gather is inside the op so that the partitioner cannot move it to the forward. Eager
-    # autograd saves a ReLU's output itself: there the small xs is the better choice.
-    ctx.whole = not direct(x, weight)
-    ctx.save_for_backward(x if ctx.whole else xs, weight, index, scale)
+    # xs is kept as well (an (m, k) op output) rather than gathered again from x in backward.
+    # Eager autograd saves a ReLU's output itself: there the small xs alone is the better choice.
+    traced = not direct(x, weight)
+    ctx.save_for_backward(xs, weight, index, scale, x if traced else None)
     ctx.x_shape, ctx.n, ctx.unique, ctx.has_bias = x.shape, weight.shape[1], unique, bias is not None
     ctx.x_dtype, ctx.b_dtype, ctx.compute = x.dtype, None if bias is None else bias.dtype, compute
 
 
 def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
     amp.refuse_double_backward("sampled_linear")
-    xs, weight, index, scale = ctx.saved_tensors
+    xs, weight, index, scale, x = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     op = (
         linear_backward_kernel
@@ -370,7 +373,7 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
     )
     dx, dw = op(
         dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype,
-        ctx.whole, ctx.compute,
+        False, ctx.compute, x,
     )  # fmt: skip
     db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=ctx.b_dtype) if ctx.has_bias and need_b else None
     return dx if need_x else None, dw if need_w else None, db, None, None, None, None
@@ -540,6 +543,7 @@ def conv_backward_kernel(
     need_b: bool,
     whole: bool = False,
     y: Tensor | None = None,
+    x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dW, db)`` of :func:`sampled_conv_product`; an empty tensor for one not needed.
 
@@ -549,8 +553,9 @@ def conv_backward_kernel(
     channels it kept get a gradient, so this backward shrinks by that keep ratio too.
 
     ``whole``: ``xs`` is the whole input ``x``, gathered here (a traced backward, as the
-    linear's: :func:`_linear_setup`). ``y``: the forward's output, unused here; a traced
-    backward passes it so that the compiled graph keeps it (:func:`_conv_setup`).
+    linear's: :func:`_linear_setup`). ``y``, ``x``: the forward's output and whole input,
+    unused here; a traced backward passes them so that the compiled graph keeps them
+    (:func:`_conv_setup`).
     """
     if whole:
         xs = _gather_channels(xs, index)
@@ -593,6 +598,7 @@ def _conv_backward_fake(
     need_b: bool,
     whole: bool = False,
     y: Tensor | None = None,
+    x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx = dy.new_empty(0)
     if need_x and _channels_last(xs):
@@ -610,15 +616,14 @@ def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -
     # The gradients of xs and ws are never used: without this autograd would allocate and
     # zero-fill an xs-sized tensor for them every backward (measured: ~1 ms a step on the CNN).
     ctx.set_materialize_grads(False)
-    # Traced: the whole input, as the sampled linear's (:func:`_linear_setup`), and the output y
-    # too, though the backward does not read it. With y kept, the partitioner recomputes the
+    # Traced: the whole input too, as the sampled linear's (:func:`_linear_setup`), and the
+    # output y, though the backward reads neither. With y kept, the partitioner recomputes the
     # mask of a ReLU behind the conv from it instead of saving that mask as bool, which costs
     # Inductor a slow store on some CPUs: ReLU + mask + 2x2 max pool on 32x128x32x32 took
     # 44 ms in the compiled CNN step, 2.5 ms without the mask (docs/performance.md). The price
     # is memory: y (16 MB there) instead of a bool mask a quarter its size.
-    ctx.whole = not direct(x, weight)
-    y = output[0] if ctx.whole else None
-    ctx.save_for_backward(x if ctx.whole else xs, ws, index, scale, y)
+    traced = not direct(x, weight)
+    ctx.save_for_backward(xs, ws, index, scale, output[0] if traced else None, x if traced else None)
     ctx.conv = (stride, padding, dilation)
     ctx.shapes, ctx.unique, ctx.has_bias = (x.shape, weight.shape), unique, bias is not None
 
@@ -627,7 +632,7 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
     amp.refuse_double_backward("sampled_conv")
     if dy is None:  # y took no part in the loss (grads are not materialised)
         return (None,) * 9
-    xs, ws, index, scale, y = ctx.saved_tensors
+    xs, ws, index, scale, y, x = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
     op: Callable[..., tuple[Tensor, Tensor, Tensor]] = (
@@ -636,7 +641,7 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
         else torch.ops.approxcompile.sampled_conv_product_backward
     )
     dx, dw, db = op(
-        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b, ctx.whole, y
+        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b, False, y, x
     )
     grads = (dx if need_x else None, dw if need_w else None, db if need_b else None)
     return (*grads, None, None, None, None, None, None)
