@@ -44,7 +44,7 @@ from approxcompile.config import ApproxConfig
 from approxcompile.errors import BudgetError, PlanError
 from approxcompile.passes.allocation import allocate
 from approxcompile.passes.exported import ModeGraphModule
-from approxcompile.passes.rewrite import rewrite
+from approxcompile.passes.rewrite import refresh_live, rewrite
 from approxcompile.passes.sensitivity import node_curve
 from approxcompile.plan import META_KEY, NodePlan, Plan
 from approxcompile.saving import CONFIG_META_KEY
@@ -123,6 +123,7 @@ def _apply(gm: fx.GraphModule, budget: float) -> Plan:
             n.update_kwarg("keep", n.meta[META_KEY].keep)
             if n.meta[META_KEY].split:
                 n.update_kwarg("row_keep", n.meta[META_KEY].row_keep)
+    refresh_live(gm)  # exact convs' live= bounds follow the new keep ratios
     gm.recompile()
     plan = dataclasses.replace(old, budget=budget, nodes=tuple(n.meta[META_KEY] for n in nodes))
     gm.meta[META_KEY] = plan

@@ -18,7 +18,10 @@ the ``seed=`` of the node's own stream).
 
 An exact conv whose output reaches a sampled conv becomes ``sampled_conv(..., keep=1.0)``: the
 exact convolution, whose backward skips the output channels the sampled conv left without
-gradient (``approxcompile.ops.kernels.live_conv``).
+gradient (``approxcompile.ops.kernels.live_conv``). Where its output reaches sampled convs
+only, through channel-wise ops, the call also gets ``live=`` the number of channels those
+convs keep (:func:`live_bound`), which the compiled backward needs to skip channels at
+static shapes.
 
 ``training`` is one ``get_attr`` of the module's own ``self.training``, so ``.eval()`` on
 the rewritten module makes every sampled op exact. Parameters are read from the
@@ -31,14 +34,17 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
 from approxcompile import kinds, ops
 from approxcompile.config import ApproxConfig
 from approxcompile.ops.sampling import DEFAULT_EPS
 from approxcompile.passes.base import RewriteResult
 from approxcompile.passes.match import Site, site_of
-from approxcompile.plan import META_KEY, NodePlan
+from approxcompile.plan import META_KEY, NodePlan, kept_count
 
 
 def _training_flag(graph: fx.Graph) -> fx.Node:
@@ -97,6 +103,9 @@ def _replace(
         if config.eps != DEFAULT_EPS:
             kwargs["eps"] = config.eps
         kwargs.update(_mode_kwargs(site, plan, config))
+        live = None if plan.sampled or plan.kind != "conv" or plan.mode != "forward" else live_bound(node)
+        if live is not None:
+            kwargs["live"] = live
         target = kinds.KINDS[site.kind].runtime_op(plan.mode)
         new = graph.call_function(target, args, kwargs)
     new.meta.update({k: v for k, v in node.meta.items() if k != "tensor_meta"})
@@ -150,6 +159,95 @@ def _feeds_sampled_conv(node: fx.Node) -> bool:
             continue
         todo.extend(user.users)
     return False
+
+
+# Ops whose input gradient is zero on every channel where their output gradient is: they act
+# channel by channel (batch norm too: a channel's input gradient is a function of that
+# channel's output gradient, zero when it is).
+_CHANNELWISE_FUNCTIONS = frozenset(
+    {
+        F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.mish,
+        torch.sigmoid, torch.tanh, F.sigmoid, F.tanh, F.dropout, F.dropout2d,
+        F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+        F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    }
+)  # fmt: skip
+_CHANNELWISE_METHODS = frozenset({"relu", "sigmoid", "tanh"})
+_CHANNELWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Dropout, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+)  # fmt: skip
+# Methods whose kept channels are at most k distinct ones (bernoulli keeps a random count).
+_BOUNDED_METHODS = frozenset({"topk", "uniform", "crs", "wta_crs"})
+
+
+def _only_input(user: fx.Node, value: fx.Node) -> bool:
+    """``value`` is ``user``'s first argument and none of its others."""
+    rest = [*user.args[1:], *user.kwargs.values()]
+    return bool(user.args) and user.args[0] is value and value not in rest
+
+
+def _channelwise(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
+    """``user`` maps ``value`` channel by channel to one tensor (pools without their indices)."""
+    if not _only_input(user, value) or user.kwargs.get("return_indices"):
+        return False
+    if user.op == "call_function":
+        pool = "pool" in getattr(user.target, "__name__", "")
+        return user.target in _CHANNELWISE_FUNCTIONS and not (pool and len(user.args) > 6)
+    if user.op == "call_method":
+        return user.target in _CHANNELWISE_METHODS
+    if user.op == "call_module":
+        module = gm.get_submodule(str(user.target))
+        return isinstance(module, _CHANNELWISE_MODULES) and not getattr(module, "return_indices", False)
+    return False
+
+
+def live_bound(node: fx.Node) -> int | None:
+    """At most how many output channels of the conv ``node`` can get a nonzero gradient; ``None``: unknown.
+
+    Known when every use of its output reaches, through channel-wise ops only, the input of a
+    forward-sampled conv whose method keeps at most ``k`` distinct channels: then only those
+    get a gradient, at most the sum of their ``k``. The kept counts are the plans' (the
+    graph's ``keep=`` arguments): :func:`refresh_live` writes the bounds again after
+    ``set_budget`` changes them.
+    """
+    gm = node.graph.owning_module
+    if gm is None:
+        return None
+    total = 0
+    todo, seen = [node], set()
+    while todo:
+        value = todo.pop()
+        for user in value.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            plan = user.meta.get(META_KEY)
+            if plan is not None:  # a product node: a sampled conv's input, or nothing is known
+                bounded = plan.kind == "conv" and plan.mode == "forward" and plan.method in _BOUNDED_METHODS
+                if not (bounded and plan.sampled and _only_input(user, value)):
+                    return None
+                total += kept_count(plan.keep, plan.inner)
+            elif _channelwise(gm, user, value):
+                todo.append(user)
+            else:
+                return None
+    return total or None
+
+
+def refresh_live(gm: fx.GraphModule) -> None:
+    """Write every exact conv call's ``live=`` bound again from the current plans (:func:`live_bound`)."""
+    for node in gm.graph.nodes:
+        plan = node.meta.get(META_KEY)
+        if node.op != "call_function" or node.target is not ops.sampled_conv or plan is None:
+            continue
+        live = None if plan.sampled else live_bound(node)
+        if live is None:
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "live"}
+        else:
+            node.update_kwarg("live", live)
 
 
 def rewrite(

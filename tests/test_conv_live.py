@@ -269,3 +269,120 @@ def test_exact_convs_before_a_sampled_conv_are_rewritten_and_hooked_ones_are_not
     hooked.a.register_forward_hook(lambda *args: None)
     with pytest.warns(UserWarning):  # the plan's own warnings; no hook warning for the exact a
         assert calls(hooked) == {"b": 0.5}
+
+
+def _compiled_live_grads(
+    live: int, need_x: bool
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Gradients of ``sampled_conv(keep=1.0, live=live)`` compiled (fullgraph) and of F.conv2d.
+
+    Output channels 1 and 4 of 6 get a gradient, the rest none.
+    """
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 6, 6, generator=g, requires_grad=need_x)
+    w = torch.randn(6, 16, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True)
+    dy = _dead_channel_grad(6, [1, 4])[:2]
+    inputs = (x, w, b) if need_x else (w, b)
+
+    def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return sampled_conv(x, w, b, 1, 1, keep=1.0, live=live).relu()
+
+    torch._dynamo.reset()  # the bound is a constant of the traced graph
+    compiled = torch.compile(conv, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, w, b), inputs, dy)
+    want = torch.autograd.grad(F.conv2d(x, w, b, 1, 1).relu(), inputs, dy)
+    return got, want
+
+
+@pytest.mark.parametrize("need_x", [True, False])
+def test_compiled_exact_conv_with_a_live_bound_gives_the_plain_gradients(need_x: bool) -> None:
+    """Under torch.compile the live backward runs at static shapes: exact while the bound holds.
+
+    A bound below the live count (1 of the 2 live channels) loses a channel's gradient, which
+    shows that the compiled backward did skip channels.
+    """
+    got, want = _compiled_live_grads(2, need_x)
+    for a, e in zip(got, want, strict=True):
+        _close(a, e)
+    narrow, want = _compiled_live_grads(1, need_x)
+    assert not torch.allclose(narrow[-2], want[-2])  # dW: one of the live channels' rows is zero
+
+
+def test_compiled_live_bound_is_taken_only_where_it_pays() -> None:
+    """Thin products (few multiply-adds per element of dy) keep the plain backward."""
+    w = torch.randn(128, 3, 3, 3, requires_grad=True)
+    x = torch.randn(2, 3, 8, 8)
+    assert not kernels._traced_live_pays(x, w, 16)  # the CNN's first conv: 24 saved per element
+    w = torch.randn(128, 128, 3, 3, requires_grad=True)
+    assert kernels._traced_live_pays(x.new_empty(2, 128, 8, 8).requires_grad_(), w, 96)
+    assert not kernels._traced_live_pays(x.new_empty(2, 128, 8, 8).requires_grad_(), w, 97)  # > LIVE_MAX
+
+
+def test_rewrite_bounds_the_live_channels_only_where_all_uses_reach_sampled_convs() -> None:
+    """``live=``: what the sampled convs behind channel-wise ops keep; none where another use sees y."""
+    import approxcompile
+    from approxcompile.ops import SAMPLED_OPS
+
+    class Net(torch.nn.Module):
+        def __init__(self, side: bool) -> None:
+            super().__init__()
+            self.side = side
+            self.a = torch.nn.Conv2d(3, 32, 3, padding=1)
+            self.b = torch.nn.Conv2d(32, 32, 3, padding=1)
+            self.head = torch.nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.max_pool2d(F.relu(self.a(x)), 2)
+            y = F.relu(self.b(h)).mean(dim=(2, 3))
+            return self.head(y + h.mean(dim=(2, 3)) if self.side else y)
+
+    x = torch.randn(4, 3, 8, 8)
+    config = approxcompile.ApproxConfig().set_module_name("b", approxcompile.NodeOverride(keep=0.25))
+
+    def live(model: torch.nn.Module, budget: float | None = None) -> dict[str, object]:
+        fast = approxcompile.optimize(model, 0.9, example_inputs=(x,), config=config)
+        if budget is not None:
+            approxcompile.set_budget(fast, budget)
+        return {
+            str(n.args[1].target).split(".")[0]: n.kwargs.get("live")
+            for n in fast.graph.nodes
+            if n.op == "call_function" and n.target in SAMPLED_OPS
+        }
+
+    torch.manual_seed(0)
+    assert live(Net(side=False)) == {"a": 8, "b": None}
+    assert live(Net(side=True)) == {"a": None, "b": None}  # h also reaches the head
+
+
+def test_set_budget_writes_the_live_bounds_again() -> None:
+    """The bound follows the sampled conv's keep; an exact one bounds nothing (dense gradients)."""
+    import approxcompile
+    from approxcompile.ops import SAMPLED_OPS
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 32, 3, padding=1)
+            self.b = torch.nn.Conv2d(32, 32, 3, padding=1)
+            self.head = torch.nn.Linear(32, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(F.relu(self.b(F.relu(self.a(x)))).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    config = approxcompile.ApproxConfig(exclude_first_last=False)
+    fast = approxcompile.optimize(Net(), 0.5, example_inputs=(torch.randn(4, 3, 8, 8),), config=config)
+
+    def calls() -> dict[str, tuple[float, int | None]]:
+        return {
+            str(n.args[1].target).split(".")[0]: (n.kwargs["keep"], n.kwargs.get("live"))
+            for n in fast.graph.nodes
+            if n.op == "call_function" and n.target in SAMPLED_OPS and n.args[1].target != "head.weight"
+        }
+
+    keep_a, live_a = calls()["a"]
+    keep_b, _ = calls()["b"]
+    assert keep_a == 1.0 and keep_b < 1.0 and live_a == round(keep_b * 32)
+    approxcompile.set_budget(fast, 1.0)
+    assert calls() == {"a": (1.0, None), "b": (1.0, None)}

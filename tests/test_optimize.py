@@ -43,7 +43,7 @@ def forward(self, x : _torch_Tensor_) -> _torch_Tensor_:
     training = self.training
     conv1_weight = self.conv1.weight
     conv1_bias = self.conv1.bias
-    sampled_conv = approxcompile_ops_sampled_conv(x, conv1_weight, conv1_bias, (1, 1), (1, 1), (1, 1), keep = 1.0, method = 'topk', training = training);  x = conv1_weight = conv1_bias = None
+    sampled_conv = approxcompile_ops_sampled_conv(x, conv1_weight, conv1_bias, (1, 1), (1, 1), (1, 1), keep = 1.0, method = 'topk', training = training, live = 16);  x = conv1_weight = conv1_bias = None
     relu = torch.nn.functional.relu(sampled_conv, inplace = False);  sampled_conv = None
     conv2_weight = self.conv2.weight
     conv2_bias = self.conv2.bias
@@ -71,7 +71,8 @@ def test_golden_code_cnn() -> None:
     fast = approxcompile.optimize(cnn(), 0.9, example_inputs=(X_CNN,), config=HALF)
     assert _code(fast) == GOLDEN_CNN.strip()
     # conv1 has one input channel: too small to sample. It feeds the sampled conv2, so it is
-    # an exact keep=1.0 call (its backward skips the channels conv2 left without gradient).
+    # an exact keep=1.0 call (its backward skips the channels conv2 left without gradient),
+    # with live = 16: conv2 keeps 16 of its 32 input channels, which reach it through a ReLU.
     assert _sampled_calls(fast) == ["sampled_conv_1", "sampled_conv_2", "sampled_linear"]
     assert [n.name for n in _op_calls(fast) if n.kwargs["keep"] == 1.0] == ["sampled_conv"]
 

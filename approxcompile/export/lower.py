@@ -234,8 +234,9 @@ def lower_for_export(
         if twin is None:
             continue
         node.target = twin
-        # The exported graph recomputes the weight norms every step: it keeps no state across runs.
-        node.kwargs = {k: v for k, v in node.kwargs.items() if k != "weight_norms_every"}
+        # Runtime-only keywords: the exported graph recomputes the weight norms every step (it
+        # keeps no state across runs), and live= only steers the runtime conv's compiled backward.
+        node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("weight_norms_every", "live")}
         swapped += 1
         size = _noise_size(node) if noise == "input" else 0
         if size:

@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from approxcompile.ops import amp
 from approxcompile.ops.eager import direct
-from approxcompile.ops.live import live_channels, live_columns
+from approxcompile.ops.live import LIVE_MAX, live_channels, live_columns
 from approxcompile.ops.workspace import WORKSPACE
 
 _ACC_ROWS = 256  # rows per accumulator block: 256 x 4096 fp32 is 4 MB, read once per chunk
@@ -244,6 +244,7 @@ def linear_backward_kernel(
     x_dtype: torch.dtype | None = None,
     whole: bool = False,
     compute: torch.dtype | None = None,
+    x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(dx, dW)`` of :func:`sampled_linear_product`; an empty tensor for one not needed.
 
@@ -265,7 +266,8 @@ def linear_backward_kernel(
     (:func:`~approxcompile.ops.live.live_columns`).
 
     ``whole``: ``xs`` is the whole input ``x``, gathered here as the forward did (in
-    ``compute``); what a traced backward gets (:func:`_linear_setup` says why).
+    ``compute``). ``x``: the whole input, unused here; a traced backward passes it next to
+    ``xs`` so that the compiled graph keeps it (:func:`_linear_setup` says why).
     """
     if whole:
         x_dtype = x_dtype or xs.dtype
@@ -374,6 +376,7 @@ def _linear_backward_fake(
     x_dtype: torch.dtype | None = None,
     whole: bool = False,
     compute: torch.dtype | None = None,
+    x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     dx = dy.new_empty(x_shape, dtype=x_dtype or xs.dtype) if need_x else dy.new_empty(0)
     return dx, dy.new_empty((weight.shape[0], n), dtype=weight.dtype) if need_w else dy.new_empty(0)
@@ -385,22 +388,22 @@ def _linear_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...])
     ctx.mark_non_differentiable(xs)
     # Else autograd zero-fills an (m, k) gradient for xs before every backward, unread.
     ctx.set_materialize_grads(False)
-    # Traced (torch.compile): the whole input goes to the backward op, which gathers xs again.
+    # Traced (torch.compile): the whole input goes to the backward op too, next to xs, unread.
     # With xs alone saved, a ReLU before the op has no float tensor left for its backward, so
     # the partitioner saves the ReLU's bool mask, and Inductor's vectorised bool store is slow
     # on some CPUs (ReLU + mask of 256 x 4096: 12 ms against 0.6 ms for eager ReLU, 1 thread,
     # AMD EPYC; docs/performance.md). With x saved the mask is recomputed from it in backward.
-    # The gather is inside the op so that the partitioner cannot move it to the forward. Eager
-    # autograd saves a ReLU's output itself: there the small xs is the better choice.
-    ctx.whole = not direct(x, weight)
-    ctx.save_for_backward(x if ctx.whole else xs, weight, index, scale)
+    # xs is kept as well (an (m, k) op output) rather than gathered again from x in backward.
+    # Eager autograd saves a ReLU's output itself: there the small xs alone is the better choice.
+    traced = not direct(x, weight)
+    ctx.save_for_backward(xs, weight, index, scale, x if traced else None)
     ctx.x_shape, ctx.n, ctx.unique, ctx.has_bias = x.shape, weight.shape[1], unique, bias is not None
     ctx.x_dtype, ctx.b_dtype, ctx.compute = x.dtype, None if bias is None else bias.dtype, compute
 
 
 def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
     amp.refuse_double_backward("sampled_linear")
-    xs, weight, index, scale = ctx.saved_tensors
+    xs, weight, index, scale, x = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     op = (
         linear_backward_kernel
@@ -409,7 +412,7 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
     )
     dx, dw = op(
         dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype,
-        ctx.whole, ctx.compute,
+        False, ctx.compute, x,
     )  # fmt: skip
     db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=ctx.b_dtype) if ctx.has_bias and need_b else None
     return dx if need_x else None, dw if need_w else None, db, None, None, None, None
@@ -579,6 +582,7 @@ def conv_backward_kernel(
     need_b: bool,
     whole: bool = False,
     y: Tensor | None = None,
+    x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dx, dW, db)`` of :func:`sampled_conv_product`; an empty tensor for one not needed.
 
@@ -588,8 +592,9 @@ def conv_backward_kernel(
     channels it kept get a gradient, so this backward shrinks by that keep ratio too.
 
     ``whole``: ``xs`` is the whole input ``x``, gathered here (a traced backward, as the
-    linear's: :func:`_linear_setup`). ``y``: the forward's output, unused here; a traced
-    backward passes it so that the compiled graph keeps it (:func:`_conv_setup`).
+    linear's: :func:`_linear_setup`). ``y``, ``x``: the forward's output and whole input,
+    unused here; a traced backward passes them so that the compiled graph keeps them
+    (:func:`_conv_setup`).
     """
     if whole:
         xs = _gather_channels(xs, index)
@@ -632,6 +637,7 @@ def _conv_backward_fake(
     need_b: bool,
     whole: bool = False,
     y: Tensor | None = None,
+    x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx = dy.new_empty(0)
     if need_x and _channels_last(xs):
@@ -649,15 +655,14 @@ def _conv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -
     # The gradients of xs and ws are never used: without this autograd would allocate and
     # zero-fill an xs-sized tensor for them every backward (measured: ~1 ms a step on the CNN).
     ctx.set_materialize_grads(False)
-    # Traced: the whole input, as the sampled linear's (:func:`_linear_setup`), and the output y
-    # too, though the backward does not read it. With y kept, the partitioner recomputes the
+    # Traced: the whole input too, as the sampled linear's (:func:`_linear_setup`), and the
+    # output y, though the backward reads neither. With y kept, the partitioner recomputes the
     # mask of a ReLU behind the conv from it instead of saving that mask as bool, which costs
     # Inductor a slow store on some CPUs: ReLU + mask + 2x2 max pool on 32x128x32x32 took
     # 44 ms in the compiled CNN step, 2.5 ms without the mask (docs/performance.md). The price
     # is memory: y (16 MB there) instead of a bool mask a quarter its size.
-    ctx.whole = not direct(x, weight)
-    y = output[0] if ctx.whole else None
-    ctx.save_for_backward(x if ctx.whole else xs, ws, index, scale, y)
+    traced = not direct(x, weight)
+    ctx.save_for_backward(xs, ws, index, scale, output[0] if traced else None, x if traced else None)
     ctx.conv = (stride, padding, dilation)
     ctx.shapes, ctx.unique, ctx.has_bias = (x.shape, weight.shape), unique, bias is not None
 
@@ -666,7 +671,7 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
     amp.refuse_double_backward("sampled_conv")
     if dy is None:  # y took no part in the loss (grads are not materialised)
         return (None,) * 9
-    xs, ws, index, scale, y = ctx.saved_tensors
+    xs, ws, index, scale, y, x = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = ctx.has_bias and ctx.needs_input_grad[2]
     op: Callable[..., tuple[Tensor, Tensor, Tensor]] = (
@@ -675,7 +680,7 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
         else torch.ops.approxcompile.sampled_conv_product_backward
     )
     dx, dw, db = op(
-        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b, ctx.whole, y
+        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b, False, y, x
     )
     grads = (dx if need_x else None, dw if need_w else None, db if need_b else None)
     return (*grads, None, None, None, None, None, None)
@@ -774,6 +779,67 @@ class _LiveConv(torch.autograd.Function):
         return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None, None
 
 
+# The compiled live backward pays when the products it leaves out cost this many multiply-adds
+# per element of dy: it reads dy twice (the channel maxima, then the gather of the live
+# channels), and Inductor's loops over a channels-last dy are slow. Measured on the CNN
+# benchmark (1 thread): its 128 -> 128 conv in front of a conv keeping 96 (576 saved per
+# element) went from 48 to 36 ms with about 2 ms of test and gather; its 3 -> 128 first conv
+# in front of one keeping 16 (24 per element) saved 6 ms and spent 9.
+LIVE_MIN_MACS_PER_ELEMENT = 64
+
+
+class _TracedLiveConv(torch.autograd.Function):
+    """Under ``torch.compile``: an exact convolution whose backward runs over ``live`` output channels.
+
+    Why: :class:`_LiveConv` finds the live channels by value, a size Dynamo cannot trace, and an
+    opaque custom op around the exact conv measured slower (Inductor lost its own conv lowering
+    and layouts: compiled CNN step 263 against 226 ms). Here Dynamo traces forward and backward
+    as aten ops at static shapes: the backward keeps the ``live`` channels with the largest
+    ``max |dy|``, runs ``convolution_backward`` over those and puts the ``dW`` rows and ``db``
+    entries back among zeros. ``live`` comes from the rewrite (``passes.rewrite.live_bound``):
+    at most that many channels have a nonzero gradient, so the ``live`` largest include all of
+    them and the gradients are exact (a NaN ranks highest in ``topk``, so it stays in).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, stride: Sequence[int],
+        padding: Sequence[int], dilation: Sequence[int], live: int,
+    ) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(x, weight)
+        ctx.conv, ctx.has_bias, ctx.live = conv_args(stride, padding, dilation), bias is not None, live
+        return plain_conv(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        peak = dy.detach().abs().amax(dim=tuple(range(2, dy.dim()))).amax(0)
+        live = peak.topk(ctx.live, sorted=False).indices.sort().values  # in order: gathers read forward
+        dx, dw_live, db_live = torch.ops.aten.convolution_backward(
+            dy.index_select(1, live),
+            x,
+            weight.index_select(0, live),
+            [ctx.live] if need_b else None,
+            *ctx.conv,
+            [need_x, need_w, need_b],
+        )
+        dw = weight.new_zeros(weight.shape).index_copy(0, live, dw_live) if need_w else None
+        db = dy.new_zeros(dy.shape[1]).index_copy(0, live, db_live) if need_b else None
+        return dx if need_x else None, dw, db, None, None, None, None
+
+
+def _traced_live_pays(x: Tensor, weight: Tensor, live: int) -> bool:
+    """Whether :class:`_TracedLiveConv` saves more than it costs (:data:`LIVE_MIN_MACS_PER_ELEMENT`)."""
+    c = weight.shape[0]
+    if live > LIVE_MAX * c:
+        return False
+    products = int(x.requires_grad) + int(weight.requires_grad)
+    macs = weight[0].numel() * products  # per element of dy, for each product left out
+    return (c - live) / c * macs >= LIVE_MIN_MACS_PER_ELEMENT
+
+
 def live_conv(
     x: Tensor,
     weight: Tensor,
@@ -781,14 +847,26 @@ def live_conv(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    live: int | None = None,
 ) -> Tensor:
     """``conv(x, weight, bias)`` (groups = 1), exact; its backward skips dead output channels.
 
-    Only plain eager calls that autograd records take :class:`_LiveConv`; everything else
-    (no gradient, autocast, compilation, fake tensors) the plain convolution.
+    Plain eager calls that autograd records take :class:`_LiveConv`; compiled ones with a
+    ``live`` bound (at most that many output channels get a nonzero gradient) take
+    :class:`_TracedLiveConv` where it pays; everything else (no gradient, autocast, fake
+    tensors, export) the plain convolution.
     """
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if grad and plain_call(x, weight, bias):
         out: Tensor = _LiveConv.apply(x, weight, bias, stride, padding, dilation)
         return out
+    if (
+        grad
+        and live is not None
+        and torch.compiler.is_compiling()
+        and amp.autocast_dtype(x) is None
+        and _traced_live_pays(x, weight, live)
+    ):
+        traced: Tensor = _TracedLiveConv.apply(x, weight, bias, stride, padding, dilation, live)
+        return traced
     return plain_conv(x, weight, bias, stride, padding, dilation)

@@ -231,12 +231,16 @@ def sampled_conv(
     seed: int | None = None,
     noise: Tensor | None = None,
     weight_norms_every: int = 1,
+    live: int | None = None,
 ) -> Tensor:
     """``F.conv{1,2,3}d(x, weight, bias, stride, padding, dilation)`` over a sample of input channels.
 
     Only ``groups=1`` convolutions of batched inputs are sampled; channel ``c`` scores
     ``|x[:, c]|_F * |W[:, c]|_F`` (``|W[:, c]|_F`` alone with ``scores="weights"``, as
-    :func:`sampled_linear`, and reused as there with ``weight_norms_every``).
+    :func:`sampled_linear`, and reused as there with ``weight_norms_every``). ``live``: at most
+    this many output channels get a nonzero gradient (set by the rewrite,
+    ``passes.rewrite.live_bound``); an exact call passes it to
+    :func:`~approxcompile.ops.kernels.live_conv`, whose compiled backward then skips the rest.
     """
     conv = CONV[weight.dim() - 2]
     n = weight.shape[1]
@@ -245,7 +249,7 @@ def sampled_conv(
     if training and k >= n and x.dim() == weight.dim() and not isinstance(padding, str):
         # Exact, in training: its backward skips the output channels a sampled conv after
         # it left without gradient.
-        return live_conv(x, weight, bias, _ints(stride, d), _ints(padding, d), _ints(dilation, d))
+        return live_conv(x, weight, bias, _ints(stride, d), _ints(padding, d), _ints(dilation, d), live)
     if not training or k >= n or x.dim() != weight.dim() or x.numel() == 0:
         return conv(x, weight, bias, stride, padding, dilation)
     by_weights = _check_scores(scores)
