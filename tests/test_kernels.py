@@ -269,10 +269,10 @@ def test_channels_last_conv_follows_the_input_layout_with_the_same_values(method
     _close(results[1][2], ref_w.grad)
 
 
-@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("traced", [False, True])
 @pytest.mark.parametrize(("x_layout", "dy_layout"), [("cl", "nchw"), ("nchw", "cl"), ("cl", "cl")])
-def test_conv_backward_of_mixed_layouts_matches_nchw(x_layout: str, dy_layout: str, whole: bool) -> None:
-    """Under torch.compile ``dy`` and ``x`` may come in different layouts (and ``x`` whole): same gradients.
+def test_conv_backward_of_mixed_layouts_matches_nchw(x_layout: str, dy_layout: str, traced: bool) -> None:
+    """Under torch.compile ``dy`` and ``x`` may come in different layouts: same gradients.
 
     ``dx`` follows ``x``'s layout whatever layout the products ran in.
     """
@@ -283,18 +283,18 @@ def test_conv_backward_of_mixed_layouts_matches_nchw(x_layout: str, dy_layout: s
     conv = ([1, 1], [1, 1], [1, 1])
     ops = torch.ops.approxcompile
 
-    def grads(xl: torch.Tensor, dyl: torch.Tensor, whole: bool) -> tuple[torch.Tensor, ...]:
+    def grads(xl: torch.Tensor, dyl: torch.Tensor, traced: bool) -> tuple[torch.Tensor, ...]:
         y, xs, ws = ops.sampled_conv_product(xl, w, None, index, scale, True, *conv)
         shapes = (list(x.shape), list(w.shape))
-        args = (dyl, xl if whole else xs, ws, index, scale, *shapes, True, *conv, True, True, True, whole)
-        args = (*args, y if whole else None)  # a traced backward passes y too (unread)
+        args = (dyl, xs, ws, index, scale, *shapes, True, *conv, True, True, True)
+        args = (*args, *((y, xl) if traced else ()))  # a traced backward passes y and x too (unread)
         torch.library.opcheck(ops.sampled_conv_product_backward, args)  # the fake's strides too
         return ops.sampled_conv_product_backward(*args)
 
     dy = torch.randn(2, 40, 7, 7)
     want = grads(x, dy, False)
     xl = x.contiguous(memory_format=fmt[x_layout])
-    got = grads(xl, dy.contiguous(memory_format=fmt[dy_layout]), whole)
+    got = grads(xl, dy.contiguous(memory_format=fmt[dy_layout]), traced)
     assert got[0].is_contiguous(memory_format=fmt[x_layout])
     for g, e in zip(got, want, strict=True):
         _close(g, e)

@@ -31,7 +31,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, *args
 @register_flop_formula(ops.sampled_linear_product_backward, get_raw=True)
 def _linear_backward(dy: Tensor, xs: Tensor, weight: Tensor, *args: Any, **kwargs: Any) -> int:
     index, need_x, need_w = args[0], args[5], args[6]  # need_*: after scale, x_shape, n, unique
-    rows = xs.numel() // xs.shape[-1]  # xs, or the whole input under tracing (``whole``)
+    rows = xs.numel() // xs.shape[-1]
     return 2 * rows * index.numel() * weight.shape[0] * (int(need_x) + int(need_w))
 
 
@@ -44,7 +44,7 @@ def _conv(*args: Any, out_val: tuple[Tensor, Tensor, Tensor], **kwargs: Any) -> 
 @register_flop_formula(ops.sampled_conv_product_backward, get_raw=True)
 def _conv_backward(dy: Tensor, xs: Tensor, ws: Tensor, *args: Any, **kwargs: Any) -> int:
     index, need_x, need_w = args[0], args[8], args[9]  # need_*: after scale, shapes, unique, conv
-    shape = [xs.shape[0], index.numel(), *xs.shape[2:]]  # xs, or the whole input (``whole``)
+    shape = [xs.shape[0], index.numel(), *xs.shape[2:]]
     return conv_flop_count(shape, list(ws.shape), list(dy.shape)) * (int(need_x) + int(need_w))
 
 

@@ -242,7 +242,6 @@ def linear_backward_kernel(
     need_x: bool,
     need_w: bool,
     x_dtype: torch.dtype | None = None,
-    whole: bool = False,
     compute: torch.dtype | None = None,
     x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -265,13 +264,9 @@ def linear_backward_kernel(
     elementwise activation only the columns that linear kept get a gradient
     (:func:`~approxcompile.ops.live.live_columns`).
 
-    ``whole``: ``xs`` is the whole input ``x``, gathered here as the forward did (in
-    ``compute``). ``x``: the whole input, unused here; a traced backward passes it next to
-    ``xs`` so that the compiled graph keeps it (:func:`_linear_setup` says why).
+    ``x``: the whole input, unused here; a traced backward passes it next to ``xs`` so that
+    the compiled graph keeps it (:func:`_linear_setup` says why).
     """
-    if whole:
-        x_dtype = x_dtype or xs.dtype
-        xs = _input_slice(xs, index, scale, n, compute)
     p = weight.shape[0]
     k = index.numel()
     dy2 = _to(dy.reshape(-1, p), xs.dtype)
@@ -374,7 +369,6 @@ def _linear_backward_fake(
     need_x: bool,
     need_w: bool,
     x_dtype: torch.dtype | None = None,
-    whole: bool = False,
     compute: torch.dtype | None = None,
     x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -412,7 +406,7 @@ def _linear_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, .
     )
     dx, dw = op(
         dy, xs, weight, index, scale, ctx.x_shape, ctx.n, ctx.unique, need_x, need_w, ctx.x_dtype,
-        False, ctx.compute, x,
+        ctx.compute, x,
     )  # fmt: skip
     db = dy.reshape(-1, dy.shape[-1]).sum(0, dtype=ctx.b_dtype) if ctx.has_bias and need_b else None
     return dx if need_x else None, dw if need_w else None, db, None, None, None, None
@@ -580,7 +574,6 @@ def conv_backward_kernel(
     need_x: bool,
     need_w: bool,
     need_b: bool,
-    whole: bool = False,
     y: Tensor | None = None,
     x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -591,13 +584,9 @@ def conv_backward_kernel(
     layer is a sampled convolution behind channel-wise ops (ReLU, pooling), only the
     channels it kept get a gradient, so this backward shrinks by that keep ratio too.
 
-    ``whole``: ``xs`` is the whole input ``x``, gathered here (a traced backward, as the
-    linear's: :func:`_linear_setup`). ``y``, ``x``: the forward's output and whole input,
-    unused here; a traced backward passes them so that the compiled graph keeps them
-    (:func:`_conv_setup`).
+    ``y``, ``x``: the forward's output and whole input, unused here; a traced backward passes
+    them so that the compiled graph keeps them (:func:`_conv_setup`).
     """
-    if whole:
-        xs = _gather_channels(xs, index)
     conv = conv_args(stride, padding, dilation)
     dxs, dws, db = _live_conv_grads(dy, xs, ws, conv, need_x, need_w, need_b)
     dx, dw = dy.new_empty(0), dy.new_empty(0)  # two tensors: a custom op's outputs may not alias
@@ -635,7 +624,6 @@ def _conv_backward_fake(
     need_x: bool,
     need_w: bool,
     need_b: bool,
-    whole: bool = False,
     y: Tensor | None = None,
     x: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -680,7 +668,7 @@ def _conv_backward(ctx: Any, dy: Tensor, *_: Tensor) -> tuple[Tensor | None, ...
         else torch.ops.approxcompile.sampled_conv_product_backward
     )
     dx, dw, db = op(
-        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b, False, y, x
+        dy, xs, ws, index, scale, *ctx.shapes, ctx.unique, *ctx.conv, need_x, need_w, need_b, y, x
     )
     grads = (dx if need_x else None, dw if need_w else None, db if need_b else None)
     return (*grads, None, None, None, None, None, None)
