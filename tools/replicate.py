@@ -27,8 +27,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,10 @@ class Setup:
     config: ApproxConfig
     epochs: int  # what the shared 2-core machine fits for a 126-run grid (docs/results.md)
 
+    def with_config(self, **changes: Any) -> Setup:
+        """This setup with ``changes`` to its ``ApproxConfig`` fields (e.g. ``weight_norms_every=10``)."""
+        return replace(self, config=replace(self.config, **changes))
+
 
 SETUPS = {
     "mlp": Setup(
@@ -133,6 +138,12 @@ class Job:
 # Longer training where the grid's epochs leave a model far from converged: exact and top-k
 # at 0.4 only, since the question there is whether the gap closes with training.
 LONGER = {"cnn": 3}
+
+
+def flush_denormals(parser: argparse.ArgumentParser) -> None:
+    """``torch.set_flush_denormal(True)`` for the whole process (``--flush-denormal`` of the MNIST tools)."""
+    if not torch.set_flush_denormal(True):
+        parser.error("--flush-denormal: this CPU cannot flush denormals (no SSE3)")
 
 
 def grid(models: list[str], seeds: int, epochs: int | None = None, longer: bool = True) -> list[Job]:

@@ -40,18 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flush-denormal", action="store_true", help="torch.set_flush_denormal(True)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.flush_denormal and not torch.set_flush_denormal(True):
-        p.error("--flush-denormal: this CPU cannot flush denormals (no SSE3)")
+    if args.flush_denormal:
+        replicate.flush_denormals(p)
     setup, split = replicate.SETUPS[args.model], load_mnist()
     x0 = split.x_train[: setup.batch]
     job = replicate.Job(model=args.model, variant="topk", budget=1.0, seed=0, epochs=1)
     models = {"exact": replicate.build(dataclasses.replace(job, variant=replicate.EXACT), setup, x0)[0]}
     for b in args.budgets:
         for every in args.weight_norms_every:
-            config = dataclasses.replace(setup.config, weight_norms_every=every)
             name = f"budget {b}" + (f" every {every}" if len(args.weight_norms_every) > 1 else "")
             job_b = dataclasses.replace(job, budget=b)
-            models[name] = replicate.build(job_b, dataclasses.replace(setup, config=config), x0)[0]
+            models[name] = replicate.build(job_b, setup.with_config(weight_norms_every=every), x0)[0]
     fused = args.optimizer == "fused"
     opts = {k: setup.optimizer(list(m.parameters()), fused=fused) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}

@@ -47,8 +47,7 @@ from approxcompile import schedule
 def train_pair(model_name: str, seed: int, split: Split, args: argparse.Namespace) -> dict:
     setup = replicate.SETUPS[model_name]
     if args.weight_norms_every != 1:
-        config = dataclasses.replace(setup.config, weight_norms_every=args.weight_norms_every)
-        setup = dataclasses.replace(setup, config=config)
+        setup = setup.with_config(weight_norms_every=args.weight_norms_every)
     epochs = args.epochs or setup.epochs
     x0 = split.x_train[: setup.batch]
     job = replicate.Job(model=model_name, variant="topk", budget=args.budget, seed=seed, epochs=epochs)
@@ -114,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="JSON of every run")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.flush_denormal and not torch.set_flush_denormal(True):
-        p.error("--flush-denormal: this CPU cannot flush denormals (no SSE3)")
+    if args.flush_denormal:
+        replicate.flush_denormals(p)
     split = load_mnist()
     if args.quick:
         split = Split(split.x_train[:1000], split.y_train[:1000], split.x_test, split.y_test, split.name)

@@ -74,13 +74,29 @@ def draw_kernel(
     ``generator`` names one; ``record`` files the indices for the data-parallel hook;
     ``noise``: the uniform draws to use instead of drawing (``estimator.noise_size``).
     """
-    gen = lookup(generator)
+    index, scale = _draw(scores, weight, k, method, eps, seed, lookup(generator), record, noise)
+    return index, scores.new_empty(0, dtype=torch.float32) if scale is None else scale
+
+
+def _draw(
+    scores: Tensor,
+    weight: Tensor,
+    k: int,
+    method: str,
+    eps: float,
+    seed: int | None,
+    generator: torch.Generator | None,
+    record: bool,
+    noise: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The draw of :func:`draw_kernel` and of plain :func:`draw_pairs` calls; ``scale=None`` for ``topk``."""
+    gen = generator
     if gen is None and seed is not None:
         gen = shared.stream(weight, seed, enabled=True)
     index, scale = sample_pairs(scores, k, method, eps=eps, generator=gen, noise=noise)
     if record:
         shared.record(weight, index, enabled=True)
-    return index, scores.new_empty(0, dtype=torch.float32) if scale is None else scale
+    return index, scale
 
 
 # The op is the kernel itself: compiled graphs, fake tensors and flop counters see one opaque
@@ -131,10 +147,8 @@ def draw_pairs(
     grad = torch.is_grad_enabled()
     if plain and direct(noise):  # the kernel's work, without the op's argument encoding
         with torch.no_grad():
-            gen = generator if generator is not None else shared.stream(weight, seed, enabled=grad)
-            index, scale = sample_pairs(scores.detach(), k, method, eps=eps, generator=gen, noise=noise)
-        shared.record(weight, index, enabled=grad)
-        return index, scale
+            seed = seed if grad else None
+            return _draw(scores.detach(), weight, k, method, eps, seed, generator, grad, noise)
     fn = draw_kernel if direct(scores, weight, noise) else draw
     with torch.no_grad():
         index, scale = fn(

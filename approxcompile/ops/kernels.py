@@ -716,24 +716,19 @@ def plain_call(*tensors: Tensor | None) -> bool:
     return first is not None and amp.autocast_dtype(first) is None and direct(*tensors)
 
 
-def linear_product(*args: Any) -> tuple[Tensor, Tensor]:
-    """:func:`sampled_linear_product` (same arguments); a plain eager call runs its kernel directly."""
-    op = _EAGER_LINEAR.apply if plain_call(*args[:5]) else sampled_linear_product
+def linear_product(plain: bool, *args: Any) -> tuple[Tensor, Tensor]:
+    """:func:`sampled_linear_product` (the arguments after ``plain``), or its kernel when ``plain``.
+
+    ``plain``: :func:`plain_call` accepted the call (the caller checks once, for the draw too).
+    """
+    op = _EAGER_LINEAR.apply if plain else sampled_linear_product
     out: tuple[Tensor, Tensor] = op(*args)
     return out
 
 
-def eager_linear_product(
-    x: Tensor, weight: Tensor, bias: Tensor | None, index: Tensor, scale: Tensor | None, unique: bool
-) -> Tensor:
-    """``y`` of :func:`sampled_linear_product` for a call that :func:`plain_call` accepted."""
-    y: Tensor = _EAGER_LINEAR.apply(x, weight, bias, index, scale, unique, None)[0]
-    return y
-
-
-def conv_product(*args: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`sampled_conv_product` (same arguments); a plain eager call runs its kernel directly."""
-    op = _EAGER_CONV.apply if plain_call(*args[:5]) else sampled_conv_product
+def conv_product(plain: bool, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`sampled_conv_product` (the arguments after ``plain``), or its kernel when ``plain``."""
+    op = _EAGER_CONV.apply if plain else sampled_conv_product
     out: tuple[Tensor, Tensor, Tensor] = op(*args)
     return out
 

@@ -45,7 +45,6 @@ from approxcompile.ops.kernels import (
     column_norms,
     column_squares,
     conv_product,
-    eager_linear_product,
     linear_product,
     live_conv,
     plain_call,
@@ -136,14 +135,13 @@ def sampled_linear(
     index, scale = draw_pairs(
         a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise, plain=plain
     )
-    if plain:  # a plain eager call: the product's kernels without the op around them
-        product = small_linear if small(x, weight, index.numel()) else eager_linear_product
-        return product(x, weight, bias, index, scale, not repeats(method))
+    if plain and small(x, weight, index.numel()):
+        return small_linear(x, weight, bias, index, scale, not repeats(method))
     compute = autocast_compute(x, weight, bias)
     if compute is None:  # autocast off, or float64 operands: the inputs as autocast would pass them
         x, weight, bias = autocast_inputs(x, weight, bias)
     # Otherwise the op casts only the gathered slices to ``compute``, never the whole weight.
-    return linear_product(x, weight, bias, index, scale, not repeats(method), compute)[0]
+    return linear_product(plain, x, weight, bias, index, scale, not repeats(method), compute)[0]
 
 
 def sampled_matmul(
@@ -260,11 +258,14 @@ def sampled_conv(
     with torch.no_grad():
         w_norms = weight_norms(weight, weight_norms_every, channel_norms)
         a = w_norms if by_weights else slice_norms(x, 1).mul_(w_norms)
-    index, scale = draw_pairs(a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise)
+    plain = plain_call(x, weight, bias)
+    index, scale = draw_pairs(
+        a, weight, k, method, eps=eps, seed=seed, generator=generator, noise=noise, plain=plain
+    )
     x, w, b = autocast_inputs(x, weight, bias)
     unique = not repeats(method)
     return conv_product(
-        x, w, b, index, scale, unique, _ints(stride, d), _ints(padding, d), _ints(dilation, d)
+        plain, x, w, b, index, scale, unique, _ints(stride, d), _ints(padding, d), _ints(dilation, d)
     )[0]
 
 
